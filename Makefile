@@ -1,0 +1,41 @@
+# ncdpo-rllib: `make train` and `make test` each set up .venv from scratch when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+NCDPO  := $(VENV)/bin/ncdpo
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/pendulum_ncdpo.yaml
+
+.PHONY: help install train test test-fast bench clean
+
+help:
+	@echo "make train   - set up .venv and run NCDPO on $(CONFIG) (MLflow: ./mlflow.db)"
+	@echo "make test    - set up .venv and run the whole test suite (slow tests included)"
+	@echo "make bench   - run the benchmarks (long; writes docs/benchmarks.md)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first: the pinned CPU build, so nothing pulls a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(NCDPO) train $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -v --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/sample_efficiency.py
+
+clean:
+	rm -rf $(VENV) runs mlflow.db .pytest_cache

@@ -1,0 +1,20 @@
+"""Pure-torch diffusion policy math (no RLlib): schedules, denoiser, noise-conditioned sampler."""
+
+from .config import DiffusionConfig
+from .denoiser import DenoiserMLP
+from .policy import DiffusionPolicy, gaussian_log_prob
+from .sampler import Chain, NoiseConditionedSampler, sampler_timesteps
+from .schedules import NoiseSchedule, cosine_betas, linear_betas
+
+__all__ = [
+    "Chain",
+    "DenoiserMLP",
+    "DiffusionConfig",
+    "DiffusionPolicy",
+    "NoiseConditionedSampler",
+    "NoiseSchedule",
+    "cosine_betas",
+    "gaussian_log_prob",
+    "linear_betas",
+    "sampler_timesteps",
+]

@@ -1,0 +1,93 @@
+"""Every knob of the diffusion policy, in one typed place.
+
+Defaults are what ``../shared/NCDPO.md`` section 3 measured to learn from scratch:
+x0-prediction, a linear schedule to beta 0.2, no x0 clip, K = 5, a learned final-step
+std starting at 1.0 (as RLlib's MLP PPO explores). For fine-tuning a pre-trained
+(behaviour-cloned) policy, start the std small (``init_std: 0.1``) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class DiffusionConfig:
+    # --- chain -------------------------------------------------------------------
+    denoising_steps: int = 5
+    """K: diffusion steps of the schedule (and of the sampler unless ``ddim_steps``)."""
+    prediction: Literal["x0", "epsilon"] = "x0"
+    """What the denoiser predicts. x0 is needed from scratch (epsilon amplifies the noise)."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    beta_min: float = 1e-4
+    """First beta of the linear schedule."""
+    beta_max: float = 0.2
+    """Last beta of the linear schedule; the beta clip of the cosine schedule."""
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    ddim_steps: Optional[int] = None
+    """DDIM only: sample with this many steps (a subsequence of the K); None = K."""
+    ddim_eta: float = 1.0
+    """DDIM only: 1.0 reproduces DDPM's variance, 0.0 is deterministic before the floor."""
+    x0_clip: Optional[float] = None
+    """Clip the predicted clean action to [-c, c]; None = no clip."""
+    x0_clip_mode: Literal["hard", "soft"] = "soft"
+    """hard = clamp (zero gradient when saturated); soft = c * tanh(x / c)."""
+    noise_clip: Optional[float] = 3.0
+    """Clip the initial noise x_K to [-c, c]; None = no clip."""
+    sigma_min: float = 0.1
+    """Floor on the std of the intermediate denoising steps (DPPO's 0.1)."""
+    finetune_steps: Optional[int] = None
+    """Backpropagate only through the last N sampler steps (earlier ones run without
+    grad); None = all steps, which is NCDPO proper."""
+    grad_checkpointing: bool = False
+    """Recompute each denoiser call in the backward pass: less memory, ~1 more forward."""
+    # --- denoiser network ------------------------------------------------------------
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    residual: bool = False
+    """Residual MLP blocks (DPPO's ResidualMLP) instead of a plain MLP."""
+    activation: Literal["mish", "relu", "silu", "tanh"] = "mish"
+    step_embed_dim: int = 16
+    # --- final step: the policy's Gaussian ------------------------------------------
+    std: Literal["learned", "fixed"] = "learned"
+    """Final-step std: a learned state-independent log-std, or fixed at ``init_std``."""
+    init_std: float = 1.0
+    """Initial (learned) or constant (fixed) final-step std, in normalised action units."""
+    inference_noise: Literal["sample", "zero"] = "sample"
+    """Deterministic (evaluation) action: the final mean with the chain's noise drawn
+    ('sample') or all noise set to zero ('zero')."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.denoising_steps < 1:
+            problems.append("denoising_steps must be >= 1")
+        if self.ddim_steps is not None and not 1 <= self.ddim_steps <= self.denoising_steps:
+            problems.append("ddim_steps must be between 1 and denoising_steps")
+        if self.ddim_steps is not None and self.sampler != "ddim":
+            problems.append("ddim_steps needs sampler: ddim")
+        if self.finetune_steps is not None and self.finetune_steps < 1:
+            problems.append("finetune_steps must be >= 1 (or null for all steps)")
+        if not 0 < self.beta_min <= self.beta_max < 1:
+            problems.append("need 0 < beta_min <= beta_max < 1")
+        if self.sigma_min < 0 or self.init_std <= 0:
+            problems.append("sigma_min must be >= 0 and init_std > 0")
+        if not 0.0 <= self.ddim_eta <= 1.0:
+            problems.append("ddim_eta must be in [0, 1]")
+        for name in ("x0_clip", "noise_clip"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be > 0 or null")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            problems.append("hidden must be a non-empty list of positive layer sizes")
+        if problems:
+            raise ValueError("diffusion: " + "; ".join(problems))
+
+    @property
+    def sampler_steps(self) -> int:
+        """Number of denoiser calls per action (S)."""
+        if self.sampler == "ddim" and self.ddim_steps is not None:
+            return self.ddim_steps
+        return self.denoising_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)

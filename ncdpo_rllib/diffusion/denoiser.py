@@ -1,0 +1,81 @@
+"""The denoiser f_theta(x_k, k, c): an MLP (optionally residual) with a step embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class SinusoidalStepEmbedding(nn.Module):
+    """Transformer-style sinusoidal embedding of the integer step k, then a small MLP."""
+
+    def __init__(self, dim: int, activation: str = "mish"):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), ACTIVATIONS[activation](), nn.Linear(dim * 2, dim))
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device) / max(half - 1, 1))
+        args = k.float()[:, None] * freqs[None, :]
+        emb = torch.cat([args.sin(), args.cos()], dim=-1)
+        if self.dim % 2:
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        return self.mlp(emb)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, activation: str):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(width, width), ACTIVATIONS[activation](), nn.Linear(width, width), ACTIVATIONS[activation]()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class DenoiserMLP(nn.Module):
+    """Predicts x0 or epsilon from (x_k, embed(k), cond).
+
+    The output layer starts near zero, so that an untrained x0-predictor outputs ~0 for
+    every noise: the policy's initial mean is ~0, as RLlib's MLP policy head's is.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        cond_dim: int,
+        hidden: list[int],
+        step_embed_dim: int = 16,
+        residual: bool = False,
+        activation: str = "mish",
+    ):
+        super().__init__()
+        act = ACTIVATIONS[activation]
+        self.step_embed = SinusoidalStepEmbedding(step_embed_dim, activation)
+        in_dim = action_dim + step_embed_dim + cond_dim
+        layers: list[nn.Module] = []
+        if residual:
+            width = hidden[0]
+            layers += [nn.Linear(in_dim, width), act()]
+            layers += [ResidualBlock(width, activation) for _ in hidden[1:]]
+            last = width
+        else:
+            last = in_dim
+            for width in hidden:
+                layers += [nn.Linear(last, width), act()]
+                last = width
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(last, action_dim)
+        nn.init.uniform_(self.out.weight, -1e-3, 1e-3)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x: (B, D) noisy action, k: (B,) integer steps in 1..K, cond: (B, C)."""
+        h = torch.cat([x, self.step_embed(k), cond], dim=-1)
+        return self.out(self.body(h))

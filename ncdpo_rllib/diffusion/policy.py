@@ -1,0 +1,88 @@
+"""The noise-conditioned Gaussian policy pi_theta(a | s, zeta) = N(m_theta(s, zeta), sigma^2 I).
+
+Pure torch: the RLlib module in ``ncdpo_rllib.rl`` wraps this, nothing here knows RLlib.
+Actions are in normalised units ([-1, 1] is the env's range after RLlib's unsquashing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DiffusionConfig
+from .denoiser import DenoiserMLP
+from .sampler import Chain, NoiseConditionedSampler
+
+LOG_STD_BOUNDS = (-5.0, 2.0)
+
+
+class DiffusionPolicy(nn.Module):
+    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.action_dim = action_dim
+        denoiser = DenoiserMLP(
+            action_dim, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
+        )
+        self.sampler = NoiseConditionedSampler(cfg, denoiser)
+        log_std = torch.full((action_dim,), math.log(cfg.init_std))
+        if cfg.std == "learned":
+            self.log_std = nn.Parameter(log_std)
+        else:
+            self.register_buffer("log_std", log_std)
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        return self.sampler.noise_shape(self.action_dim)
+
+    def sample_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return torch.randn((batch, *self.noise_shape), generator=generator, device=self.log_std.device)
+
+    def final_log_std(self, batch: int) -> torch.Tensor:
+        return self.log_std.clamp(*LOG_STD_BOUNDS).expand(batch, -1)
+
+    def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log_std) of the final step, each (B, D), from stored noise."""
+        mean = self.sampler(cond, noise, **chain_kwargs).mean
+        return mean, self.final_log_std(mean.shape[0])
+
+    def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
+        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
+
+    def act(self, cond: torch.Tensor, noise: torch.Tensor):
+        """Exploration: a = m + sigma * z_1 with z_1 = noise[:, -1]; returns (a, logp, mean, log_std)."""
+        mean, log_std = self(cond, noise)
+        action = mean + log_std.exp() * noise[:, -1]
+        return action, gaussian_log_prob(action, mean, log_std), mean, log_std
+
+    @torch.no_grad()
+    def mean_spread(self, cond: torch.Tensor, num_noises: int = 64) -> torch.Tensor:
+        """Std of the final mean across noise draws, per state, averaged over action dims.
+
+        The diagnostic for epsilon-prediction from scratch: there the mean is mostly the
+        amplified starting noise (spread ~1), which PPO never shrinks (NCDPO.md, section 3).
+        """
+        B = cond.shape[0]
+        reps = cond.repeat_interleave(num_noises, dim=0)
+        mean, _ = self(reps, self.sample_noise(B * num_noises))
+        return mean.view(B, num_noises, -1).std(dim=1).mean(dim=-1)
+
+    def bc_loss(self, cond: torch.Tensor, actions: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """DDPM behaviour-cloning loss, target consistent with ``cfg.prediction``."""
+        sampler = self.sampler
+        B = actions.shape[0]
+        k = torch.randint(1, self.cfg.denoising_steps + 1, (B,), generator=generator, device=actions.device)
+        eps = torch.randn(actions.shape, generator=generator, device=actions.device)
+        abar = sampler.abar[k - 1][:, None]
+        x_k = torch.sqrt(abar) * actions + torch.sqrt(1 - abar) * eps
+        target = actions if self.cfg.prediction == "x0" else eps
+        return ((sampler.denoiser(x_k, k, cond) - target) ** 2).mean()
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of log N(x; mean, exp(log_std)^2): the closed form."""
+    z = (x - mean) * torch.exp(-log_std)
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)

@@ -1,0 +1,140 @@
+"""The noise-conditioned sampler: explicit noise in, the final step's mean out.
+
+Noise layout, one row per draw, shape (B, S + 1, D) with S = sampler steps:
+
+    noise[:, 0]      z_{K+1}: the starting point x_K (clipped to +-noise_clip)
+    noise[:, i]      the noise added after sampler step i (i = 1 .. S-1)
+    noise[:, S]      z_1: the final step's noise, used by the policy head for the action
+
+The sampler reads rows 0..S-1 (zeta in ``NCDPO.md``); given them the chain is a
+deterministic, differentiable function of (cond, zeta, theta).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import DiffusionConfig
+from .schedules import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Chain:
+    """What one pass through the chain produced (for tests and diagnostics)."""
+
+    mean: torch.Tensor  # (B, D) final step's mean m_theta
+    states: list[torch.Tensor] = field(default_factory=list)  # x after each step, x_K first
+    x0_preds: list[torch.Tensor] = field(default_factory=list)  # x0_hat at each step
+
+
+def sampler_timesteps(cfg: DiffusionConfig) -> list[int]:
+    """The schedule steps the sampler visits, from K down to 1."""
+    K, S = cfg.denoising_steps, cfg.sampler_steps
+    if S == K:
+        return list(range(K, 0, -1))
+    # DDIM: S evenly spaced steps from K to 1 (both ends kept when S > 1).
+    steps = torch.linspace(K, 1, S).round().long().tolist()
+    return sorted(set(steps), reverse=True)
+
+
+class NoiseConditionedSampler(nn.Module):
+    """Runs the reverse chain x_K -> ... -> m_theta from explicit noise."""
+
+    def __init__(self, cfg: DiffusionConfig, denoiser: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.denoiser = denoiser
+        sched = NoiseSchedule.make(cfg.schedule, cfg.denoising_steps, cfg.beta_min, cfg.beta_max)
+        c_x0, c_xk = sched.posterior_mean_coefs
+        for name, value in {
+            "abar": sched.abar,
+            "abar_prev": sched.abar_prev,
+            "post_var": sched.posterior_variance,
+            "c_x0": c_x0,
+            "c_xk": c_xk,
+        }.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self.timesteps = sampler_timesteps(cfg)
+        if len(self.timesteps) != cfg.sampler_steps:
+            raise ValueError(f"ddim_steps={cfg.ddim_steps} gives duplicate steps for K={cfg.denoising_steps}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def noise_shape(self, action_dim: int) -> tuple[int, int]:
+        return (self.num_steps + 1, action_dim)
+
+    # --- one step ------------------------------------------------------------------
+    def _x0_and_eps(self, x: torch.Tensor, k: int, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+        pred = self.denoiser(x, steps, cond)
+        abar = self.abar[k - 1]
+        if self.cfg.prediction == "x0":
+            x0 = pred
+        else:
+            x0 = (x - torch.sqrt(1 - abar) * pred) / torch.sqrt(abar)
+        c = self.cfg.x0_clip
+        if c is not None:
+            x0 = x0.clamp(-c, c) if self.cfg.x0_clip_mode == "hard" else c * torch.tanh(x0 / c)
+        # Epsilon consistent with the (possibly clipped) x0, as DDIM needs it.
+        eps = (x - torch.sqrt(abar) * x0) / torch.sqrt(1 - abar)
+        return x0, eps
+
+    def _step(self, x: torch.Tensor, k: int, k_prev: int, cond: torch.Tensor):
+        """Returns (x0_hat, mean of x_{k_prev}, std of x_{k_prev}); k_prev = 0 is the end."""
+        x0, eps = self._x0_and_eps(x, k, cond)
+        if k_prev == 0:
+            return x0, x0, None
+        if self.cfg.sampler == "ddpm":
+            mean = self.c_x0[k - 1] * x0 + self.c_xk[k - 1] * x
+            sigma = torch.sqrt(self.post_var[k - 1])
+        else:
+            abar_t, abar_p = self.abar[k - 1], self.abar[k_prev - 1]
+            sigma = self.cfg.ddim_eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
+            mean = torch.sqrt(abar_p) * x0 + torch.sqrt((1 - abar_p - sigma**2).clamp(min=0)) * eps
+        return x0, mean, sigma.clamp(min=self.cfg.sigma_min)
+
+    # --- the chain -----------------------------------------------------------------
+    def forward(
+        self,
+        cond: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        keep_chain: bool = False,
+        grad_probe: Optional[dict[int, torch.Tensor]] = None,
+    ) -> Chain:
+        """Final-step mean from explicit noise (B, S+1, D); row S is not read here.
+
+        grad_probe: if a dict, the norm of d(loss)/d(output of sampler step i) is stored
+        under i during the backward pass (i = 0 is the first denoising step, at x_K).
+        """
+        S = self.num_steps
+        x = noise[:, 0]
+        if self.cfg.noise_clip is not None:
+            x = x.clamp(-self.cfg.noise_clip, self.cfg.noise_clip)
+        chain = Chain(mean=x, states=[x] if keep_chain else [])
+        first_grad_step = 0 if self.cfg.finetune_steps is None else max(S - self.cfg.finetune_steps, 0)
+        grad_on = torch.is_grad_enabled()
+        for i, k in enumerate(self.timesteps):
+            k_prev = self.timesteps[i + 1] if i + 1 < S else 0
+            with torch.set_grad_enabled(grad_on and i >= first_grad_step):
+                if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+                    x0, mean, std = checkpoint(self._step, x, k, k_prev, cond, use_reentrant=False)
+                else:
+                    x0, mean, std = self._step(x, k, k_prev, cond)
+                x = mean if std is None else mean + std * noise[:, i + 1]
+            if grad_probe is not None and x.requires_grad:
+                x.register_hook(lambda g, i=i: grad_probe.__setitem__(i, g.detach().norm()))
+            if keep_chain:
+                chain.states.append(x)
+                chain.x0_preds.append(x0)
+        chain.mean = x
+        return chain

@@ -1,0 +1,101 @@
+"""Checkpoints: RLlib's own ``save_to_path`` plus the run's bookkeeping, written atomically.
+
+Layout of one checkpoint directory (self-contained: ``evaluate`` and ``--resume`` need
+nothing else)::
+
+    <run dir>/checkpoints/iter_000010/
+        experiment.yaml      the resolved experiment config
+        ncdpo_state.json     iteration, env steps, wall seconds, best return, MLflow run id
+        algorithm_state.pkl, learner_group/, env_runner/, ...   (RLlib's checkpoint)
+
+It is written under a hidden temporary name and renamed into place when complete, so a
+crash never leaves a half-written checkpoint where a reader would look.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .config import ExperimentConfig, parse_config
+from .errors import CheckpointError, ConfigError
+
+STATE_FILE = "ncdpo_state.json"
+CONFIG_FILE = "experiment.yaml"
+FINAL = "final"
+
+
+@dataclass
+class RunState:
+    iteration: int = 0
+    env_steps: int = 0
+    wall_s: float = 0.0
+    best_return: Optional[float] = None
+    last_return: Optional[float] = None
+    mlflow_run_id: Optional[str] = None
+    run_dir: Optional[str] = None
+
+
+def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    algo.save_to_path(str(tmp.resolve()))
+    (tmp / CONFIG_FILE).write_text(exp.to_yaml())
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    os.replace(tmp, ckpt_dir)
+    return ckpt_dir
+
+
+def periodic_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("iter_*") if p.is_dir()) if root.is_dir() else []
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in periodic_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (-> its final checkpoint, else its latest periodic one)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} not found")
+    if (p / STATE_FILE).is_file():
+        return p
+    for candidate in [p / "checkpoints" / FINAL, *reversed(periodic_checkpoints(p))]:
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    raise CheckpointError(
+        f"{str(p)!r} is not an ncdpo checkpoint (no {STATE_FILE}); pass a directory under "
+        "<run>/checkpoints/ or a run directory"
+    )
+
+
+def load_checkpoint_meta(path: str | Path, overrides: Optional[list[str]] = None) -> tuple[Path, ExperimentConfig, RunState]:
+    """Read and check a checkpoint's config and state (not the weights)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        state = RunState(**json.loads((ckpt / STATE_FILE).read_text()))
+        raw = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: {Path(e.filename).name} missing") from None
+    except (json.JSONDecodeError, TypeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: {type(e).__name__}: {e}".splitlines()[0]) from None
+    try:
+        exp = parse_config(raw, overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has an invalid {CONFIG_FILE}: {e}") from None
+    if not (ckpt / "algorithm_state.pkl").is_file() and not any(ckpt.glob("algorithm_state*")):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: RLlib's algorithm state is missing")
+    return ckpt, exp, state

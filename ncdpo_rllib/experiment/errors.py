@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (config, paths, checkpoints): no traceback."""
+
+
+class ConfigError(UserError):
+    """An invalid experiment configuration."""
+
+
+class CheckpointError(UserError):
+    """A missing, incomplete or corrupt checkpoint."""

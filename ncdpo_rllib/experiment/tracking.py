@@ -1,0 +1,87 @@
+"""MLflow tracking through ``MlflowClient`` (no global active run, so nothing leaks between runs).
+
+Metric names are stable (documented in ``docs/configuration.md``); every metric is
+logged with ``step = env steps``; ``wall_s`` is its own metric for wall-clock curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import ExperimentConfig, flatten
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+class Tracker:
+    """One MLflow run. ``enabled=False`` makes every call a no-op."""
+
+    def __init__(self, exp: ExperimentConfig, *, run_id: Optional[str] = None):
+        self.enabled = exp.tracking.enabled
+        self.run_id: Optional[str] = None
+        self.uri: Optional[str] = None
+        if not self.enabled:
+            return
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_tracking_uri(exp.tracking.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        if run_id is not None:
+            self.client.get_run(run_id)  # fails loudly if the run is gone
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return
+        experiment = self.client.get_experiment_by_name(exp.tracking.experiment)
+        exp_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(exp.tracking.experiment)
+        )
+        tags = {
+            "algorithm": exp.algorithm,
+            "env": exp.env.id,
+            "seed": str(exp.seed),
+            "denoising_steps": str(exp.diffusion.denoising_steps if exp.algorithm == "ncdpo" else "n/a"),
+        }
+        run = self.client.create_run(exp_id, run_name=exp.tracking.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(exp.to_dict()).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
+    def log_artifacts(self, path: Path, artifact_path: str) -> None:
+        if self.enabled:
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)

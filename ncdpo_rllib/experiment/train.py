@@ -1,0 +1,188 @@
+"""The training runner: build the RLlib algorithm, loop ``train()``, log, checkpoint, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from .build import build_algo_config
+from .checkpoints import (
+    CONFIG_FILE,
+    FINAL,
+    RunState,
+    load_checkpoint_meta,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from .config import ExperimentConfig
+from .errors import CheckpointError, ConfigError
+from .tracking import Tracker
+
+
+def check_env(exp: ExperimentConfig) -> None:
+    from ncdpo_rllib.tasks.envs import check_gymnasium_env
+
+    check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm == "ncdpo")
+
+
+def init_ray() -> None:
+    """Connect to $RAY_ADDRESS if set (e.g. under `ray job submit`), else start local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+def _num(x: Any) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def iteration_metrics(result: dict) -> dict[str, float]:
+    """Flatten an ``algo.train()`` result into the stable MLflow metric names."""
+    from ray.rllib.utils.metrics import ALL_MODULES, ENV_RUNNER_RESULTS, LEARNER_RESULTS
+
+    from ncdpo_rllib.rl.callbacks import ITER_EPISODE_LEN, ITER_RETURN_MAX, ITER_RETURN_MEAN, ITER_RETURN_MIN
+
+    runners = result.get(ENV_RUNNER_RESULTS, {})
+    out = {
+        "return_mean": _num(runners.get(ITER_RETURN_MEAN)),
+        "return_min": _num(runners.get(ITER_RETURN_MIN)),
+        "return_max": _num(runners.get(ITER_RETURN_MAX)),
+        "episode_len_mean": _num(runners.get(ITER_EPISODE_LEN)),
+        "return_mean_smoothed": _num(runners.get("episode_return_mean")),
+        "episodes": _num(runners.get("num_episodes")),
+    }
+    for module_id, values in result.get(LEARNER_RESULTS, {}).items():
+        if module_id == ALL_MODULES or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            v = _num(value)
+            if v is not None:
+                out[f"learner/{module_id}/{key}"] = v
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _run_name(exp: ExperimentConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return exp.tracking.run_name or f"{exp.algorithm}-{exp.env.id}-s{exp.seed}-{stamp}"
+
+
+def _progress(state: RunState, ret: Optional[float], steps_per_s: float, iter_s: float) -> str:
+    ret_s = f"{ret:9.2f}" if ret is not None else "      n/a"
+    return (
+        f"iter {state.iteration:4d} | env steps {state.env_steps:9,d} | return {ret_s} | "
+        f"{steps_per_s:7,.0f} steps/s | {iter_s:5.1f} s/iter | {state.wall_s:7.1f} s total"
+    )
+
+
+def _done(exp: ExperimentConfig, state: RunState) -> bool:
+    s = exp.stop
+    return (s.env_steps is not None and state.env_steps >= s.env_steps) or (
+        s.iterations is not None and state.iteration >= s.iterations
+    )
+
+
+def train(
+    exp: ExperimentConfig,
+    *,
+    resume: Optional[str] = None,
+    resume_overrides: Optional[list[str]] = None,
+    log=lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> dict:
+    """Run (or resume) one experiment; return the summary dict printed by ``--json``."""
+    ckpt_path = None
+    state = RunState()
+    if resume is not None:
+        ckpt_path, ckpt_exp, state = load_checkpoint_meta(resume)
+        if (ckpt_exp.algorithm, ckpt_exp.env.id) != (exp.algorithm, exp.env.id):
+            raise ConfigError(
+                f"--resume: checkpoint is {ckpt_exp.algorithm} on {ckpt_exp.env.id}, "
+                f"the config is {exp.algorithm} on {exp.env.id}"
+            )
+    check_env(exp)
+    run_dir = Path(state.run_dir) if state.run_dir else Path(exp.checkpoint.dir) / _run_name(exp)
+    if _done(exp, state):
+        log(f"nothing to do: the checkpoint already meets the stop criterion ({state.env_steps} env steps)")
+
+    init_ray()
+    algo = build_algo_config(exp).build_algo()
+    if ckpt_path is not None:
+        try:
+            algo.restore_from_path(str(ckpt_path.resolve()))
+        except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
+            algo.stop()
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} could not be restored: {type(e).__name__}: {e}".splitlines()[0]) from None
+        log(f"resumed from {ckpt_path} at iteration {state.iteration}, {state.env_steps:,} env steps")
+
+    tracker = Tracker(exp, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    state.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(exp.to_yaml())
+    log(
+        f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | run dir {run_dir}"
+        + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
+    )
+
+    status = "FAILED"
+    try:
+        while not _done(exp, state):
+            t0 = time.perf_counter()
+            result = algo.train()
+            iter_s = time.perf_counter() - t0
+            sampled = int(result["env_runners"].get("num_env_steps_sampled", 0))
+            state.iteration += 1
+            state.env_steps += sampled
+            state.wall_s += iter_s
+            metrics = iteration_metrics(result)
+            ret = metrics.get("return_mean")
+            if ret is not None:
+                state.last_return = ret
+                state.best_return = ret if state.best_return is None else max(state.best_return, ret)
+            metrics.update(
+                {
+                    "env_steps": state.env_steps,
+                    "iteration": state.iteration,
+                    "wall_s": state.wall_s,
+                    "time_iter_s": iter_s,
+                    "env_steps_per_s": sampled / iter_s,
+                }
+            )
+            tracker.log_metrics(metrics, step=state.env_steps)
+            log(_progress(state, ret, sampled / iter_s, iter_s))
+            if exp.checkpoint.every and state.iteration % exp.checkpoint.every == 0 and not _done(exp, state):
+                save_checkpoint(algo, run_dir / "checkpoints" / f"iter_{state.iteration:06d}", exp, state)
+                prune_checkpoints(run_dir, exp.checkpoint.keep)
+        final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
+        tracker.log_artifacts(final, "checkpoint")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+        algo.stop()
+
+    summary = {
+        "final_return": state.last_return,
+        "best_return": state.best_return,
+        "env_steps": state.env_steps,
+        "iterations": state.iteration,
+        "wall_s": round(state.wall_s, 2),
+        "checkpoint": str(final),
+        "run_dir": str(run_dir),
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_uri": tracker.uri,
+    }
+    return summary
+

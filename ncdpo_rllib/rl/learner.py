@@ -1,0 +1,162 @@
+"""``NCDPOTorchLearner``: PPO on the noise-conditioned likelihood, backprop through all steps.
+
+What it changes in RLlib's ``PPOTorchLearner``:
+- the loss (same clipped surrogate + clipped value loss), with the diagnostics NCDPO needs:
+  ratio mean/max, clip fraction, approx KL, final-step std, explained variance, and the
+  gradient norm reaching the first, middle and last denoising step;
+- two optimizers per module, ``actor`` (lr) and ``critic`` (critic_lr), each with its own
+  global-norm clip (one shared clip lets a large critic gradient starve the actor);
+- target-KL early stop: once a minibatch's approx KL exceeds 1.5 * target_kl, no further
+  optimizer steps for that module in this ``update()`` call;
+- a NaN/inf guard: a step with non-finite loss or gradients is skipped and counted;
+  non-finite parameters raise ``NonFiniteParametersError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
+from ray.rllib.evaluation.postprocessing import Postprocessing
+from ray.rllib.utils.torch_utils import explained_variance
+
+logger = logging.getLogger(__name__)
+
+ACTOR, CRITIC = "actor", "critic"
+
+
+class NonFiniteParametersError(RuntimeError):
+    """Raised when a module's parameters became NaN/inf: training cannot continue."""
+
+
+class NCDPOTorchLearner(PPOTorchLearner):
+    # --- optimizers -------------------------------------------------------------------
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        module = self.module[module_id].unwrapped()
+        if not hasattr(module, "actor_parameters"):  # e.g. a stock module: PPO's default
+            return super().configure_optimizers_for_module(module_id, config)
+        for name, params, lr in (
+            (ACTOR, module.actor_parameters(), config.lr),
+            (CRITIC, module.critic_parameters(), config.critic_lr or config.lr),
+        ):
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name=name,
+                optimizer=torch.optim.Adam(params),
+                params=params,
+                lr_or_lr_schedule=lr,
+            )
+
+    def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):
+        clips = {ACTOR: config.actor_grad_clip, CRITIC: config.critic_grad_clip}
+        out = {}
+        for name, optimizer in self.get_optimizers_for_module(module_id):
+            grads = self.filter_param_dict_for_optimizer(param_dict=module_gradients_dict, optimizer=optimizer)
+            clip = clips.get(name, config.grad_clip)
+            if clip:
+                norm = self._get_clip_function()(grads, grad_clip=clip, grad_clip_by="global_norm")
+            else:
+                norm = self._get_global_norm_function()(list(grads.values()))
+            self.metrics.log_value((module_id, f"grad_norm_{name}"), norm, reduce="mean")
+            out.update(grads)
+        self._log_denoising_step_grad_norms(module_id)
+        return out
+
+    def _log_denoising_step_grad_norms(self, module_id) -> None:
+        module = self.module[module_id].unwrapped()
+        probe = getattr(module, "grad_probe", None)
+        if not probe:
+            return
+        steps = sorted(probe)
+        first, mid, last = steps[0], steps[len(steps) // 2], steps[-1]
+        self.metrics.log_dict(
+            {
+                "grad_norm_step_first": probe[first],
+                "grad_norm_step_mid": probe[mid],
+                "grad_norm_step_last": probe[last],
+            },
+            key=module_id,
+            reduce="mean",
+        )
+
+    # --- update loop hooks ------------------------------------------------------------
+    def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().before_gradient_based_update(timesteps=timesteps)
+        self._kl_stopped: set = set()
+        self._skip_step: set = set()
+
+    def apply_gradients(self, gradients_dict) -> None:
+        for pid, grad in gradients_dict.items():
+            self._params[pid].grad = grad
+        for module_id, optimizer_names in self._module_optimizers.items():
+            if module_id in self._kl_stopped or module_id in self._skip_step:
+                continue
+            for optimizer_name in optimizer_names:
+                optim = self.get_optimizer(module_id, optimizer_name)
+                params = [p for g in optim.param_groups for p in g["params"]]
+                if all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                    optim.step()
+                else:
+                    self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise NonFiniteParametersError(
+                        f"parameters of module {module_id!r} ({optimizer_name}) became NaN/inf; "
+                        "lower the learning rate or the grad clip and resume from the last checkpoint"
+                    )
+
+    # --- the loss -----------------------------------------------------------------------
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        module = self.module[module_id].unwrapped()
+        mask = batch.get(Columns.LOSS_MASK)
+        if mask is None:
+            mask = torch.ones_like(batch[Columns.ACTION_LOGP], dtype=torch.bool)
+
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return x[mask].mean()
+
+        dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+        log_ratio = dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]
+        ratio = torch.exp(log_ratio)
+        adv = batch[Postprocessing.ADVANTAGES]
+        clip = config.clip_param
+        surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - clip, 1 + clip))
+
+        values = module.compute_values(batch)
+        vf_err = (values - batch[Postprocessing.VALUE_TARGETS]) ** 2
+        vf_loss = vf_err.clamp(max=config.vf_clip_param) if config.vf_clip_param else vf_err
+        entropy = dist.entropy()
+        entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
+
+        total = masked_mean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy)
+
+        with torch.no_grad():
+            approx_kl = masked_mean((ratio - 1) - log_ratio)  # Schulman's k3 estimator
+            if config.target_kl and approx_kl > 1.5 * config.target_kl:
+                self._kl_stopped.add(module_id)
+            if not torch.isfinite(total):
+                self._skip_step.add(module_id)
+            valid_ratio = ratio[mask]
+            self.metrics.log_dict(
+                {
+                    POLICY_LOSS_KEY: -masked_mean(surrogate),
+                    VF_LOSS_KEY: masked_mean(vf_loss),
+                    ENTROPY_KEY: masked_mean(entropy),
+                    "vf_explained_var": explained_variance(
+                        batch[Postprocessing.VALUE_TARGETS][mask], values[mask]
+                    ),
+                    "ratio_mean": valid_ratio.mean(),
+                    "clip_fraction": ((valid_ratio - 1).abs() > clip).float().mean(),
+                    "approx_kl": approx_kl,
+                    "final_std": fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean(),
+                    "kl_stop_fraction": float(module_id in self._kl_stopped),
+                },
+                key=module_id,
+                reduce="mean",
+            )
+            self.metrics.log_value((module_id, "ratio_max"), valid_ratio.max(), reduce="max")
+        return total

@@ -1,0 +1,129 @@
+"""``DiffusionPolicyModule``: the diffusion policy as an RLlib RLModule (new API stack).
+
+Forward passes (see ``docs/architecture.md``):
+
+- exploration: draw all noise (B, S+1, D), run the chain WITHOUT grad, act
+  a = m + sigma * z_1; return ACTIONS, ACTION_LOGP, ACTION_DIST_INPUTS and the noise
+  under ``NOISE`` (RLlib stores extra model outputs in the episode; they reach the
+  learner batch under the same key).
+- train: re-run the chain from the stored noise WITH grad; return ACTION_DIST_INPUTS
+  (mean, log_std) so that the PPO ratio is that of the noise-conditioned likelihood.
+- inference (evaluation, ``explore=False``): the final-step mean m_theta, with the
+  chain's noise drawn (``inference_noise: sample``, default) or zero (``zero``).
+
+The critic V(s) is a separate MLP, not conditioned on the noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussian
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy
+from ncdpo_rllib.diffusion.denoiser import ACTIVATIONS
+
+NOISE = "ncdpo_noise"
+"""Batch / episode column holding the pre-sampled noise, shape (S+1, action_dim) per step."""
+
+DEFAULT_CRITIC_HIDDEN = [256, 256]
+
+
+def diffusion_config_from_model_config(model_config: Optional[dict]) -> DiffusionConfig:
+    """The DiffusionConfig part of an RLModule ``model_config`` dict (other keys ignored)."""
+    names = {f.name for f in fields(DiffusionConfig)}
+    return DiffusionConfig(**{k: v for k, v in (model_config or {}).items() if k in names})
+
+
+def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str = "mish") -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), ACTIVATIONS[activation]()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
+    """model_config: every ``DiffusionConfig`` field, plus ``critic_hidden`` (list of ints)."""
+
+    def setup(self):
+        if not isinstance(self.action_space, gym.spaces.Box) or len(self.action_space.shape) != 1:
+            raise ValueError(
+                f"DiffusionPolicyModule supports 1-D Box action spaces; got {self.action_space}"
+            )
+        self.diffusion_config = diffusion_config_from_model_config(self.model_config)
+        obs_dim = int(gym.spaces.flatdim(self.observation_space))
+        action_dim = int(np.prod(self.action_space.shape))
+        self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim=obs_dim)
+        critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULT_CRITIC_HIDDEN)
+        self.critic = mlp(obs_dim, list(critic_hidden), 1, self.diffusion_config.activation)
+        self.grad_probe: dict[int, torch.Tensor] = {}
+
+    # --- distributions: the final step is a diagonal Gaussian -------------------------
+    def get_inference_action_dist_cls(self):
+        return TorchDiagGaussian
+
+    def get_exploration_action_dist_cls(self):
+        return TorchDiagGaussian
+
+    def get_train_action_dist_cls(self):
+        return TorchDiagGaussian
+
+    # --- forwards ---------------------------------------------------------------------
+    def _cond(self, batch: dict) -> torch.Tensor:
+        return batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1).float()
+
+    @staticmethod
+    def _dist_inputs(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mean, log_std], dim=-1)
+
+    def _forward_exploration(self, batch: dict, **kwargs) -> dict:
+        with torch.no_grad():
+            cond = self._cond(batch)
+            noise = self.actor.sample_noise(cond.shape[0])
+            action, logp, mean, log_std = self.actor.act(cond, noise)
+        return {
+            Columns.ACTIONS: action,
+            Columns.ACTION_LOGP: logp,
+            Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std),
+            NOISE: noise,
+        }
+
+    def _forward_inference(self, batch: dict, **kwargs) -> dict:
+        with torch.no_grad():
+            cond = self._cond(batch)
+            noise = self.actor.sample_noise(cond.shape[0])
+            if self.diffusion_config.inference_noise == "zero":
+                noise = torch.zeros_like(noise)
+            mean, log_std = self.actor(cond, noise)
+        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std)}
+
+    def _forward_train(self, batch: dict, **kwargs) -> dict:
+        # A fresh probe per pass: the learner reads per-step gradient norms after backward.
+        self.grad_probe = {}
+        mean, log_std = self.actor(self._cond(batch), batch[NOISE], grad_probe=self.grad_probe)
+        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std)}
+
+    def compute_values(self, batch: dict, embeddings: Optional[Any] = None) -> torch.Tensor:
+        return self.critic(self._cond(batch)).squeeze(-1)
+
+    # --- parameter groups (separate optimizers in the learner) ------------------------
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.actor.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+    @property
+    def num_sampler_steps(self) -> int:
+        return self.actor.sampler.num_steps

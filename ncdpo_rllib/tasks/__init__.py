@@ -1,0 +1,1 @@
+"""The task side: env factories and checks."""

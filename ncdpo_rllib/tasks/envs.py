@@ -1,0 +1,39 @@
+"""The task side: check that an env exists and has spaces the chosen algorithm supports."""
+
+from __future__ import annotations
+
+import difflib
+
+import gymnasium as gym
+
+from ncdpo_rllib.experiment.errors import ConfigError
+
+
+def check_gymnasium_env(env_id: str, kwargs: dict, *, needs_box_actions: bool) -> tuple[gym.Space, gym.Space]:
+    """Build the env once (then close it) and return (observation_space, action_space).
+
+    Raises ConfigError with a one-line fix for unknown ids, missing extras, bad kwargs
+    and action spaces the diffusion policy does not support.
+    """
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"env.id {env_id!r} is not a registered Gymnasium env{hint}") from None
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        raise ConfigError(f"env.id {env_id!r} needs an extra dependency: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"env.kwargs for {env_id!r} are not accepted: {e}") from None
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    if needs_box_actions and not (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
+        raise ConfigError(
+            f"env {env_id!r} has action space {act_space}; the diffusion policy needs a 1-D Box "
+            "(continuous) action space - use algorithm: ppo for other spaces"
+        )
+    return obs_space, act_space

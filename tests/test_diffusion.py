@@ -1,0 +1,251 @@
+"""The diffusion core against closed forms: pure torch, milliseconds, no RLlib."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ncdpo_rllib.diffusion import (
+    DiffusionConfig,
+    DiffusionPolicy,
+    NoiseConditionedSampler,
+    NoiseSchedule,
+    gaussian_log_prob,
+)
+from ncdpo_rllib.diffusion.denoiser import DenoiserMLP
+
+D, C = 3, 4
+
+
+def make_policy(**kw) -> DiffusionPolicy:
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(DiffusionConfig(**kw), action_dim=D, cond_dim=C)
+    # Make the output layer non-trivial so that every step matters numerically.
+    nn.init.normal_(policy.sampler.denoiser.out.weight, std=0.3)
+    return policy
+
+
+class ConstantDenoiser(nn.Module):
+    """f(x, k, c) = value for every input: lets the chain be written out by hand."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, k, cond):
+        return torch.full_like(x, self.value)
+
+
+class PerStepDenoiser(nn.Module):
+    """One independent copy of a denoiser per schedule step: its k-th copy's gradient is
+    exactly the contribution of denoising step k to the shared parameters' gradient."""
+
+    def __init__(self, base: nn.Module, num_steps: int):
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(base) for _ in range(num_steps))
+
+    def forward(self, x, k, cond):
+        return self.copies[int(k[0]) - 1](x, k, cond)
+
+
+def test_schedules():
+    lin = NoiseSchedule.make("linear", 5, 1e-4, 0.2)
+    assert torch.allclose(lin.betas[[0, -1]], torch.tensor([1e-4, 0.2], dtype=torch.float64))
+    assert lin.posterior_variance[0] == 0  # abar_0 = 1: the last step is the mean
+    c_x0, c_xk = lin.posterior_mean_coefs
+    assert c_x0[0] == pytest.approx(1.0) and c_xk[0] == pytest.approx(0.0)
+    cos = NoiseSchedule.make("cosine", 20, 1e-4, 0.999)
+    assert (cos.abar[1:] < cos.abar[:-1]).all() and cos.betas.max() <= 0.999
+    with pytest.raises(ValueError):
+        NoiseSchedule.make("quadratic", 5, 1e-4, 0.2)
+
+
+def test_sampler_is_deterministic_given_noise():
+    policy = make_policy(denoising_steps=5)
+    cond, noise = torch.randn(8, C), policy.sample_noise(8)
+    m1, _ = policy(cond, noise)
+    m2, _ = policy(cond, noise)
+    assert torch.equal(m1, m2)
+    m3, _ = policy(cond, policy.sample_noise(8))
+    assert not torch.allclose(m1, m3)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon"])
+def test_final_mean_matches_step_by_step_computation(prediction):
+    K = 4
+    policy = make_policy(denoising_steps=K, prediction=prediction, sigma_min=0.05, noise_clip=None)
+    net = policy.sampler.denoiser
+    cond, noise = torch.randn(5, C), torch.randn(5, K + 1, D)
+    betas = NoiseSchedule.make("linear", K, 1e-4, 0.2).betas.float()
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
+    x = noise[:, 0]
+    for i, k in enumerate(range(K, 0, -1)):
+        out = net(x, torch.full((5,), k), cond)
+        ab = abar[k - 1]
+        x0 = out if prediction == "x0" else (x - torch.sqrt(1 - ab) * out) / torch.sqrt(ab)
+        if k == 1:
+            x = x0
+            break
+        ab_prev = abar[k - 2]
+        mean = (betas[k - 1] * torch.sqrt(ab_prev) / (1 - ab)) * x0 + (
+            (1 - ab_prev) * torch.sqrt(alphas[k - 1]) / (1 - ab)
+        ) * x
+        var = betas[k - 1] * (1 - ab_prev) / (1 - ab)
+        x = mean + max(math.sqrt(var), 0.05) * noise[:, i + 1]
+    m, _ = policy(cond, noise)
+    assert torch.allclose(m, x, atol=1e-5)
+
+
+def test_ddpm_closed_form_tiny_case():
+    """K=2, epsilon-prediction with a constant eps=e: written out by hand."""
+    e, z_start, z_mid = 0.5, 1.2, -0.7
+    cfg = DiffusionConfig(denoising_steps=2, prediction="epsilon", beta_min=0.1, beta_max=0.3, sigma_min=0.0)
+    sampler = NoiseConditionedSampler(cfg, ConstantDenoiser(e))
+    noise = torch.tensor([[[z_start], [z_mid], [0.0]]])
+    b1, b2 = 0.1, 0.3
+    a1, a2 = 1 - b1, (1 - b1) * (1 - b2)
+    x2 = z_start
+    x0 = (x2 - math.sqrt(1 - a2) * e) / math.sqrt(a2)
+    mean = b2 * math.sqrt(a1) / (1 - a2) * x0 + (1 - a1) * math.sqrt(1 - b2) / (1 - a2) * x2
+    x1 = mean + math.sqrt(b2 * (1 - a1) / (1 - a2)) * z_mid
+    final = (x1 - math.sqrt(1 - a1) * e) / math.sqrt(a1)
+    got = sampler(torch.zeros(1, 1), noise).mean.item()
+    assert got == pytest.approx(final, abs=1e-5)
+
+
+def test_ddim_closed_form_tiny_case():
+    """DDIM eta=0, K=3 sampled in 2 steps (3 -> 1 -> 0), constant eps: written out by hand."""
+    e, z = 0.3, 0.9
+    cfg = DiffusionConfig(
+        denoising_steps=3, prediction="epsilon", sampler="ddim", ddim_steps=2, ddim_eta=0.0,
+        beta_min=0.1, beta_max=0.3, sigma_min=0.0,
+    )
+    sampler = NoiseConditionedSampler(cfg, ConstantDenoiser(e))
+    assert sampler.timesteps == [3, 1]
+    betas = [0.1, 0.2, 0.3]
+    abar = [0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7]
+    x3 = z
+    x0 = (x3 - math.sqrt(1 - abar[2]) * e) / math.sqrt(abar[2])
+    x1 = math.sqrt(abar[0]) * x0 + math.sqrt(1 - abar[0]) * e  # eta=0: no noise
+    final = (x1 - math.sqrt(1 - abar[0]) * e) / math.sqrt(abar[0])
+    noise = torch.tensor([[[z], [5.0], [0.0]]])  # the middle noise must be ignored (sigma=0)
+    assert sampler(torch.zeros(1, 1), noise).mean.item() == pytest.approx(final, abs=1e-5)
+    assert betas == pytest.approx([0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon"])
+def test_ddim_eta_one_all_steps_equals_ddpm(prediction):
+    ddpm = make_policy(denoising_steps=6, prediction=prediction)
+    ddim = make_policy(denoising_steps=6, prediction=prediction, sampler="ddim", ddim_eta=1.0)
+    ddim.load_state_dict(ddpm.state_dict())
+    cond, noise = torch.randn(7, C), torch.randn(7, 7, D)
+    assert torch.allclose(ddpm(cond, noise)[0], ddim(cond, noise)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [1, 5, 20])
+@pytest.mark.parametrize("prediction", ["x0", "epsilon"])
+def test_gradients_reach_every_denoising_step(K, prediction):
+    cfg = DiffusionConfig(denoising_steps=K, prediction=prediction)
+    torch.manual_seed(0)
+    base = DenoiserMLP(D, C, [32, 32])
+    nn.init.normal_(base.out.weight, std=0.3)
+    sampler = NoiseConditionedSampler(cfg, PerStepDenoiser(base, K))
+    cond, noise = torch.randn(16, C), torch.randn(16, K + 1, D)
+    mean = sampler(cond, noise).mean
+    loss = gaussian_log_prob(torch.randn(16, D), mean, torch.zeros(D)).mean()
+    loss.backward()
+    for k, net in enumerate(sampler.denoiser.copies, start=1):
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in net.parameters()))
+        assert torch.isfinite(norm) and norm > 1e-8, f"step {k} of {K}: grad norm {norm}"
+
+
+def test_finetune_last_steps_only():
+    K, K_ft = 6, 2
+    cfg = DiffusionConfig(denoising_steps=K, finetune_steps=K_ft)
+    torch.manual_seed(0)
+    base = DenoiserMLP(D, C, [16])
+    nn.init.normal_(base.out.weight, std=0.3)
+    sampler = NoiseConditionedSampler(cfg, PerStepDenoiser(base, K))
+    sampler(torch.randn(4, C), torch.randn(4, K + 1, D)).mean.pow(2).sum().backward()
+    got_grad = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+                for net in sampler.denoiser.copies]
+    assert got_grad == [True] * K_ft + [False] * (K - K_ft)  # copies indexed by k = 1..K
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    plain = make_policy(denoising_steps=5)
+    ckpt = make_policy(denoising_steps=5, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    cond, noise = torch.randn(6, C), torch.randn(6, 6, D)
+    for p in (plain, ckpt):
+        mean, log_std = p(cond, noise)
+        (mean.pow(2).sum() + log_std.sum()).backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_grad_probe_records_every_step():
+    policy = make_policy(denoising_steps=5)
+    probe = {}
+    mean, _ = policy(torch.randn(4, C), policy.sample_noise(4), grad_probe=probe)
+    mean.sum().backward()
+    assert sorted(probe) == [0, 1, 2, 3, 4] and all(v > 0 for v in probe.values())
+
+
+def test_act_log_prob_matches_closed_form():
+    policy = make_policy(denoising_steps=3, init_std=0.7)
+    cond, noise = torch.randn(10, C), policy.sample_noise(10)
+    action, logp, mean, log_std = policy.act(cond, noise)
+    assert torch.allclose(action, mean + 0.7 * noise[:, -1], atol=1e-6)
+    ref = torch.distributions.Normal(mean, log_std.exp()).log_prob(action).sum(-1)
+    assert torch.allclose(logp, ref, atol=1e-5)
+
+
+def test_fixed_std_is_not_trained():
+    policy = make_policy(std="fixed", init_std=0.1)
+    assert "log_std" not in dict(policy.named_parameters())
+    assert torch.allclose(policy.final_log_std(2).exp(), torch.full((2, D), 0.1))
+
+
+def test_x0_prediction_starts_with_small_spread_epsilon_does_not():
+    """NCDPO.md section 3: untrained epsilon-prediction copies and amplifies the noise."""
+    torch.manual_seed(0)
+    cond = torch.randn(4, C)
+    x0 = DiffusionPolicy(DiffusionConfig(prediction="x0"), D, C).mean_spread(cond)
+    eps = DiffusionPolicy(DiffusionConfig(prediction="epsilon"), D, C).mean_spread(cond)
+    assert x0.max() < 0.05 and eps.min() > 0.5
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_x0_clip_bounds_the_mean(mode):
+    policy = make_policy(denoising_steps=3, x0_clip=1.0, x0_clip_mode=mode)
+    nn.init.normal_(policy.sampler.denoiser.out.weight, std=10.0)
+    mean, _ = policy(torch.randn(32, C), policy.sample_noise(32))
+    assert mean.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon"])
+def test_bc_loss_decreases(prediction):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(DiffusionConfig(prediction=prediction, denoising_steps=5), D, C)
+    cond = torch.randn(256, C)
+    actions = torch.tanh(cond[:, :D])
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    eval_loss = lambda: policy.bc_loss(cond, actions, generator=torch.Generator().manual_seed(2)).item()
+    before = eval_loss()
+    for _ in range(200):
+        opt.zero_grad()
+        policy.bc_loss(cond, actions, generator=gen).backward()
+        opt.step()
+    assert eval_loss() < 0.5 * before
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="ddim_steps"):
+        DiffusionConfig(denoising_steps=5, sampler="ddim", ddim_steps=9)
+    with pytest.raises(ValueError, match="denoising_steps"):
+        DiffusionConfig(denoising_steps=0)
