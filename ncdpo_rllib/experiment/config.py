@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads "1e-4" as a string: accept what float() reads as a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -186,7 +193,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     }.get(tp)
     if ok is None:
         raise TypeError(f"unsupported annotation {tp} for {key}")
-    if not ok:
+    if not ok or (tp is float and not math.isfinite(value)):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return float(value) if tp is float else value
 

@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .build import build_algo_config
 from .checkpoints import (
@@ -98,8 +98,12 @@ def train(
     resume: Optional[str] = None,
     resume_overrides: Optional[list[str]] = None,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    on_iteration: Optional[Callable[[RunState, dict], None]] = None,
 ) -> dict:
-    """Run (or resume) one experiment; return the summary dict printed by ``--json``."""
+    """Run (or resume) one experiment; return the summary dict printed by ``--json``.
+
+    ``on_iteration(state, metrics)`` is called after each iteration (benchmarks, tests).
+    """
     ckpt_path = None
     state = RunState()
     if resume is not None:
@@ -160,6 +164,8 @@ def train(
             )
             tracker.log_metrics(metrics, step=state.env_steps)
             log(_progress(state, ret, sampled / iter_s, iter_s))
+            if on_iteration is not None:
+                on_iteration(state, metrics)
             if exp.checkpoint.every and state.iteration % exp.checkpoint.every == 0 and not _done(exp, state):
                 save_checkpoint(algo, run_dir / "checkpoints" / f"iter_{state.iteration:06d}", exp, state)
                 prune_checkpoints(run_dir, exp.checkpoint.keep)

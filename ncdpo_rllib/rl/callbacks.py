@@ -7,6 +7,7 @@ Windowless mean/min/max stats are cleared at each reduce, i.e. once per iteratio
 
 from __future__ import annotations
 
+import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 ITER_RETURN_MEAN = "iter_return_mean"
@@ -15,12 +16,29 @@ ITER_RETURN_MAX = "iter_return_max"
 ITER_EPISODE_LEN = "iter_episode_len_mean"
 
 
+def episode_return_and_length(chunks) -> tuple[float, int]:
+    """Return and length of an episode that arrived in chunks (one per ``sample()`` call).
+
+    In Ray 2.60 a chunk kept for metrics can overlap its successor by one step (RLlib's own
+    ``episode_len_mean`` then reads 201 on Pendulum's 200-step episodes, and the return
+    counts one reward twice); each chunk's rewards are counted only up to where the next
+    chunk starts.
+    """
+    ret = 0.0
+    for chunk, nxt in zip(chunks, [*chunks[1:], None]):
+        rewards = np.asarray(chunk.get_rewards(), dtype=float)
+        if nxt is not None:
+            rewards = rewards[: max(nxt.t_started - chunk.t_started, 0)]
+        ret += float(rewards.sum())
+    return ret, int(chunks[-1].t)
+
+
 class EpisodeReturnCallback(RLlibCallback):
-    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
+    def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None:
             return
-        ret = float(episode.get_return())
+        ret, length = episode_return_and_length([*(prev_episode_chunks or []), episode])
         metrics_logger.log_value(ITER_RETURN_MEAN, ret, reduce="mean")
         metrics_logger.log_value(ITER_RETURN_MIN, ret, reduce="min")
         metrics_logger.log_value(ITER_RETURN_MAX, ret, reduce="max")
-        metrics_logger.log_value(ITER_EPISODE_LEN, float(len(episode)), reduce="mean")
+        metrics_logger.log_value(ITER_EPISODE_LEN, float(length), reduce="mean")

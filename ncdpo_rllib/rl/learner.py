@@ -94,18 +94,20 @@ class NCDPOTorchLearner(PPOTorchLearner):
         for pid, grad in gradients_dict.items():
             self._params[pid].grad = grad
         for module_id, optimizer_names in self._module_optimizers.items():
-            if module_id in self._kl_stopped or module_id in self._skip_step:
-                continue
+            stopped = module_id in self._kl_stopped
             for optimizer_name in optimizer_names:
                 optim = self.get_optimizer(module_id, optimizer_name)
                 params = [p for g in optim.param_groups for p in g["params"]]
-                if all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
-                    optim.step()
-                else:
+                finite = module_id not in self._skip_step and all(
+                    p.grad is None or torch.isfinite(p.grad).all() for p in params
+                )
+                if not finite:
                     self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
+                elif not stopped:
+                    optim.step()
                 if not all(torch.isfinite(p).all() for p in params):
                     raise NonFiniteParametersError(
-                        f"parameters of module {module_id!r} ({optimizer_name}) became NaN/inf; "
+                        f"parameters of module {module_id!r} ({optimizer_name}) are NaN/inf; "
                         "lower the learning rate or the grad clip and resume from the last checkpoint"
                     )
 

@@ -1,0 +1,120 @@
+"""The ``ncdpo`` CLI end to end: real subprocesses, real RLlib, a real MLflow sqlite store."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import last_json, run_cli
+
+
+def test_train_resume_evaluate(tmp_path, tiny_config):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+
+    first = run_cli(["train", tiny_config, "--json"], tmp_path, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    s1 = last_json(first.stdout)
+    assert s1["iterations"] == 2 and s1["env_steps"] == 512
+    for key in ("final_return", "best_return", "wall_s", "checkpoint", "mlflow_run_id"):
+        assert s1[key] is not None, key
+    assert "iter    2 | env steps       512" in first.stderr  # one progress line per iteration
+    ckpt = tmp_path / s1["checkpoint"]
+    assert (ckpt / "ncdpo_state.json").is_file() and (ckpt / "experiment.yaml").is_file()
+    assert (ckpt / "env_runner").is_dir() and (ckpt / "learner_group").is_dir()
+    assert not list(ckpt.parent.glob(".tmp-*")), "no temporary checkpoint left behind"
+
+    client = MlflowClient(uri)
+    run = client.get_run(s1["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["algorithm"] == "ncdpo" and run.data.tags["env"] == "Pendulum-v1"
+    assert run.data.params["diffusion.denoising_steps"] == "3" and run.data.params["ppo.lr"] == "0.0003"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")] == [256, 512]
+    assert len(client.get_metric_history(run.info.run_id, "return_mean")) >= 1  # no episode ends in iter 1
+    for name in ("wall_s", "learner/default_policy/ratio_mean",
+                 "learner/default_policy/grad_norm_step_first", "learner/default_policy/approx_kl"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+    assert "checkpoint/ncdpo_state.json" in artifacts
+
+    # --resume the run directory: same MLflow run, steps continue without gap or duplicate.
+    run_dir = tmp_path / s1["run_dir"]
+    second = run_cli(["train", "--resume", run_dir, "--set", "stop.iterations=4", "--json"], tmp_path, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    s2 = last_json(second.stdout)
+    assert s2["mlflow_run_id"] == s1["mlflow_run_id"] and s2["iterations"] == 4 and s2["env_steps"] == 1024
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")]
+    assert steps == [256, 512, 768, 1024]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+    lengths = client.get_metric_history(run.info.run_id, "episode_len_mean")
+    assert lengths and all(m.value == 200 for m in lengths)  # Pendulum: whole episodes, not chunks
+
+    ev = run_cli(["evaluate", s2["checkpoint"], "--episodes", "2", "--json"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    e = last_json(ev.stdout)
+    assert e["episodes"] == 2 and e["trained_env_steps"] == 1024 and -2000 < e["return_mean"] <= 0
+
+
+def _good_checkpoint(tmp_path, tiny_config) -> Path:
+    out = run_cli(["train", tiny_config, "--set", "stop.iterations=1", "--set", "tracking.enabled=false",
+                   "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path / last_json(out.stdout)["checkpoint"]
+
+
+def _assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    err_lines = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(err_lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in err_lines[0]
+
+
+@pytest.mark.parametrize(
+    "sets, needles",
+    [
+        (["diffusion.denoising_step=5"], ["unknown key 'diffusion.denoising_step'", "denoising_steps"]),
+        (["ppo.num_epochs=many"], ["ppo.num_epochs: expected integer"]),
+        (["env.id=HalfCheetah-v9"], ["'HalfCheetah-v9' is not a registered Gymnasium env", "HalfCheetah-v5"]),
+        (["env.id=CartPole-v1"], ["needs a 1-D Box"]),
+    ],
+)
+def test_bad_config_fails_cleanly_and_writes_nothing(tmp_path, tiny_config, sets, needles):
+    args = ["train", tiny_config]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_cli(args, tmp_path)
+    _assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_and_corrupt_checkpoints_fail_cleanly(tmp_path, tiny_config):
+    _assert_one_line_error(run_cli(["evaluate", tmp_path / "nope"], tmp_path), "not found")
+    _assert_one_line_error(run_cli(["train", "--resume", tmp_path / "nope"], tmp_path), "not found")
+    _assert_one_line_error(run_cli(["evaluate", tmp_path], tmp_path), "is not an ncdpo checkpoint")
+
+    good = _good_checkpoint(tmp_path, tiny_config)
+    broken_state = tmp_path / "broken_state"
+    shutil.copytree(good, broken_state)
+    (broken_state / "ncdpo_state.json").write_text("{not json")
+    _assert_one_line_error(run_cli(["evaluate", broken_state], tmp_path), "is corrupt")
+
+    missing_cfg = tmp_path / "missing_cfg"
+    shutil.copytree(good, missing_cfg)
+    (missing_cfg / "experiment.yaml").unlink()
+    _assert_one_line_error(run_cli(["train", "--resume", missing_cfg], tmp_path), "experiment.yaml missing")
+
+    broken_weights = tmp_path / "broken_weights"
+    shutil.copytree(good, broken_weights)
+    (broken_weights / "env_runner" / "state.pkl").write_bytes(b"garbage")
+    _assert_one_line_error(run_cli(["evaluate", broken_weights], tmp_path), "could not be restored")
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    (broken_weights / "algorithm_state.pkl").write_bytes(b"garbage")
+    _assert_one_line_error(
+        run_cli(["train", "--resume", broken_weights, "--set", "stop.iterations=3"], tmp_path), "could not be restored"
+    )
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,98 @@
+"""The experiment config: parsing, one-line errors, and its mapping onto RLlib's config."""
+
+from pathlib import Path
+
+import pytest
+
+from ncdpo_rllib.experiment.build import build_algo_config
+from ncdpo_rllib.experiment.config import ExperimentConfig, load_config, parse_config
+from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.rl import DiffusionPolicyModule, NCDPOConfig, NCDPOTorchLearner
+from ncdpo_rllib.tasks.envs import check_gymnasium_env
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_minimal_file_gets_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("env: {id: Pendulum-v1}\n")
+    exp = load_config(f)
+    assert exp == ExperimentConfig()
+    assert exp.algorithm == "ncdpo" and exp.diffusion.prediction == "x0"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"algoritm": "ncdpo"}, "unknown key 'algoritm' (did you mean 'algorithm'?)"),
+        ({"diffusion": {"denoising_step": 5}}, "unknown key 'diffusion.denoising_step' (did you mean 'denoising_steps'?)"),
+        ({"seed": "zero"}, "seed: expected integer, got 'zero'"),
+        ({"seed": True}, "seed: expected integer"),
+        ({"ppo": {"lr": "fast"}}, "ppo.lr: expected number"),
+        ({"algorithm": "sac"}, "algorithm: 'sac' is not allowed; choose one of 'ncdpo' | 'ppo'"),
+        ({"diffusion": {"prediction": "v"}}, "choose one of 'x0' | 'epsilon'"),
+        ({"diffusion": {"hidden": [64, "x"]}}, "diffusion.hidden[1]: expected integer"),
+        ({"env": "Pendulum-v1"}, "env: expected a mapping"),
+        ({"diffusion": {"denoising_steps": 0}}, "denoising_steps must be >= 1"),
+        ({"stop": {"env_steps": None}}, "stop: set env_steps or iterations"),
+        ({"ppo": {"minibatch_size": 8000}}, "minibatch_size must be <= ppo.train_batch_size"),
+    ],
+)
+def test_bad_config_is_a_one_line_error_naming_the_key(data, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_parse_values_as_yaml():
+    exp = parse_config({}, ["diffusion.denoising_steps=10", "stop.iterations=3", "stop.env_steps=null",
+                            "diffusion.hidden=[64, 64]", "ppo.lr=1e-4", "tracking.enabled=false"])
+    assert exp.diffusion.denoising_steps == 10 and exp.diffusion.hidden == [64, 64]
+    assert exp.stop.iterations == 3 and exp.stop.env_steps is None
+    assert exp.ppo.lr == pytest.approx(1e-4) and exp.tracking.enabled is False
+    with pytest.raises(ConfigError, match="unknown key 'diffusion.steps'"):
+        parse_config({}, ["diffusion.steps=3"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_config({}, ["diffusion.steps"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env: {id: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_env_checks():
+    with pytest.raises(ConfigError, match="not a registered Gymnasium env; did you mean Pendulum-v1"):
+        check_gymnasium_env("Pendulum-v0", {}, needs_box_actions=True)
+    with pytest.raises(ConfigError, match="needs a 1-D Box"):
+        check_gymnasium_env("CartPole-v1", {}, needs_box_actions=True)
+    with pytest.raises(ConfigError, match="kwargs"):
+        check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, needs_box_actions=True)
+    obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, needs_box_actions=True)
+    assert act.shape == (1,) and obs.shape == (3,)
+
+
+def test_mapping_onto_rllib():
+    exp = parse_config({"seed": 7, "diffusion": {"denoising_steps": 8}, "ppo": {"gae_lambda": 0.9, "lr": 1e-4,
+                        "critic_lr": 5e-4, "target_kl": 0.05}, "resources": {"env_runners": 2, "envs_per_runner": 4}})
+    cfg = build_algo_config(exp)
+    assert isinstance(cfg, NCDPOConfig)
+    assert cfg.lambda_ == 0.9 and cfg.lr == 1e-4 and cfg.critic_lr == 5e-4 and cfg.target_kl == 0.05
+    assert cfg.num_env_runners == 2 and cfg.num_envs_per_env_runner == 4 and cfg.seed == 7
+    assert cfg.use_kl_loss is False
+    spec = cfg.get_default_rl_module_spec()
+    assert spec.module_class is DiffusionPolicyModule and spec.model_config["denoising_steps"] == 8
+    assert cfg.get_default_learner_class() is NCDPOTorchLearner
+    assert cfg._env_to_module_connector is not None  # MeanStdFilter by default
+    ppo = build_algo_config(parse_config({"algorithm": "ppo", "env": {"normalize_observations": False}}))
+    assert not isinstance(ppo, NCDPOConfig) and ppo._env_to_module_connector is None
