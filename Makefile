@@ -33,9 +33,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Full-size benchmarks (about 1.5 h on 2 cores); each script takes --help for smaller runs.
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
-	$(PY) benchmarks/sample_efficiency.py
+	$(PY) benchmarks/throughput.py --env Pendulum-v1
+	$(PY) benchmarks/throughput.py --env HalfCheetah-v5
+	$(PY) benchmarks/sample_efficiency.py --config configs/pendulum_ncdpo.yaml --steps 160000
+	$(PY) benchmarks/sample_efficiency.py --config configs/halfcheetah_ncdpo.yaml --steps 200000
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

@@ -38,3 +38,33 @@ def test_episode_return_counts_each_step_once():
                                 len_lookback_buffer=0)
     ret, length = episode_return_and_length([first, second])
     assert length == 10 and ret == pytest.approx(6 * 1.0 + 4 * 2.0)
+
+
+def test_remote_runner_and_remote_learner_checkpoint_carries_filter_state(local_ray, tmp_path):
+    """1 remote EnvRunner + 1 remote Learner actor: training runs, and the checkpoint's
+    env_runner state holds the observation filter statistics gathered on the remote runner
+    (what `ncdpo evaluate` restores)."""
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from ncdpo_rllib.experiment.build import build_algo_config
+    from ncdpo_rllib.experiment.config import parse_config
+    from ncdpo_rllib.experiment.train import train
+
+    exp = parse_config({
+        "stop": {"iterations": 2, "env_steps": None},
+        "diffusion": {"denoising_steps": 3, "hidden": [32]},
+        "ppo": {"train_batch_size": 400, "minibatch_size": 200, "num_epochs": 1},
+        "resources": {"env_runners": 1, "envs_per_runner": 2, "learners": 1},
+        "tracking": {"enabled": False},
+        "checkpoint": {"dir": str(tmp_path)},
+    })
+    seen = []
+    summary = train(exp, log=lambda m: None, on_iteration=lambda s, m: seen.append(m))
+    assert summary["env_steps"] >= 800 and "learner/default_policy/ratio_mean" in seen[-1]
+    cfg = build_algo_config(exp).env_runners(num_env_runners=0)
+    runner = SingleAgentEnvRunner(config=cfg)  # as `ncdpo evaluate` does
+    fresh = runner.get_state()["env_to_module_connector"]["MeanStdFilter"][None]["running_stats"][0]
+    assert fresh["num_pushes"] == 0
+    runner.restore_from_path(f"{summary['checkpoint']}/env_runner")
+    stats = runner.get_state()["env_to_module_connector"]["MeanStdFilter"][None]["running_stats"][0]
+    assert stats["num_pushes"] >= 800

@@ -118,3 +118,26 @@ def test_missing_and_corrupt_checkpoints_fail_cleanly(tmp_path, tiny_config):
     )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_from_an_earlier_checkpoint_and_run_name_collisions(tmp_path, tiny_config):
+    """--resume iter_1 of a finished 2-iteration run: the later 'final' is moved aside, the new
+    final continues from iteration 1; a second run with the same run_name is refused."""
+    out = run_cli(["train", tiny_config, "--set", "tracking.run_name=same", "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / last_json(out.stdout)["run_dir"]
+    again = run_cli(["train", tiny_config, "--set", "tracking.run_name=same"], tmp_path)
+    _assert_one_line_error(again, "already exists", "--resume")
+
+    other_cwd = tmp_path / "elsewhere"
+    other_cwd.mkdir()
+    resumed = run_cli(["train", "--resume", run_dir / "checkpoints" / "iter_000001", "--set", "stop.iterations=3",
+                       "--json"], other_cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = last_json(resumed.stdout)
+    assert s["iterations"] == 3 and Path(s["run_dir"]) == run_dir.resolve()
+    assert s["mlflow_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"  # the original store, not the new cwd's
+    assert len(list((run_dir / "superseded").iterdir())) == 1
+    assert not (other_cwd / "mlflow.db").exists() and not (other_cwd / "runs").exists()
+    changed = run_cli(["train", "--resume", run_dir, "--set", "diffusion.denoising_steps=7"], tmp_path)
+    _assert_one_line_error(changed, "changes diffusion.denoising_steps")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 
 from ncdpo_rllib.experiment.build import build_algo_config
@@ -41,6 +42,9 @@ def test_shipped_configs_parse(path):
         ({"diffusion": {"denoising_steps": 0}}, "denoising_steps must be >= 1"),
         ({"stop": {"env_steps": None}}, "stop: set env_steps or iterations"),
         ({"ppo": {"minibatch_size": 8000}}, "minibatch_size must be <= ppo.train_batch_size"),
+        ({"resources": {"envs_per_runner": 0}}, "envs_per_runner and cpus_per_runner must be >= 1"),
+        ({"checkpoint": {"keep": 0}}, "keep >= 1"),
+        ({"diffusion": {"init_std": 20.0}}, "init_std <= 7"),
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_key(data, expected):
@@ -71,11 +75,21 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+class DictObsEnv(gym.Env):
+    observation_space = gym.spaces.Dict({"pos": gym.spaces.Box(-1, 1, (2,))})
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+
+gym.register("DictObsTest-v0", entry_point=DictObsEnv)
+
+
 def test_env_checks():
     with pytest.raises(ConfigError, match="not a registered Gymnasium env; did you mean Pendulum-v1"):
         check_gymnasium_env("Pendulum-v0", {}, needs_box_actions=True)
     with pytest.raises(ConfigError, match="needs a 1-D Box"):
         check_gymnasium_env("CartPole-v1", {}, needs_box_actions=True)
+    with pytest.raises(ConfigError, match="observation space Dict"):
+        check_gymnasium_env("DictObsTest-v0", {}, needs_box_actions=True)
     with pytest.raises(ConfigError, match="kwargs"):
         check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, needs_box_actions=True)
     obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, needs_box_actions=True)
@@ -96,3 +110,11 @@ def test_mapping_onto_rllib():
     assert cfg._env_to_module_connector is not None  # MeanStdFilter by default
     ppo = build_algo_config(parse_config({"algorithm": "ppo", "env": {"normalize_observations": False}}))
     assert not isinstance(ppo, NCDPOConfig) and ppo._env_to_module_connector is None
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the dataclasses; regenerate it when they change."""
+    from ncdpo_rllib.experiment.docgen import render
+
+    committed = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert committed == render(), "run: python -m ncdpo_rllib.experiment.docgen > docs/configuration.md"

@@ -56,8 +56,9 @@ def test_schedules():
     assert lin.posterior_variance[0] == 0  # abar_0 = 1: the last step is the mean
     c_x0, c_xk = lin.posterior_mean_coefs
     assert c_x0[0] == pytest.approx(1.0) and c_xk[0] == pytest.approx(0.0)
-    cos = NoiseSchedule.make("cosine", 20, 1e-4, 0.999)
-    assert (cos.abar[1:] < cos.abar[:-1]).all() and cos.betas.max() <= 0.999
+    cos = NoiseSchedule.make("cosine", 20, 1e-4, 0.2, cosine_beta_clip=0.5)
+    assert (cos.abar[1:] < cos.abar[:-1]).all() and cos.betas.max() == pytest.approx(0.5)
+    assert cos.betas[0] < 0.01  # beta_max (a linear-schedule knob) does not clamp the cosine betas
     with pytest.raises(ValueError):
         NoiseSchedule.make("quadratic", 5, 1e-4, 0.2)
 
@@ -125,7 +126,6 @@ def test_ddim_closed_form_tiny_case():
     )
     sampler = NoiseConditionedSampler(cfg, ConstantDenoiser(e))
     assert sampler.timesteps == [3, 1]
-    betas = [0.1, 0.2, 0.3]
     abar = [0.9, 0.9 * 0.8, 0.9 * 0.8 * 0.7]
     x3 = z
     x0 = (x3 - math.sqrt(1 - abar[2]) * e) / math.sqrt(abar[2])
@@ -133,7 +133,7 @@ def test_ddim_closed_form_tiny_case():
     final = (x1 - math.sqrt(1 - abar[0]) * e) / math.sqrt(abar[0])
     noise = torch.tensor([[[z], [5.0], [0.0]]])  # the middle noise must be ignored (sigma=0)
     assert sampler(torch.zeros(1, 1), noise).mean.item() == pytest.approx(final, abs=1e-5)
-    assert betas == pytest.approx([0.1, 0.2, 0.3])
+    assert torch.allclose(sampler.abar, torch.tensor(abar), atol=1e-6)  # the betas written above
 
 
 @pytest.mark.parametrize("prediction", ["x0", "epsilon"])
@@ -219,12 +219,30 @@ def test_x0_prediction_starts_with_small_spread_epsilon_does_not():
     assert x0.max() < 0.05 and eps.min() > 0.5
 
 
+class BiasDenoiser(nn.Module):
+    """x0-prediction f = b for every input, b a learnable scalar: lets us saturate the clip."""
+
+    def __init__(self, b: float):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(b))
+
+    def forward(self, x, k, cond):
+        return self.b.expand_as(x)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_x0_clip_bounds_the_mean(mode):
-    policy = make_policy(denoising_steps=3, x0_clip=1.0, x0_clip_mode=mode)
-    nn.init.normal_(policy.sampler.denoiser.out.weight, std=10.0)
-    mean, _ = policy(torch.randn(32, C), policy.sample_noise(32))
+def test_x0_clip_bounds_the_mean_and_only_the_soft_clip_keeps_gradients(mode, sampler):
+    cfg = DiffusionConfig(denoising_steps=3, x0_clip=1.0, x0_clip_mode=mode, sampler=sampler)
+    chain = NoiseConditionedSampler(cfg, BiasDenoiser(5.0))  # x0_hat = 5: saturated
+    mean = chain(torch.zeros(8, 1), torch.randn(8, 4, 1)).mean
     assert mean.abs().max() <= 1.0 + 1e-6
+    mean.sum().backward()
+    grad = chain.denoiser.b.grad.abs().item()
+    if mode == "hard":
+        assert grad == 0.0  # NCDPO.md: a saturated hard clip zeroes the gradient
+    else:
+        assert grad > 0.0
 
 
 @pytest.mark.parametrize("prediction", ["x0", "epsilon"])

@@ -130,6 +130,75 @@ def test_non_finite_parameters_raise_a_clear_error():
         learner.update(episodes=runner.sample(num_timesteps=400), num_epochs=1, minibatch_size=100)
 
 
+class FirstPassNaNModule(DiffusionPolicyModule):
+    """The real module, whose first train forward yields NaN (a fault injected once)."""
+
+    calls = 0
+
+    def _forward_train(self, batch, **kwargs):
+        out = super()._forward_train(batch, **kwargs)
+        FirstPassNaNModule.calls += 1
+        if FirstPassNaNModule.calls == 1:
+            out[Columns.ACTION_DIST_INPUTS] = out[Columns.ACTION_DIST_INPUTS] * float("nan")
+        return out
+
+
+def test_a_nan_minibatch_is_skipped_and_training_goes_on():
+    FirstPassNaNModule.calls = 0
+    _, runner, learner = make_pair(FirstPassNaNModule)
+    before = [p.detach().clone() for p in learner.module[MODULE].actor.parameters()]
+    results = learner.update(episodes=runner.sample(num_timesteps=400), num_epochs=1, minibatch_size=200)
+    assert FirstPassNaNModule.calls >= 2
+    assert results[MODULE]["nonfinite_updates_skipped"].peek() == 1
+    adam = learner.get_optimizer(MODULE, "actor")
+    assert {int(st["step"]) for st in adam.state.values()} == {FirstPassNaNModule.calls - 1}
+    after = list(learner.module[MODULE].actor.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_each_optimizer_clips_with_its_own_norm():
+    cfg, _, learner = make_pair()
+    cfg = cfg.copy(copy_frozen=False).training(actor_grad_clip=0.1, critic_grad_clip=5.0)
+    learner.config = cfg
+    learner.before_gradient_based_update(timesteps={})
+    module = learner.module[MODULE]
+    grads = {learner.get_param_ref(p): torch.full_like(p, 10.0) for p in module.parameters()}
+    out = learner.postprocess_gradients_for_module(
+        module_id=MODULE, config=cfg, module_gradients_dict=grads)
+    norm = lambda ps: torch.sqrt(sum((out[learner.get_param_ref(p)] ** 2).sum() for p in ps))
+    assert norm(module.actor_parameters()) == pytest.approx(0.1, rel=1e-3)
+    assert norm(module.critic_parameters()) == pytest.approx(5.0, rel=1e-3)
+
+
+def test_masked_rows_do_not_change_the_loss():
+    _, runner, learner = make_pair(denoising_steps=3)
+    module = learner.module[MODULE]
+    B, S = 64, module.num_sampler_steps
+    torch.manual_seed(0)
+    batch = {
+        Columns.OBS: torch.randn(B, 3),
+        NOISE: torch.randn(B, S + 1, 1),
+        Columns.ACTIONS: torch.randn(B, 1),
+        Columns.ACTION_LOGP: torch.randn(B) - 1.0,
+        "advantages": torch.randn(B),
+        "value_targets": torch.randn(B),
+        Columns.LOSS_MASK: torch.arange(B) % 4 != 0,
+    }
+    learner.before_gradient_based_update(timesteps={})
+
+    def loss(b):
+        return learner.compute_loss_for_module(
+            module_id=MODULE, config=learner.config, batch=b, fwd_out=module.forward_train(b)).item()
+
+    reference = loss(batch)
+    poisoned = dict(batch)
+    masked = ~batch[Columns.LOSS_MASK]
+    poisoned["advantages"] = batch["advantages"].masked_fill(masked, 1e6)
+    poisoned["value_targets"] = batch["value_targets"].masked_fill(masked, -1e6)
+    assert loss(poisoned) == pytest.approx(reference, rel=1e-6)
+
+
 def test_observations_reach_the_module_normalised():
     _, runner, _ = make_pair()
     episodes = runner.sample(num_timesteps=2000)

@@ -14,17 +14,23 @@ from typing import Literal, Optional
 
 @dataclass
 class DiffusionConfig:
+    """The diffusion policy: chain, denoiser network and final-step Gaussian."""
+
     # --- chain -------------------------------------------------------------------
     denoising_steps: int = 5
     """K: diffusion steps of the schedule (and of the sampler unless ``ddim_steps``)."""
     prediction: Literal["x0", "epsilon"] = "x0"
     """What the denoiser predicts. x0 is needed from scratch (epsilon amplifies the noise)."""
     schedule: Literal["linear", "cosine"] = "linear"
+    """Noise schedule; cosine with few steps makes 1/sqrt(abar_K) huge for epsilon-prediction."""
     beta_min: float = 1e-4
     """First beta of the linear schedule."""
     beta_max: float = 0.2
-    """Last beta of the linear schedule; the beta clip of the cosine schedule."""
+    """Last beta of the linear schedule."""
+    cosine_beta_clip: float = 0.999
+    """Upper clip of the cosine schedule's betas (Nichol & Dhariwal's 0.999)."""
     sampler: Literal["ddpm", "ddim"] = "ddpm"
+    """Reverse process; ddim can skip steps (``ddim_steps``)."""
     ddim_steps: Optional[int] = None
     """DDIM only: sample with this many steps (a subsequence of the K); None = K."""
     ddim_eta: float = 1.0
@@ -44,10 +50,13 @@ class DiffusionConfig:
     """Recompute each denoiser call in the backward pass: less memory, ~1 more forward."""
     # --- denoiser network ------------------------------------------------------------
     hidden: list[int] = field(default_factory=lambda: [128, 128])
+    """Denoiser MLP layer sizes (residual: the first is the block width, one block per extra entry)."""
     residual: bool = False
     """Residual MLP blocks (DPPO's ResidualMLP) instead of a plain MLP."""
     activation: Literal["mish", "relu", "silu", "tanh"] = "mish"
+    """Activation of the denoiser and the critic."""
     step_embed_dim: int = 16
+    """Width of the sinusoidal denoising-step embedding."""
     # --- final step: the policy's Gaussian ------------------------------------------
     std: Literal["learned", "fixed"] = "learned"
     """Final-step std: a learned state-independent log-std, or fixed at ``init_std``."""
@@ -69,8 +78,10 @@ class DiffusionConfig:
             problems.append("finetune_steps must be >= 1 (or null for all steps)")
         if not 0 < self.beta_min <= self.beta_max < 1:
             problems.append("need 0 < beta_min <= beta_max < 1")
-        if self.sigma_min < 0 or self.init_std <= 0:
-            problems.append("sigma_min must be >= 0 and init_std > 0")
+        if self.sigma_min < 0 or not 0 < self.init_std <= 7.0:
+            problems.append("sigma_min must be >= 0 and 0 < init_std <= 7 (the log-std is clamped to [-5, 2])")
+        if not 0 < self.cosine_beta_clip < 1:
+            problems.append("cosine_beta_clip must be in (0, 1)")
         if not 0.0 <= self.ddim_eta <= 1.0:
             problems.append("ddim_eta must be in [0, 1]")
         for name in ("x0_clip", "noise_clip"):

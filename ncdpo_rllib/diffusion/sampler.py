@@ -51,7 +51,9 @@ class NoiseConditionedSampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.denoiser = denoiser
-        sched = NoiseSchedule.make(cfg.schedule, cfg.denoising_steps, cfg.beta_min, cfg.beta_max)
+        sched = NoiseSchedule.make(
+            cfg.schedule, cfg.denoising_steps, cfg.beta_min, cfg.beta_max, cfg.cosine_beta_clip
+        )
         c_x0, c_xk = sched.posterior_mean_coefs
         for name, value in {
             "abar": sched.abar,

@@ -39,13 +39,15 @@ class NoiseSchedule:
     betas: torch.Tensor  # (K,)
 
     @classmethod
-    def make(cls, kind: str, num_steps: int, beta_min: float, beta_max: float) -> "NoiseSchedule":
+    def make(
+        cls, kind: str, num_steps: int, beta_min: float, beta_max: float, cosine_beta_clip: float = 0.999
+    ) -> "NoiseSchedule":
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if kind == "linear":
             return cls(linear_betas(num_steps, beta_min, beta_max))
         if kind == "cosine":
-            return cls(cosine_betas(num_steps, max_beta=beta_max))
+            return cls(cosine_betas(num_steps, max_beta=cosine_beta_clip))
         raise ValueError(f"unknown schedule {kind!r}: expected 'linear' or 'cosine'")
 
     @property

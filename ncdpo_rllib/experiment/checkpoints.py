@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import datetime
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,7 +40,9 @@ class RunState:
     best_return: Optional[float] = None
     last_return: Optional[float] = None
     mlflow_run_id: Optional[str] = None
+    mlflow_uri: Optional[str] = None
     run_dir: Optional[str] = None
+    """Absolute, so that --resume works from any working directory."""
 
 
 def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState) -> Path:
@@ -50,10 +53,46 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     algo.save_to_path(str(tmp.resolve()))
     (tmp / CONFIG_FILE).write_text(exp.to_yaml())
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
+    if ckpt_dir.exists():  # swap: at every instant one complete checkpoint has the name or .old-
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt_dir, old)
     os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return ckpt_dir
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Remove temporary checkpoint directories a crashed run left behind."""
+    root = Path(run_dir) / "checkpoints"
+    for stale in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-*") if root.is_dir() else []:
+        target = root / old.name.removeprefix(".old-")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # crashed between the two renames: the old checkpoint is the complete one
+            os.replace(old, target)
+
+
+def supersede_later_checkpoints(run_dir: Path, iteration: int) -> list[Path]:
+    """Resuming from iteration N: move checkpoints of later iterations aside (kept, not deleted)."""
+    moved = []
+    root = Path(run_dir) / "checkpoints"
+    for ckpt in [*periodic_checkpoints(run_dir), root / FINAL]:
+        state_file = ckpt / STATE_FILE
+        if not state_file.is_file():
+            continue
+        try:
+            later = json.loads(state_file.read_text()).get("iteration", 0) > iteration
+        except (OSError, json.JSONDecodeError):
+            later = False
+        if later:
+            dest = Path(run_dir) / "superseded" / f"{ckpt.name}-{datetime.now():%Y%m%d-%H%M%S}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(ckpt, dest)
+            moved.append(dest)
+    return moved
 
 
 def periodic_checkpoints(run_dir: Path) -> list[Path]:
@@ -62,6 +101,7 @@ def periodic_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` newest periodic checkpoints (names sort by iteration)."""
     for old in periodic_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

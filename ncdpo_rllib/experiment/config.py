@@ -24,9 +24,12 @@ from .errors import ConfigError
 
 @dataclass
 class EnvConfig:
+    """The task."""
+
     id: str = "Pendulum-v1"
     """A Gymnasium env id (registered, e.g. ``Pendulum-v1``, ``HalfCheetah-v5``)."""
     kind: Literal["gymnasium"] = "gymnasium"
+    """Env family (PettingZoo multi-agent envs come with the multi-agent issue)."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for ``gymnasium.make``."""
     normalize_observations: bool = True
@@ -38,7 +41,9 @@ class StopConfig:
     """Training stops when any criterion that is set (not null) is reached."""
 
     env_steps: Optional[int] = 200_000
+    """Stop after this many env steps (checked after each iteration; null = no limit)."""
     iterations: Optional[int] = None
+    """Stop after this many training iterations (null = no limit)."""
 
     def __post_init__(self):
         if self.env_steps is None and self.iterations is None:
@@ -51,18 +56,28 @@ class StopConfig:
 
 @dataclass
 class PPOSection:
+    """PPO hyperparameters, shared by NCDPO and the MLP PPO baseline (one key apart)."""
+
     lr: float = 3e-4
     """Actor learning rate (the only one for algorithm: ppo)."""
     critic_lr: Optional[float] = 1e-3
     """Critic learning rate (ncdpo only; null = lr)."""
     gamma: float = 0.99
+    """Discount factor."""
     gae_lambda: float = 0.95
+    """GAE lambda (RLlib's ``lambda_``)."""
     clip_param: float = 0.2
+    """PPO ratio clip epsilon."""
     vf_clip_param: float = 10.0
+    """Clip of the squared value error (RLlib's convention)."""
     vf_loss_coeff: float = 1.0
+    """Weight of the value loss (ncdpo: the critic has its own optimizer, so mostly a scale)."""
     entropy_coeff: float = 0.0
+    """Entropy bonus of the final-step Gaussian (state-independent for ncdpo)."""
     num_epochs: int = 10
+    """Passes over each iteration's batch."""
     minibatch_size: int = 128
+    """Rows per gradient step."""
     train_batch_size: int = 4000
     """Env steps sampled per training iteration."""
     actor_grad_clip: Optional[float] = 0.5
@@ -86,27 +101,44 @@ class PPOSection:
 
 @dataclass
 class ResourcesConfig:
+    """Where rollouts and updates run (RLlib's env_runners / learners settings)."""
+
     env_runners: int = 1
     """Remote EnvRunner actors (0 = sample in the driver process)."""
     envs_per_runner: int = 8
+    """Vectorised envs per EnvRunner."""
     cpus_per_runner: int = 1
+    """CPUs reserved per EnvRunner actor."""
     learners: int = 0
     """Remote Learner actors (0 = one local learner in the driver)."""
     gpus_per_learner: float = 0
+    """GPUs per learner (0 = CPU)."""
+
+    def __post_init__(self):
+        if min(self.env_runners, self.learners, self.gpus_per_learner) < 0:
+            raise ValueError("resources: env_runners, learners and gpus_per_learner must be >= 0")
+        if self.envs_per_runner < 1 or self.cpus_per_runner < 1:
+            raise ValueError("resources: envs_per_runner and cpus_per_runner must be >= 1")
 
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking."""
+
     enabled: bool = True
+    """false = no MLflow run at all."""
     experiment: str = "default"
     """MLflow experiment name."""
     uri: Optional[str] = None
     """MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd."""
     run_name: Optional[str] = None
+    """MLflow run name and run directory name; null = <algorithm>-<env>-s<seed>-<time>."""
 
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints (RLlib's, plus the resolved config and run state)."""
+
     dir: str = "runs"
     """Each run writes runs/<run name>/ (checkpoints, the resolved config)."""
     every: int = 10
@@ -114,12 +146,20 @@ class CheckpointConfig:
     keep: int = 3
     """Periodic checkpoints kept (the final one is always kept)."""
 
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("checkpoint: every must be >= 0 and keep >= 1")
+
 
 @dataclass
 class ExperimentConfig:
+    """One experiment: a YAML file maps onto this, section by section."""
+
     algorithm: Literal["ncdpo", "ppo"] = "ncdpo"
+    """ncdpo = the diffusion policy; ppo = RLlib's PPO with its default MLP module."""
     env: EnvConfig = field(default_factory=EnvConfig)
     seed: int = 0
+    """Seeds envs, torch and the rollout noise (RLlib's ``debugging(seed=...)``)."""
     stop: StopConfig = field(default_factory=StopConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     ppo: PPOSection = field(default_factory=PPOSection)

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A missing, incomplete or corrupt checkpoint."""
+
+
+class TrainingDiverged(UserError):
+    """Parameters became NaN/inf: the message names the last good checkpoint."""

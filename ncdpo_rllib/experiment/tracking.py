@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ExperimentConfig, flatten
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,28 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 class Tracker:
     """One MLflow run. ``enabled=False`` makes every call a no-op."""
 
-    def __init__(self, exp: ExperimentConfig, *, run_id: Optional[str] = None):
+    def __init__(self, exp: ExperimentConfig, *, run_id: Optional[str] = None, uri: Optional[str] = None):
+        """``run_id``/``uri``: continue that run (resume); the config's uri wins if set."""
         self.enabled = exp.tracking.enabled
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
         if not self.enabled:
             return
+        from mlflow.exceptions import MlflowException
+
+        self.uri = resolve_tracking_uri(exp.tracking.uri or uri)
+        try:
+            self._open(exp, run_id)
+        except MlflowException as e:
+            raise UserError(f"MLflow at {self.uri}: {str(e).strip().splitlines()[0]}") from None
+
+    def _open(self, exp: ExperimentConfig, run_id: Optional[str]) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         from mlflow.tracking import MlflowClient
 
-        self.uri = resolve_tracking_uri(exp.tracking.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
-            self.client.get_run(run_id)  # fails loudly if the run is gone
+            self.client.get_run(run_id)  # raises if the run is not in this store
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return

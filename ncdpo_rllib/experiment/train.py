@@ -11,16 +11,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .build import build_algo_config
+from ncdpo_rllib.rl.learner import NonFiniteParametersError
+
 from .checkpoints import (
     CONFIG_FILE,
     FINAL,
     RunState,
+    clean_stale,
     load_checkpoint_meta,
+    periodic_checkpoints,
     prune_checkpoints,
     save_checkpoint,
+    supersede_later_checkpoints,
 )
-from .config import ExperimentConfig
-from .errors import CheckpointError, ConfigError
+from .config import ExperimentConfig, flatten
+from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .tracking import Tracker
 
 
@@ -92,57 +97,102 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
     )
 
 
+MODEL_KEYS = ("algorithm", "env.id", "env.normalize_observations", "diffusion", "ppo.critic_hidden")
+
+
+def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) -> None:
+    """Keys that define the model (and its MLflow params) must not change on --resume."""
+    old, new = flatten(ckpt_exp.to_dict()), flatten(exp.to_dict())
+    changed = [k for k in new if k.startswith(MODEL_KEYS) and old.get(k) != new[k]]
+    if changed:
+        raise ConfigError(
+            f"--resume: the config changes {', '.join(changed)} from the checkpoint's; these define "
+            "the model, so start a new run instead"
+        )
+
+
+def _build_algo(exp: ExperimentConfig):
+    try:
+        return build_algo_config(exp).build_algo()
+    except ValueError as e:  # RLlib's own config validation
+        raise ConfigError(f"RLlib rejected the configuration: {str(e).strip().splitlines()[0]}") from None
+
+
+def _restore(algo, ckpt_path: Path) -> None:
+    try:
+        algo.restore_from_path(str(ckpt_path.resolve()))
+    except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} could not be restored: {msg}") from None
+
+
+def _diverged(e: BaseException) -> Optional[BaseException]:
+    """The NonFiniteParametersError inside ``e`` (possibly wrapped by Ray), else None."""
+    for candidate in (e, getattr(e, "cause", None), e.__cause__):
+        if isinstance(candidate, NonFiniteParametersError):
+            return candidate
+    return e if "NonFiniteParametersError" in str(e) else None
+
+
 def train(
     exp: ExperimentConfig,
     *,
     resume: Optional[str] = None,
-    resume_overrides: Optional[list[str]] = None,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
     on_iteration: Optional[Callable[[RunState, dict], None]] = None,
 ) -> dict:
     """Run (or resume) one experiment; return the summary dict printed by ``--json``.
 
+    Everything the user can get wrong is checked before anything is written.
     ``on_iteration(state, metrics)`` is called after each iteration (benchmarks, tests).
     """
-    ckpt_path = None
-    state = RunState()
+    ckpt_path, state = None, RunState()
     if resume is not None:
         ckpt_path, ckpt_exp, state = load_checkpoint_meta(resume)
-        if (ckpt_exp.algorithm, ckpt_exp.env.id) != (exp.algorithm, exp.env.id):
-            raise ConfigError(
-                f"--resume: checkpoint is {ckpt_exp.algorithm} on {ckpt_exp.env.id}, "
-                f"the config is {exp.algorithm} on {exp.env.id}"
-            )
+        _check_resume_compatible(ckpt_exp, exp)
     check_env(exp)
-    run_dir = Path(state.run_dir) if state.run_dir else Path(exp.checkpoint.dir) / _run_name(exp)
-    if _done(exp, state):
-        log(f"nothing to do: the checkpoint already meets the stop criterion ({state.env_steps} env steps)")
+    if state.run_dir:
+        run_dir = Path(state.run_dir)
+    else:
+        run_dir = (Path(exp.checkpoint.dir) / _run_name(exp)).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"run directory {run_dir} already exists: choose another tracking.run_name, "
+                f"or continue it with --resume {run_dir}"
+            )
 
     init_ray()
-    algo = build_algo_config(exp).build_algo()
-    if ckpt_path is not None:
-        try:
-            algo.restore_from_path(str(ckpt_path.resolve()))
-        except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
-            algo.stop()
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} could not be restored: {type(e).__name__}: {e}".splitlines()[0]) from None
-        log(f"resumed from {ckpt_path} at iteration {state.iteration}, {state.env_steps:,} env steps")
-
-    tracker = Tracker(exp, run_id=state.mlflow_run_id)
-    state.mlflow_run_id = tracker.run_id
-    state.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(exp.to_yaml())
-    log(
-        f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | run dir {run_dir}"
-        + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
-    )
-
-    status = "FAILED"
+    algo = _build_algo(exp)
+    tracker, status, final = None, "FAILED", None
     try:
+        if ckpt_path is not None:
+            _restore(algo, ckpt_path)
+            log(f"resumed from {ckpt_path} at iteration {state.iteration}, {state.env_steps:,} env steps")
+        tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri)
+        state.mlflow_run_id, state.mlflow_uri, state.run_dir = tracker.run_id, tracker.uri, str(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt_path is not None:
+            clean_stale(run_dir)
+            for moved in supersede_later_checkpoints(run_dir, state.iteration):
+                log(f"moved a later checkpoint aside: {moved}")
+        (run_dir / CONFIG_FILE).write_text(exp.to_yaml())
+        log(
+            f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | run dir {run_dir}"
+            + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
+        )
         while not _done(exp, state):
             t0 = time.perf_counter()
-            result = algo.train()
+            try:
+                result = algo.train()
+            except Exception as e:
+                cause = _diverged(e)
+                if cause is None:
+                    raise
+                last = periodic_checkpoints(run_dir)
+                raise TrainingDiverged(
+                    f"training diverged at iteration {state.iteration + 1}: {str(cause).splitlines()[0]}; "
+                    f"last good checkpoint: {last[-1] if last else 'none (set checkpoint.every)'}"
+                ) from None
             iter_s = time.perf_counter() - t0
             sampled = int(result["env_runners"].get("num_env_steps_sampled", 0))
             state.iteration += 1
@@ -176,10 +226,11 @@ def train(
         status = "KILLED"
         raise
     finally:
-        tracker.finish(status)
+        if tracker is not None:
+            tracker.finish(status)
         algo.stop()
 
-    summary = {
+    return {
         "final_return": state.last_return,
         "best_return": state.best_return,
         "env_steps": state.env_steps,
@@ -190,5 +241,3 @@ def train(
         "mlflow_run_id": tracker.run_id,
         "mlflow_uri": tracker.uri,
     }
-    return summary
-

@@ -97,6 +97,10 @@ class NCDPOConfig(PPOConfig):
         super().validate()
         if self.target_kl is not None and self.target_kl <= 0:
             self._value_error("`target_kl` must be > 0 or None")
+        if self.use_kl_loss:
+            self._value_error("NCDPO has no KL penalty term: set use_kl_loss=False (use target_kl to bound updates)")
+        if self.torch_compile_learner:
+            self._value_error("torch_compile_learner is not supported by NCDPOTorchLearner (gradient hooks, early stop)")
 
 
 class NCDPO(PPO):

@@ -8,8 +8,9 @@ What it changes in RLlib's ``PPOTorchLearner``:
   global-norm clip (one shared clip lets a large critic gradient starve the actor);
 - target-KL early stop: once a minibatch's approx KL exceeds 1.5 * target_kl, no further
   optimizer steps for that module in this ``update()`` call;
-- a NaN/inf guard: a step with non-finite loss or gradients is skipped and counted;
-  non-finite parameters raise ``NonFiniteParametersError``.
+- a NaN/inf guard: a minibatch step with non-finite gradients is skipped and counted
+  (RLlib's default zeroes the NaNs and steps); non-finite parameters raise
+  ``NonFiniteParametersError``.
 """
 
 from __future__ import annotations
@@ -53,10 +54,15 @@ class NCDPOTorchLearner(PPOTorchLearner):
             )
 
     def postprocess_gradients_for_module(self, *, module_id, config=None, module_gradients_dict):
+        """Clip each optimizer's gradients with its own global norm; flag non-finite ones."""
         clips = {ACTOR: config.actor_grad_clip, CRITIC: config.critic_grad_clip}
-        out = {}
+        out, finite = {}, []
         for name, optimizer in self.get_optimizers_for_module(module_id):
             grads = self.filter_param_dict_for_optimizer(param_dict=module_gradients_dict, optimizer=optimizer)
+            grads = {pid: g for pid, g in grads.items() if g is not None}
+            if not grads:
+                continue
+            finite.append(torch.stack([g.isfinite().all() for g in grads.values()]).all())
             clip = clips.get(name, config.grad_clip)
             if clip:
                 norm = self._get_clip_function()(grads, grad_clip=clip, grad_clip_by="global_norm")
@@ -64,6 +70,8 @@ class NCDPOTorchLearner(PPOTorchLearner):
                 norm = self._get_global_norm_function()(list(grads.values()))
             self.metrics.log_value((module_id, f"grad_norm_{name}"), norm, reduce="mean")
             out.update(grads)
+        if finite and not bool(torch.stack(finite).all()):  # one host sync per module
+            self._skip_step.add(module_id)
         self._log_denoising_step_grad_norms(module_id)
         return out
 
@@ -90,26 +98,31 @@ class NCDPOTorchLearner(PPOTorchLearner):
         self._kl_stopped: set = set()
         self._skip_step: set = set()
 
+    def _module_param_refs(self, module_id) -> list:
+        return [
+            pid
+            for full_name in self._module_optimizers.get(module_id, [])
+            for pid in self._optimizer_parameters[self._named_optimizers[full_name]]
+        ]
+
     def apply_gradients(self, gradients_dict) -> None:
-        for pid, grad in gradients_dict.items():
-            self._params[pid].grad = grad
-        for module_id, optimizer_names in self._module_optimizers.items():
-            stopped = module_id in self._kl_stopped
-            for optimizer_name in optimizer_names:
-                optim = self.get_optimizer(module_id, optimizer_name)
-                params = [p for g in optim.param_groups for p in g["params"]]
-                finite = module_id not in self._skip_step and all(
-                    p.grad is None or torch.isfinite(p.grad).all() for p in params
+        """RLlib's apply_gradients, minus the modules that must not step this minibatch:
+        those past the target KL, and those with non-finite gradients (RLlib's default
+        would zero the NaNs and step anyway)."""
+        for module_id in self._skip_step:
+            self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
+        frozen = {pid for m in self._kl_stopped | self._skip_step for pid in self._module_param_refs(m)}
+        for pid in frozen:
+            self._params[pid].grad = None  # Adam skips parameters without a gradient
+        super().apply_gradients({pid: g for pid, g in gradients_dict.items() if pid not in frozen})
+        self._skip_step = set()  # per minibatch; the KL stop lasts for the whole update() call
+        for module_id in self._module_optimizers:
+            params = [self._params[pid] for pid in self._module_param_refs(module_id)]
+            if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+                raise NonFiniteParametersError(
+                    f"parameters of module {module_id!r} are NaN/inf; lower ppo.lr or the grad "
+                    "clips and resume from the last checkpoint"
                 )
-                if not finite:
-                    self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
-                elif not stopped:
-                    optim.step()
-                if not all(torch.isfinite(p).all() for p in params):
-                    raise NonFiniteParametersError(
-                        f"parameters of module {module_id!r} ({optimizer_name}) are NaN/inf; "
-                        "lower the learning rate or the grad clip and resume from the last checkpoint"
-                    )
 
     # --- the loss -----------------------------------------------------------------------
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
@@ -138,10 +151,12 @@ class NCDPOTorchLearner(PPOTorchLearner):
 
         with torch.no_grad():
             approx_kl = masked_mean((ratio - 1) - log_ratio)  # Schulman's k3 estimator
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Several learners: decide the early stop on the mean KL, identically on all.
+                torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
+                approx_kl /= torch.distributed.get_world_size()
             if config.target_kl and approx_kl > 1.5 * config.target_kl:
                 self._kl_stopped.add(module_id)
-            if not torch.isfinite(total):
-                self._skip_step.add(module_id)
             valid_ratio = ratio[mask]
             self.metrics.log_dict(
                 {

@@ -36,4 +36,9 @@ def check_gymnasium_env(env_id: str, kwargs: dict, *, needs_box_actions: bool) -
             f"env {env_id!r} has action space {act_space}; the diffusion policy needs a 1-D Box "
             "(continuous) action space - use algorithm: ppo for other spaces"
         )
+    if needs_box_actions and not isinstance(obs_space, gym.spaces.Box):
+        raise ConfigError(
+            f"env {env_id!r} has observation space {obs_space}; the diffusion policy's encoder takes "
+            "a Box observation (wrap the env with gymnasium.wrappers.FlattenObservation)"
+        )
     return obs_space, act_space

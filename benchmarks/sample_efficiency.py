@@ -1,0 +1,165 @@
+"""Sample efficiency from scratch: NCDPO at several K vs RLlib's MLP PPO, same PPO knobs and seeds.
+
+    python benchmarks/sample_efficiency.py --config configs/pendulum_ncdpo.yaml \
+        --steps 160000 --seeds 0 1 2 --variants ppo ncdpo:5 ncdpo:10 ncdpo:20
+
+Every run goes through the real training runner (``ncdpo train``'s code path) and is logged
+to MLflow (experiment ``bench-<env>``). Per-iteration curves are saved to
+``benchmarks/results/<env>.json`` as runs finish, so an interrupted benchmark resumes where it
+stopped (``--fresh`` discards them). Writes a table and a learning-curve PNG (vs env steps and
+vs wall-clock) into docs/benchmarks.md. Runs one training at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
+from ncdpo_rllib.experiment.config import load_config  # noqa: E402
+from ncdpo_rllib.experiment.train import train  # noqa: E402
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def variant_overrides(variant: str) -> list[str]:
+    if variant == "ppo":
+        return ["algorithm=ppo"]
+    if variant.startswith("ncdpo:"):
+        return ["algorithm=ncdpo", f"diffusion.denoising_steps={int(variant.split(':')[1])}"]
+    raise SystemExit(f"unknown variant {variant!r}: use ppo or ncdpo:K")
+
+
+def run_one(args, variant: str, seed: int) -> dict:
+    overrides = [
+        *variant_overrides(variant),
+        f"seed={seed}",
+        f"stop.env_steps={args.steps}",
+        "stop.iterations=null",
+        f"tracking.experiment=bench-{args.env_id}",
+        f"tracking.run_name={variant.replace(':', '-k')}-s{seed}",
+        "checkpoint.every=0",
+        "checkpoint.dir=runs/bench",
+        *args.set,
+    ]
+    exp = load_config(args.config, overrides)
+    curve = {"env_steps": [], "wall_s": [], "return": []}
+
+    def record(state, metrics):
+        curve["env_steps"].append(state.env_steps)
+        curve["wall_s"].append(state.wall_s)
+        curve["return"].append(metrics.get("return_mean", float("nan")))
+
+    summary = train(exp, on_iteration=record)
+    return {"variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def return_at(run: dict, steps: float, window: int = 3) -> float:
+    """Mean of the last ``window`` iterations' returns up to ``steps`` env steps."""
+    c = run["curve"]
+    idx = [i for i, s in enumerate(c["env_steps"]) if s <= steps * 1.0001]
+    vals = [c["return"][i] for i in idx[-window:]]
+    return float(np.nanmean(vals)) if vals else float("nan")
+
+
+def summarise(runs: list[dict], variants: list[str], steps: int) -> str:
+    header = ["variant", "seeds"] + [f"return @ {int(f * steps):,}" for f in FRACTIONS] + ["wall s (mean)", "final vs PPO"]
+    rows = []
+    finals = {}
+    for v in variants:
+        vr = [r for r in runs if r["variant"] == v]
+        if not vr:
+            continue
+        cells = []
+        for f in FRACTIONS:
+            vals = np.array([return_at(r, f * steps) for r in vr])
+            cells.append(f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}")
+        finals[v] = float(np.nanmean([return_at(r, steps) for r in vr]))
+        wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
+        rows.append([v, len(vr), *cells, f"{wall:.0f}", None])
+    ppo = finals.get("ppo")
+    for row in rows:
+        f = finals[row[0]]
+        # Returns can be negative (Pendulum): report the difference there, the ratio otherwise.
+        row[-1] = "-" if ppo is None else (f"{f / ppo:.2f}x" if ppo > 0 and f > 0 else f"{f - ppo:+.1f}")
+    return markdown_table(header, rows)
+
+
+def plot(runs: list[dict], variants: list[str], env_id: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v in variants:
+        vr = [r for r in runs if r["variant"] == v]
+        if not vr:
+            continue
+        n = min(len(r["curve"]["env_steps"]) for r in vr)
+        rets = np.array([r["curve"]["return"][:n] for r in vr], dtype=float)
+        for ax, key in zip(axes, ("env_steps", "wall_s")):
+            x = np.mean([r["curve"][key][:n] for r in vr], axis=0)
+            mean = np.nanmean(rets, axis=0)
+            line = ax.plot(x, mean, label=v)[0]
+            ax.fill_between(x, np.nanmin(rets, axis=0), np.nanmax(rets, axis=0), alpha=0.15, color=line.get_color())
+    axes[0].set_xlabel("env steps")
+    axes[1].set_xlabel("wall-clock seconds")
+    for ax in axes:
+        ax.set_ylabel("mean episode return (per iteration)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{env_id}: NCDPO vs MLP PPO from scratch (mean, band = min..max over seeds)")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / f"sample_efficiency_{env_id}.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="experiment YAML giving env and PPO knobs")
+    p.add_argument("--steps", type=int, default=160_000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["ppo", "ncdpo:5", "ncdpo:10", "ncdpo:20"])
+    p.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--fresh", action="store_true", help="discard saved results for this env")
+    args = p.parse_args()
+    args.env_id = load_config(args.config).env.id
+
+    results_file = ROOT / "benchmarks" / "results" / f"sample_efficiency_{args.env_id}.json"
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    saved = [] if args.fresh or not results_file.exists() else json.loads(results_file.read_text())
+    runs = [r for r in saved if r.get("steps") == args.steps and r.get("set") == args.set]
+    for seed in args.seeds:
+        for variant in args.variants:
+            if any(r["variant"] == variant and r["seed"] == seed for r in runs):
+                print(f"[bench] {variant} seed {seed}: saved result reused", flush=True)
+                continue
+            print(f"[bench] {variant} seed {seed}: training {args.steps:,} env steps", flush=True)
+            run = run_one(args, variant, seed) | {"steps": args.steps, "set": args.set}
+            runs.append(run)
+            results_file.write_text(json.dumps(runs))
+    runs = [r for r in runs if r["variant"] in args.variants and r["seed"] in args.seeds]
+    table = summarise(runs, args.variants, args.steps)
+    image = plot(runs, args.variants, args.env_id)
+    print(table)
+    body = (
+        f"Return = mean episode return of the iterations ending at that env-step count (mean of "
+        f"the last 3 iterations, then mean ± std over seeds {args.seeds}). Same PPO knobs for all "
+        f"variants (from `{args.config}`{' plus ' + ', '.join(args.set) if args.set else ''}). "
+        f"'final vs PPO' is a ratio for positive returns, a difference otherwise.\n\n{table}\n\n"
+        f"![learning curves]({image.relative_to(ROOT / 'docs')})\n"
+    )
+    write_section(f"sample_efficiency:{args.env_id}", f"Sample efficiency from scratch: {args.env_id}", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Generate docs/configuration.md from the config dataclasses (the single typed source).
+
+    python -m ncdpo_rllib.experiment.docgen > docs/configuration.md
+
+A test checks that the committed file matches, so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+from ncdpo_rllib.diffusion import config as diffusion_config
+
+from . import config as experiment_config
+
+SECTIONS = [
+    ("(top level)", experiment_config, "ExperimentConfig"),
+    ("env", experiment_config, "EnvConfig"),
+    ("stop", experiment_config, "StopConfig"),
+    ("diffusion", diffusion_config, "DiffusionConfig"),
+    ("ppo", experiment_config, "PPOSection"),
+    ("resources", experiment_config, "ResourcesConfig"),
+    ("tracking", experiment_config, "TrackingConfig"),
+    ("checkpoint", experiment_config, "CheckpointConfig"),
+]
+
+NESTED = {"env", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint"}
+
+METRICS = """\
+## Metrics
+
+Logged to MLflow once per iteration with `step` = env steps so far:
+
+| name | meaning |
+|---|---|
+| `return_mean`, `return_min`, `return_max` | episode return over the episodes that ended in this iteration |
+| `episode_len_mean` | their mean length |
+| `return_mean_smoothed` | RLlib's `episode_return_mean` (smoothed over the last 100 episodes) |
+| `episodes` | episodes that ended in this iteration |
+| `env_steps`, `iteration`, `wall_s` | totals so far (`wall_s`: training seconds, for wall-clock curves) |
+| `time_iter_s`, `env_steps_per_s` | this iteration's duration and throughput |
+| `learner/<module>/policy_loss`, `vf_loss`, `entropy` | loss terms (mean over minibatches) |
+| `learner/<module>/ratio_mean`, `ratio_max` | PPO ratio on unmasked rows (mean, max over the iteration) |
+| `learner/<module>/clip_fraction`, `approx_kl` | share of rows with \\|ratio-1\\| > clip; Schulman's k3 KL estimate |
+| `learner/<module>/kl_stop_fraction` | share of minibatches skipped by the target-KL early stop |
+| `learner/<module>/final_std` | final-step std (normalised action units) |
+| `learner/<module>/vf_explained_var` | explained variance of the critic |
+| `learner/<module>/grad_norm_actor`, `grad_norm_critic` | global gradient norms before clipping |
+| `learner/<module>/grad_norm_step_first`, `_mid`, `_last` | norm of d(loss)/d(output of the first, middle, last denoising step): does the gradient survive K steps? |
+| `learner/<module>/nonfinite_updates_skipped` | optimizer steps skipped for NaN/inf gradients |
+
+The MLP PPO baseline logs RLlib's PPO learner keys under `learner/<module>/` instead.
+"""
+
+
+def _fields(module, class_name: str) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, doc) for each annotated field, read from the source."""
+    tree = ast.parse(inspect.getsource(module))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    out = []
+    body = cls.body
+    for i, node in enumerate(body):
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        default = ""
+        if node.value is not None:
+            default = ast.unparse(node.value)
+            if default.startswith("field(default_factory="):
+                default = default.removeprefix("field(default_factory=").removesuffix(")")
+                default = default.removeprefix("lambda: ")
+                if default.endswith("Config") or default == "PPOSection":
+                    default = "(section)"
+        doc = ""
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            doc = " ".join(nxt.value.value.split())
+        out.append((node.target.id, ast.unparse(node.annotation), default, doc))
+    return out
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `ncdpo_rllib/experiment/config.py` and `ncdpo_rllib/diffusion/config.py` by",
+        "`python -m ncdpo_rllib.experiment.docgen > docs/configuration.md` (a test keeps it current).",
+        "",
+        "An experiment is one YAML file; every key is optional. `ncdpo train FILE --set a.b=value`",
+        "overrides any key. Unknown keys and wrong types are one-line errors.",
+        "",
+    ]
+    for section, module, class_name in SECTIONS:
+        lines += [f"## `{section}`" if section in NESTED else f"## {section}", ""]
+        doc = inspect.getdoc(getattr(module, class_name)) or ""
+        if doc and not doc.startswith(f"{class_name}("):  # skip dataclass's generated signature
+            lines += [doc.split("\n\n")[0].replace("\n", " "), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, tp, default, fdoc in _fields(module, class_name):
+            if section not in NESTED and name in NESTED:
+                fdoc = fdoc or f"see [`{name}`](#{name})"
+            lines.append(f"| `{name}` | `{tp}` | `{default}` | {fdoc} |")
+        lines.append("")
+    lines.append(METRICS)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
