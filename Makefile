@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --env HalfCheetah-v5
 	$(PY) benchmarks/sample_efficiency.py --config configs/pendulum_ncdpo.yaml --steps 160000
 	$(PY) benchmarks/sample_efficiency.py --config configs/halfcheetah_ncdpo.yaml --steps 200000
+	$(PY) benchmarks/grad_flow.py --env Pendulum-v1
+	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,15 +38,18 @@ def variant_overrides(variant: str) -> list[str]:
 
 
 def run_one(args, variant: str, seed: int) -> dict:
+    run_name = f"{variant.replace(':', '-k')}-s{seed}"
+    run_root = ROOT / "runs" / "bench" / args.env_id
+    shutil.rmtree(run_root / run_name, ignore_errors=True)  # a rerun replaces its own old output
     overrides = [
         *variant_overrides(variant),
         f"seed={seed}",
         f"stop.env_steps={args.steps}",
         "stop.iterations=null",
         f"tracking.experiment=bench-{args.env_id}",
-        f"tracking.run_name={variant.replace(':', '-k')}-s{seed}",
+        f"tracking.run_name={run_name}",
         "checkpoint.every=0",
-        "checkpoint.dir=runs/bench",
+        f"checkpoint.dir={run_root}",
         *args.set,
     ]
     exp = load_config(args.config, overrides)
@@ -104,8 +108,10 @@ def plot(runs: list[dict], variants: list[str], env_id: str) -> Path:
             continue
         n = min(len(r["curve"]["env_steps"]) for r in vr)
         rets = np.array([r["curve"]["return"][:n] for r in vr], dtype=float)
+        keep = ~np.isnan(rets).all(axis=0)  # iterations in which no episode ended (long episodes)
+        rets = rets[:, keep]
         for ax, key in zip(axes, ("env_steps", "wall_s")):
-            x = np.mean([r["curve"][key][:n] for r in vr], axis=0)
+            x = np.mean([r["curve"][key][:n] for r in vr], axis=0)[keep]
             mean = np.nanmean(rets, axis=0)
             line = ax.plot(x, mean, label=v)[0]
             ax.fill_between(x, np.nanmin(rets, axis=0), np.nanmax(rets, axis=0), alpha=0.15, color=line.get_color())

@@ -15,7 +15,6 @@ What it changes in RLlib's ``PPOTorchLearner``:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -26,7 +25,6 @@ from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.torch_utils import explained_variance
 
-logger = logging.getLogger(__name__)
 
 ACTOR, CRITIC = "actor", "critic"
 
