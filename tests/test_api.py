@@ -44,9 +44,13 @@ def test_remote_runner_and_remote_learner_checkpoint_carries_filter_state(local_
     """1 remote EnvRunner + 1 remote Learner actor: training runs, and the checkpoint's
     env_runner state holds the observation filter statistics gathered on the remote runner
     (what `ncdpo evaluate` restores)."""
+    import pickle
+    from pathlib import Path
+
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     from ncdpo_rllib.experiment.build import build_algo_config
+    from ncdpo_rllib.experiment.evaluate import MODULE_DIR, load_env_runner
     from ncdpo_rllib.experiment.config import parse_config
     from ncdpo_rllib.experiment.train import train
 
@@ -61,10 +65,18 @@ def test_remote_runner_and_remote_learner_checkpoint_carries_filter_state(local_
     seen = []
     summary = train(exp, log=lambda m: None, on_iteration=lambda s, m: seen.append(m))
     assert summary["env_steps"] >= 800 and "learner/default_policy/ratio_mean" in seen[-1]
-    cfg = build_algo_config(exp).env_runners(num_env_runners=0)
-    runner = SingleAgentEnvRunner(config=cfg)  # as `ncdpo evaluate` does
-    fresh = runner.get_state()["env_to_module_connector"]["MeanStdFilter"][None]["running_stats"][0]
-    assert fresh["num_pushes"] == 0
-    runner.restore_from_path(f"{summary['checkpoint']}/env_runner")
+    fresh = SingleAgentEnvRunner(config=build_algo_config(exp).env_runners(num_env_runners=0))
+    assert fresh.get_state()["env_to_module_connector"]["MeanStdFilter"][None]["running_stats"][0]["num_pushes"] == 0
+    ckpt = Path(summary["checkpoint"])
+    runner = load_env_runner(ckpt, exp, seed=0)  # what `ncdpo evaluate` runs
     stats = runner.get_state()["env_to_module_connector"]["MeanStdFilter"][None]["running_stats"][0]
     assert stats["num_pushes"] >= 800
+    # ... and the trained weights, not a fresh initialisation.
+    with open(ckpt / MODULE_DIR / "module_state.pkl", "rb") as f:
+        trained = pickle.load(f)
+    restored = runner.module.get_state()
+    assert trained.keys() == restored.keys()
+    for key, value in trained.items():
+        assert np.allclose(np.asarray(value), np.asarray(restored[key])), key
+    init = fresh.module.get_state()
+    assert any(not np.allclose(np.asarray(trained[k]), np.asarray(init[k])) for k in trained if "denoiser" in k)

@@ -3,33 +3,53 @@ statistics) and run full episodes with the deterministic policy (``explore=False
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 from .build import build_algo_config
 from .checkpoints import load_checkpoint_meta
 from .errors import CheckpointError
 
 
-def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
+MODULE_DIR = Path("learner_group") / "learner" / "rl_module" / DEFAULT_MODULE_ID
+
+
+def load_env_runner(ckpt: Path, exp, *, seed: int):
+    """A local SingleAgentEnvRunner with the checkpoint's connector state (observation
+    filter) and the trained module weights.
+
+    RLlib's ``env_runner`` component holds the connector states, but not the module when
+    the run sampled with remote EnvRunners (the driver's runner then has none); the
+    trained weights are the learner's, under learner_group/learner/rl_module/.
+    """
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
+    cfg = build_algo_config(exp)
+    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    cfg.debugging(seed=seed)
+    runner = SingleAgentEnvRunner(config=cfg)
+    for part in (ckpt / "env_runner", ckpt / MODULE_DIR):
+        if not part.is_dir():
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: {part.relative_to(ckpt)}/ missing")
+    try:
+        runner.restore_from_path(str((ckpt / "env_runner").resolve()))
+        runner.module.restore_from_path(str((ckpt / MODULE_DIR).resolve()))
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be restored: {msg}") from None
+    return runner
+
+
+def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
     from .train import check_env
 
     if episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
     ckpt, exp, state = load_checkpoint_meta(checkpoint)
     check_env(exp)
-    cfg = build_algo_config(exp)
-    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
-    cfg.debugging(seed=seed)
-    runner = SingleAgentEnvRunner(config=cfg)
-    runner_state = ckpt / "env_runner"
-    if not runner_state.is_dir():
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: env_runner/ missing")
-    try:
-        runner.restore_from_path(str(runner_state.resolve()))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be restored: {type(e).__name__}: {e}".splitlines()[0]) from None
+    runner = load_env_runner(ckpt, exp, seed=seed)
     done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
     returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
     runner.stop()
