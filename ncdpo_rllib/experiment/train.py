@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -38,7 +39,11 @@ def check_env(exp: ExperimentConfig) -> None:
 def init_ray() -> None:
     """Connect to $RAY_ADDRESS if set (e.g. under `ray job submit`), else start local Ray."""
     import ray
+    import ray.rllib  # noqa: F401  (configures the ray.rllib logger, which we then quiet)
 
+    # Our progress line is the output; RLlib's start-up banners ("running on the new API
+    # stack", deprecation notes) are noise for `ncdpo train`. Errors still show.
+    logging.getLogger("ray.rllib").setLevel(logging.ERROR)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
