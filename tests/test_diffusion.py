@@ -187,6 +187,15 @@ def test_gradient_checkpointing_gives_same_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
+def test_chain_is_returned_when_asked():
+    policy = make_policy(denoising_steps=4)
+    cond, noise = torch.randn(3, C), policy.sample_noise(3)
+    chain = policy.chain(cond, noise)
+    assert len(chain.states) == 5 and len(chain.x0_preds) == 4  # x_K, then one state per step
+    assert torch.equal(chain.states[-1], chain.mean) and torch.equal(chain.mean, policy(cond, noise)[0])
+    assert torch.equal(chain.x0_preds[-1], chain.mean)  # the last step's mean is its x0 prediction
+
+
 def test_grad_probe_records_every_step():
     policy = make_policy(denoising_steps=5)
     probe = {}

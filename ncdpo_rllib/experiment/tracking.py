@@ -83,11 +83,6 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
-
     def log_artifacts(self, path: Path, artifact_path: str) -> None:
         if self.enabled:
             self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
