@@ -122,6 +122,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def restore_failed(ckpt: Path, e: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint RLlib could not load (damaged or foreign files)."""
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return CheckpointError(f"checkpoint {str(ckpt)!r} could not be restored: {msg}")
+
+
 def load_checkpoint_meta(path: str | Path, overrides: Optional[list[str]] = None) -> tuple[Path, ExperimentConfig, RunState]:
     """Read and check a checkpoint's config and state (not the weights)."""
     ckpt = resolve_checkpoint(path)

@@ -9,7 +9,7 @@ import numpy as np
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from .build import build_algo_config
-from .checkpoints import load_checkpoint_meta
+from .checkpoints import load_checkpoint_meta, restore_failed
 from .errors import CheckpointError
 
 
@@ -36,9 +36,8 @@ def load_env_runner(ckpt: Path, exp, *, seed: int):
     try:
         runner.restore_from_path(str((ckpt / "env_runner").resolve()))
         runner.module.restore_from_path(str((ckpt / MODULE_DIR).resolve()))
-    except Exception as e:
-        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} could not be restored: {msg}") from None
+    except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
+        raise restore_failed(ckpt, e) from None
     return runner
 
 

@@ -6,7 +6,6 @@ logged with ``step = env steps``; ``wall_s`` is its own metric for wall-clock cu
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -14,8 +13,6 @@ from typing import Optional
 
 from .config import ExperimentConfig, flatten
 from .errors import UserError
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 

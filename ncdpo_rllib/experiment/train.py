@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .build import build_algo_config
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
+from .build import build_algo_config
 from .checkpoints import (
     CONFIG_FILE,
     FINAL,
@@ -22,11 +22,12 @@ from .checkpoints import (
     load_checkpoint_meta,
     periodic_checkpoints,
     prune_checkpoints,
+    restore_failed,
     save_checkpoint,
     supersede_later_checkpoints,
 )
 from .config import ExperimentConfig, flatten
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .tracking import Tracker
 
 
@@ -127,8 +128,7 @@ def _restore(algo, ckpt_path: Path) -> None:
     try:
         algo.restore_from_path(str(ckpt_path.resolve()))
     except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
-        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} could not be restored: {msg}") from None
+        raise restore_failed(ckpt_path, e) from None
 
 
 def _diverged(e: BaseException) -> Optional[BaseException]:

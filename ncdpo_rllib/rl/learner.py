@@ -25,7 +25,6 @@ from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.torch_utils import explained_variance
 
-
 ACTOR, CRITIC = "actor", "critic"
 
 
@@ -149,12 +148,13 @@ class NCDPOTorchLearner(PPOTorchLearner):
 
         with torch.no_grad():
             approx_kl = masked_mean((ratio - 1) - log_ratio)  # Schulman's k3 estimator
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # Several learners: decide the early stop on the mean KL, identically on all.
-                torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
-                approx_kl /= torch.distributed.get_world_size()
-            if config.target_kl and approx_kl > 1.5 * config.target_kl:
-                self._kl_stopped.add(module_id)
+            if config.target_kl:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # Several learners: decide the early stop on the mean KL, identically on all.
+                    torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
+                    approx_kl /= torch.distributed.get_world_size()
+                if approx_kl > 1.5 * config.target_kl:
+                    self._kl_stopped.add(module_id)
             valid_ratio = ratio[mask]
             self.metrics.log_dict(
                 {
