@@ -68,6 +68,44 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.config import load_config
+    from ncdpo_rllib.experiment.pretrain import pretrain
+
+    summary = pretrain(load_config(args.config, args.set))
+    print(
+        f"done: val loss {summary['val_loss_first']:.4f} -> {summary['val_loss_last']:.4f}"
+        + (f", pre-trained return {summary['eval']['return_mean']:.2f}" if summary["eval"] else "")
+        + f"\n  checkpoint: {summary['checkpoint']}  (fine-tune with: --set init_from={summary['checkpoint']})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.collect import collect
+    from ncdpo_rllib.experiment.config import load_config
+
+    summary = collect(load_config(args.config, args.set))
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.data import describe, import_dataset, load_dataset
+
+    if args.action == "import":
+        path = import_dataset(args.src, args.dest, env_id=args.env_id, overwrite=args.overwrite)
+        print(describe(load_dataset(path)), file=sys.stderr, flush=True)
+    else:
+        print(describe(load_dataset(args.path)), flush=True)
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -96,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     e.set_defaults(func=_cmd_evaluate)
+
+    pt = sub.add_parser("pretrain", help="behaviour-clone the diffusion policy on a dataset (pretrain: section)")
+    pt.add_argument("config", help="experiment YAML with pretrain.dataset set")
+    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pt.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    pt.set_defaults(func=_cmd_pretrain)
+
+    c = sub.add_parser("collect", help="train an MLP-PPO expert and record expert/medium/... datasets")
+    c.add_argument("config", help="experiment YAML (algorithm: ppo, collect: section)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    c.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    c.set_defaults(func=_cmd_collect)
+
+    d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
+    dsub = d.add_subparsers(dest="action", required=True)
+    di = dsub.add_parser("info", help="summary of a dataset directory")
+    di.add_argument("path")
+    dm = dsub.add_parser("import", help="import a D4RL-layout .hdf5/.npz file as a dataset directory")
+    dm.add_argument("src", help="file with observations, actions, rewards, terminals, timeouts")
+    dm.add_argument("dest", help="dataset directory to write")
+    dm.add_argument("--env-id", required=True, help="the Gymnasium env id the data comes from")
+    dm.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=_cmd_dataset)
     return parser
 
 

@@ -35,7 +35,7 @@ def test_shipped_configs_parse(path):
         ({"seed": "zero"}, "seed: expected integer, got 'zero'"),
         ({"seed": True}, "seed: expected integer"),
         ({"ppo": {"lr": "fast"}}, "ppo.lr: expected number"),
-        ({"algorithm": "sac"}, "algorithm: 'sac' is not allowed; choose one of 'ncdpo' | 'ppo'"),
+        ({"algorithm": "sac"}, "algorithm: 'sac' is not allowed; choose one of 'ncdpo' | 'dppo' | 'ppo'"),
         ({"diffusion": {"prediction": "v"}}, "choose one of 'x0' | 'epsilon'"),
         ({"diffusion": {"hidden": [64, "x"]}}, "diffusion.hidden[1]: expected integer"),
         ({"env": "Pendulum-v1"}, "env: expected a mapping"),

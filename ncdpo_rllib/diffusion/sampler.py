@@ -140,3 +140,56 @@ class NoiseConditionedSampler(nn.Module):
                 chain.x0_preds.append(x0)
         chain.mean = x
         return chain
+
+    # --- every step at once, from a stored chain (DPPO's per-step likelihoods) ---------
+    def _abar_at(self, k: torch.Tensor) -> torch.Tensor:
+        """abar_k for a tensor of steps, with abar_0 = 1 (a clean action)."""
+        return torch.where(k > 0, self.abar[(k - 1).clamp(min=0)], torch.ones_like(self.abar[0]))
+
+    def _sigma_at(self, k: torch.Tensor, k_prev: torch.Tensor) -> torch.Tensor:
+        """``_step``'s std (before the floor) for tensors of steps k -> k_prev (k_prev > 0)."""
+        if self.cfg.sampler == "ddpm":
+            return torch.sqrt(self.post_var[k - 1])
+        abar_t, abar_p = self.abar[k - 1], self._abar_at(k_prev)
+        return self.cfg.ddim_eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
+
+    def _step_pairs(self, first: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, k_prev) of sampler steps first..S-1; the last k_prev is 0."""
+        k = torch.tensor(self.timesteps[first:], device=device, dtype=torch.long)
+        k_prev = torch.tensor([*self.timesteps[first + 1 :], 0], device=device, dtype=torch.long)
+        return k, k_prev
+
+    def transition_stds(self) -> torch.Tensor:
+        """(S-1,) floored std of each intermediate step, exactly as ``_step`` draws it.
+
+        It depends on the schedule only, so a step's log-prob needs no denoiser call for
+        it. The last step has none here: its Gaussian is the policy's final one.
+        """
+        k, k_prev = self._step_pairs(0, self.abar.device)
+        return self._sigma_at(k[:-1], k_prev[:-1]).clamp(min=self.cfg.sigma_min)
+
+    def step_means(self, cond: torch.Tensor, states: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Mean of sampler steps first..S-1 given stored chain states, (B, S - first, D).
+
+        states: (B, S+1, D), x_K first, then the state after each step. Each step's mean
+        depends on theta only through its own denoiser call on a *stored* input, so the
+        S - first calls run as one batch of B * (S - first), with grad. Same math as
+        ``_step`` (DDPM / DDIM, prediction mode, x0 clip); the last step's mean is its
+        x0_hat, i.e. m_theta.
+        """
+        B, n = states.shape[0], self.num_steps - first
+        x = states[:, first : self.num_steps].reshape(B * n, -1)
+        k, k_prev = (t.repeat(B) for t in self._step_pairs(first, x.device))
+        pred = self.denoiser(x, k, cond.repeat_interleave(n, dim=0))
+        abar = self.abar[k - 1][:, None]
+        x0 = pred if self.cfg.prediction == "x0" else (x - torch.sqrt(1 - abar) * pred) / torch.sqrt(abar)
+        c = self.cfg.x0_clip
+        if c is not None:
+            x0 = x0.clamp(-c, c) if self.cfg.x0_clip_mode == "hard" else c * torch.tanh(x0 / c)
+        if self.cfg.sampler == "ddpm":
+            mean = self.c_x0[k - 1][:, None] * x0 + self.c_xk[k - 1][:, None] * x
+        else:
+            eps = (x - torch.sqrt(abar) * x0) / torch.sqrt(1 - abar)
+            sigma, abar_p = self._sigma_at(k, k_prev)[:, None], self._abar_at(k_prev)[:, None]
+            mean = torch.sqrt(abar_p) * x0 + torch.sqrt((1 - abar_p - sigma**2).clamp(min=0)) * eps
+        return torch.where((k_prev == 0)[:, None], x0, mean).view(B, n, -1)

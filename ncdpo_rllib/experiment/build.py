@@ -1,34 +1,59 @@
-"""Map the typed ExperimentConfig onto an RLlib AlgorithmConfig (NCDPO or the MLP+PPO baseline)."""
+"""Map the typed ExperimentConfig onto an RLlib AlgorithmConfig (NCDPO, DPPO or MLP+PPO)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
-from ncdpo_rllib.rl import NCDPOConfig, mean_std_filter_connector
-from ncdpo_rllib.rl.callbacks import EpisodeReturnCallback
+from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
+from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
 
 from .config import ExperimentConfig
 
 
-def build_algo_config(exp: ExperimentConfig) -> AlgorithmConfig:
+def env_config(exp: ExperimentConfig, record_dir: Optional[str] = None) -> dict:
+    """What ``ncdpo_rllib.tasks.envs.make_env`` builds the env from."""
+    e = exp.env
+    out = {"id": e.id, "kwargs": dict(e.kwargs), "action_chunk": e.action_chunk, "obs_history": e.obs_history}
+    if record_dir:
+        out["record_dir"] = str(record_dir)
+    return out
+
+
+def build_algo_config(
+    exp: ExperimentConfig, *, record_dir: Optional[str] = None, pretrained: Optional[bool] = None
+) -> AlgorithmConfig:
+    """``pretrained``: the module brings its own observation normaliser, so RLlib's
+    MeanStdFilter is left out (default: whether ``exp.init_from`` is set)."""
+    from ncdpo_rllib.tasks.envs import register
+
     p, r = exp.ppo, exp.resources
-    if exp.algorithm == "ncdpo":
-        cfg = NCDPOConfig().diffusion(exp.diffusion, critic_hidden=p.critic_hidden)
+    pretrained = exp.init_from is not None if pretrained is None else pretrained
+    use_filter = exp.env.normalize_observations and not pretrained
+    if exp.algorithm in ("ncdpo", "dppo"):
+        if exp.algorithm == "ncdpo":
+            cfg = NCDPOConfig()
+        else:
+            cfg = DPPOConfig().training(gamma_denoise=p.gamma_denoise)
+        cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden)
         cfg.training(
             critic_lr=p.critic_lr,
             actor_grad_clip=p.actor_grad_clip,
             critic_grad_clip=p.critic_grad_clip,
             target_kl=p.target_kl,
+            critic_warmup_iters=p.critic_warmup_iters,
+            kl_to_reference=p.kl_to_reference,
         )
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
-    cfg.environment(env=exp.env.id, env_config=dict(exp.env.kwargs))
+    cfg.environment(env=register(), env_config=env_config(exp, record_dir))
     cfg.env_runners(
         num_env_runners=r.env_runners,
         num_envs_per_env_runner=r.envs_per_runner,
         num_cpus_per_env_runner=r.cpus_per_runner,
-        env_to_module_connector=mean_std_filter_connector if exp.env.normalize_observations else None,
+        env_to_module_connector=mean_std_filter_connector if use_filter else None,
     )
     cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)
     cfg.training(
@@ -43,6 +68,14 @@ def build_algo_config(exp: ExperimentConfig) -> AlgorithmConfig:
         minibatch_size=p.minibatch_size,
         train_batch_size_per_learner=p.train_batch_size,
     )
-    cfg.callbacks(EpisodeReturnCallback)
+    if exp.eval.every:
+        cfg.evaluation(
+            evaluation_interval=exp.eval.every,
+            evaluation_duration=exp.eval.episodes,
+            evaluation_duration_unit="episodes",
+            evaluation_num_env_runners=0,
+            evaluation_config={"explore": False},
+        )
+    cfg.callbacks(ChunkedEnvStepsCallback if exp.env.action_chunk > 1 else EpisodeReturnCallback)
     cfg.debugging(seed=exp.seed, log_level="ERROR")
     return cfg

@@ -33,7 +33,16 @@ class EnvConfig:
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for ``gymnasium.make``."""
     normalize_observations: bool = True
-    """RLlib's MeanStdFilter connector; its statistics are saved in checkpoints."""
+    """RLlib's MeanStdFilter connector; its statistics are saved in checkpoints. Ignored with
+    ``init_from``: a pre-trained module normalises with its dataset's statistics."""
+    action_chunk: int = 1
+    """Ta: actions per policy step, executed in order with rewards summed (DPPO's act steps)."""
+    obs_history: int = 1
+    """To: the policy sees the last To observations, concatenated."""
+
+    def __post_init__(self):
+        if self.action_chunk < 1 or self.obs_history < 1:
+            raise ValueError("env: action_chunk and obs_history must be >= 1")
 
 
 @dataclass
@@ -89,7 +98,15 @@ class PPOSection:
     target_kl: Optional[float] = None
     """Stop an iteration's epochs once a minibatch's approx KL exceeds 1.5 x this (ncdpo)."""
     critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
-    """Critic MLP layer sizes (ncdpo; the ppo baseline keeps RLlib's default module)."""
+    """Critic MLP layer sizes (ncdpo, dppo; the ppo baseline keeps RLlib's default module)."""
+    critic_warmup_iters: int = 0
+    """Iterations at the start that train only the critic (the actor stays as initialised,
+    e.g. pre-trained) (ncdpo, dppo)."""
+    kl_to_reference: float = 0.0
+    """Weight of KL(pi_theta || pi_ref) between the noise-conditioned Gaussians of the policy
+    and the initial (e.g. pre-trained) one, same stored noise and current std (ncdpo)."""
+    gamma_denoise: float = 0.99
+    """DPPO: advantage discount per denoising step, gamma_denoise^(S-1-i) (dppo)."""
 
     def __post_init__(self):
         if self.minibatch_size > self.train_batch_size:
@@ -97,6 +114,10 @@ class PPOSection:
         for name in ("lr", "gamma", "num_epochs", "minibatch_size", "train_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ppo.{name} must be > 0")
+        if self.critic_warmup_iters < 0 or self.kl_to_reference < 0:
+            raise ValueError("ppo.critic_warmup_iters and ppo.kl_to_reference must be >= 0")
+        if not 0 < self.gamma_denoise <= 1:
+            raise ValueError("ppo.gamma_denoise must be in (0, 1]")
 
 
 @dataclass
@@ -152,11 +173,90 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (RLlib's evaluation workers, ``explore=False``)."""
+
+    every: int = 0
+    """Evaluate every N iterations (0 = never; ``ncdpo evaluate`` works on any checkpoint)."""
+    episodes: int = 10
+    """Episodes per evaluation."""
+
+    def __post_init__(self):
+        if self.every < 0 or self.episodes < 1:
+            raise ValueError("eval: every must be >= 0 and episodes >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    """``ncdpo pretrain``: DDPM behaviour cloning of the diffusion module on a dataset."""
+
+    dataset: Optional[str] = None
+    """Path of a dataset directory (``ncdpo collect`` / ``ncdpo dataset import`` write them)."""
+    gradient_steps: int = 20_000
+    """Optimizer steps."""
+    batch_size: int = 256
+    """(observation window, action chunk) pairs per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine decay to 0 over gradient_steps after 1% warm-up)."""
+    weight_decay: float = 1e-6
+    """AdamW weight decay."""
+    ema_decay: float = 0.995
+    """EMA of the denoiser weights; the EMA weights are what gets saved and evaluated."""
+    val_fraction: float = 0.05
+    """Fraction of episodes held out for the validation loss (at least one episode)."""
+    log_every: int = 500
+    """Gradient steps between validation-loss evaluations / log lines."""
+    eval_episodes: int = 10
+    """Env episodes to evaluate the final pre-trained policy (0 = skip)."""
+
+    def __post_init__(self):
+        if min(self.gradient_steps, self.batch_size, self.log_every) < 1 or self.lr <= 0:
+            raise ValueError("pretrain: gradient_steps, batch_size, log_every and lr must be > 0")
+        if not 0 < self.val_fraction < 1 or not 0 <= self.ema_decay < 1 or self.eval_episodes < 0:
+            raise ValueError("pretrain: val_fraction in (0, 1), ema_decay in [0, 1), eval_episodes >= 0")
+
+
+@dataclass
+class CollectConfig:
+    """``ncdpo collect``: train an MLP-PPO expert (this file's ppo/stop/resources), record datasets."""
+
+    out: str = "data"
+    """Datasets are written to <out>/<env id>/<level>/."""
+    expert_checkpoint: Optional[str] = None
+    """An existing algorithm: ppo run or checkpoint to take as the expert instead of training
+    one (medium-replay then needs the run's recorded rollouts and is skipped if absent)."""
+    checkpoint_every: int = 5
+    """Expert training: checkpoint every N iterations (the medium policy is one of them)."""
+    levels: list[str] = field(default_factory=lambda: ["expert", "medium", "medium-replay", "medium-expert"])
+    """Datasets to write: expert, medium, medium-replay, medium-expert (D4RL's levels)."""
+    medium_fraction: float = 0.333
+    """The medium policy is the checkpoint whose evaluation return is closest to this
+    fraction of the expert's."""
+    steps_per_level: int = 100_000
+    """Env steps recorded per level (whole episodes; D4RL used 1M)."""
+    eval_episodes: int = 5
+    """Episodes to rate each checkpoint (deterministic policy)."""
+    stochastic: bool = True
+    """Record with the stochastic policy (explore=True), as D4RL did, for action coverage."""
+
+    def __post_init__(self):
+        allowed = {"expert", "medium", "medium-replay", "medium-expert"}
+        bad = [lv for lv in self.levels if lv not in allowed]
+        if bad or not self.levels:
+            raise ValueError(f"collect.levels: {bad or 'empty'}; choose from {sorted(allowed)}")
+        if not 0 < self.medium_fraction < 1:
+            raise ValueError("collect.medium_fraction must be in (0, 1)")
+        if min(self.checkpoint_every, self.steps_per_level, self.eval_episodes) < 1:
+            raise ValueError("collect: checkpoint_every, steps_per_level and eval_episodes must be >= 1")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: a YAML file maps onto this, section by section."""
 
-    algorithm: Literal["ncdpo", "ppo"] = "ncdpo"
-    """ncdpo = the diffusion policy; ppo = RLlib's PPO with its default MLP module."""
+    algorithm: Literal["ncdpo", "dppo", "ppo"] = "ncdpo"
+    """ncdpo = the diffusion policy, PPO through the whole chain; dppo = the same module with
+    DPPO's per-denoising-step likelihoods; ppo = RLlib's PPO with its default MLP module."""
     env: EnvConfig = field(default_factory=EnvConfig)
     seed: int = 0
     """Seeds envs, torch and the rollout noise (RLlib's ``debugging(seed=...)``)."""
@@ -166,6 +266,18 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init_from: Optional[str] = None
+    """A pre-trained checkpoint (``ncdpo pretrain`` output) to start the diffusion policy from
+    (ncdpo, dppo). Its env, chunking and diffusion architecture must match this file's."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+
+    def __post_init__(self):
+        if self.init_from is not None and self.algorithm == "ppo":
+            raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
+        if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
+            raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

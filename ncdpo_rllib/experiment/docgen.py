@@ -23,9 +23,12 @@ SECTIONS = [
     ("resources", experiment_config, "ResourcesConfig"),
     ("tracking", experiment_config, "TrackingConfig"),
     ("checkpoint", experiment_config, "CheckpointConfig"),
+    ("eval", experiment_config, "EvalConfig"),
+    ("pretrain", experiment_config, "PretrainConfig"),
+    ("collect", experiment_config, "CollectConfig"),
 ]
 
-NESTED = {"env", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint"}
+NESTED = {"env", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
 
 METRICS = """\
 ## Metrics
@@ -49,6 +52,16 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `learner/<module>/grad_norm_actor`, `grad_norm_critic` | global gradient norms before clipping |
 | `learner/<module>/grad_norm_step_first`, `_mid`, `_last` | norm of d(loss)/d(output of the first, middle, last denoising step): does the gradient survive K steps? |
 | `learner/<module>/nonfinite_updates_skipped` | optimizer steps skipped for NaN/inf gradients |
+| `learner/<module>/actor_frozen` | 1 while the critic warm-up keeps the actor fixed |
+| `learner/<module>/kl_to_reference` | KL to the reference (pre-trained) policy, when `ppo.kl_to_reference` > 0 |
+| `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), when `eval.every` > 0 |
+
+With `env.action_chunk` > 1, `env_steps` counts the base env's steps (a chunk cut by the
+episode's end counts the steps it executed), not policy steps.
+
+`ncdpo pretrain` logs `pretrain/train_loss`, `pretrain/val_loss` (EMA weights, fixed noise),
+`pretrain/lr` and `wall_s` with `step` = gradient steps, and `pretrain/eval_return_mean`,
+`pretrain/eval_return_std` at the end.
 
 The MLP PPO baseline logs RLlib's PPO learner keys under `learner/<module>/` instead.
 """

@@ -15,3 +15,7 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """Parameters became NaN/inf: the message names the last good checkpoint."""
+
+
+class DatasetError(UserError):
+    """A missing, malformed or corrupt demonstration dataset: the message names the file, problem and fix."""

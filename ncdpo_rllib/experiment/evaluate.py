@@ -16,7 +16,7 @@ from .errors import CheckpointError
 MODULE_DIR = Path("learner_group") / "learner" / "rl_module" / DEFAULT_MODULE_ID
 
 
-def load_env_runner(ckpt: Path, exp, *, seed: int):
+def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: int = 1):
     """A local SingleAgentEnvRunner with the checkpoint's connector state (observation
     filter) and the trained module weights.
 
@@ -26,8 +26,8 @@ def load_env_runner(ckpt: Path, exp, *, seed: int):
     """
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    cfg = build_algo_config(exp)
-    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    cfg = build_algo_config(exp, record_dir=record_dir)
+    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs)
     cfg.debugging(seed=seed)
     runner = SingleAgentEnvRunner(config=cfg)
     for part in (ckpt / "env_runner", ckpt / MODULE_DIR):
@@ -41,17 +41,18 @@ def load_env_runner(ckpt: Path, exp, *, seed: int):
     return runner
 
 
-def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
+def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> dict:
+    from .pretrain import evaluate_module
+    from .pretrained import load_module_state, load_pretrained_meta
     from .train import check_env
 
-    if episodes < 1:
-        raise CheckpointError("--episodes must be >= 1")
-    ckpt, exp, state = load_checkpoint_meta(checkpoint)
+    ckpt, exp, _ = load_pretrained_meta(checkpoint)
     check_env(exp)
-    runner = load_env_runner(ckpt, exp, seed=seed)
-    done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-    returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
-    runner.stop()
+    returns = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
+    return _summary(exp, ckpt, returns, trained_env_steps=0)
+
+
+def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
     return {
         "env": exp.env.id,
         "algorithm": exp.algorithm,
@@ -61,5 +62,23 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
         "return_std": float(returns.std()),
         "return_min": float(returns.min()),
         "return_max": float(returns.max()),
-        "trained_env_steps": state.env_steps,
+        "trained_env_steps": trained_env_steps,
     }
+
+
+def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
+    """A training checkpoint (or run dir), or a pre-trained one (``ncdpo pretrain`` output)."""
+    from .pretrained import is_pretrained
+    from .train import check_env
+
+    if episodes < 1:
+        raise CheckpointError("--episodes must be >= 1")
+    if is_pretrained(checkpoint):
+        return evaluate_pretrained(checkpoint, episodes=episodes, seed=seed)
+    ckpt, exp, state = load_checkpoint_meta(checkpoint)
+    check_env(exp)
+    runner = load_env_runner(ckpt, exp, seed=seed)
+    done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
+    returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
+    runner.stop()
+    return _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)

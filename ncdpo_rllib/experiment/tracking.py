@@ -25,8 +25,17 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
 class Tracker:
     """One MLflow run. ``enabled=False`` makes every call a no-op."""
 
-    def __init__(self, exp: ExperimentConfig, *, run_id: Optional[str] = None, uri: Optional[str] = None):
-        """``run_id``/``uri``: continue that run (resume); the config's uri wins if set."""
+    def __init__(
+        self,
+        exp: ExperimentConfig,
+        *,
+        run_id: Optional[str] = None,
+        uri: Optional[str] = None,
+        tags: Optional[dict[str, str]] = None,
+    ):
+        """``run_id``/``uri``: continue that run (resume); the config's uri wins if set.
+        ``tags``: added to the standard ones (e.g. stage: pretrain)."""
+        self.extra_tags = dict(tags or {})
         self.enabled = exp.tracking.enabled
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
@@ -60,7 +69,9 @@ class Tracker:
             "algorithm": exp.algorithm,
             "env": exp.env.id,
             "seed": str(exp.seed),
-            "denoising_steps": str(exp.diffusion.denoising_steps if exp.algorithm == "ncdpo" else "n/a"),
+            "denoising_steps": str(exp.diffusion.denoising_steps if exp.algorithm != "ppo" else "n/a"),
+            "stage": "finetune" if exp.init_from else "train",
+            **self.extra_tags,
         }
         run = self.client.create_run(exp_id, run_name=exp.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
 from .build import build_algo_config
@@ -34,7 +35,7 @@ from .tracking import Tracker
 def check_env(exp: ExperimentConfig) -> None:
     from ncdpo_rllib.tasks.envs import check_gymnasium_env
 
-    check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm == "ncdpo")
+    check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm != "ppo")
 
 
 def init_ray() -> None:
@@ -65,7 +66,9 @@ def iteration_metrics(result: dict) -> dict[str, float]:
     from ncdpo_rllib.rl.callbacks import ITER_EPISODE_LEN, ITER_RETURN_MAX, ITER_RETURN_MEAN, ITER_RETURN_MIN
 
     runners = result.get(ENV_RUNNER_RESULTS, {})
+    evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {})
     out = {
+        "eval_return_mean": _num(evaluation.get(ITER_RETURN_MEAN)),
         "return_mean": _num(runners.get(ITER_RETURN_MEAN)),
         "return_min": _num(runners.get(ITER_RETURN_MIN)),
         "return_max": _num(runners.get(ITER_RETURN_MAX)),
@@ -103,7 +106,10 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
     )
 
 
-MODEL_KEYS = ("algorithm", "env.id", "env.normalize_observations", "diffusion", "ppo.critic_hidden")
+MODEL_KEYS = (
+    "algorithm", "env.id", "env.normalize_observations", "env.action_chunk", "env.obs_history",
+    "diffusion", "ppo.critic_hidden", "init_from",
+)
 
 
 def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) -> None:
@@ -117,11 +123,26 @@ def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) 
         )
 
 
-def _build_algo(exp: ExperimentConfig):
+def _build_algo(exp: ExperimentConfig, record_dir: Optional[Path] = None):
     try:
-        return build_algo_config(exp).build_algo()
+        return build_algo_config(exp, record_dir=record_dir).build_algo()
     except ValueError as e:  # RLlib's own config validation
         raise ConfigError(f"RLlib rejected the configuration: {str(e).strip().splitlines()[0]}") from None
+
+
+def _start_from_pretrained(algo, state: dict) -> None:
+    """Load pre-trained weights into every learner's module, then push them to the runners."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    def load(learner):
+        learner.module[DEFAULT_MODULE_ID].unwrapped().load_pretrained(state)
+
+    try:
+        algo.learner_group.foreach_learner(load)
+    except Exception as e:  # a shape mismatch surfaces here (possibly wrapped by Ray)
+        msg = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
+        raise ConfigError(f"init_from: the pre-trained weights do not fit this model: {msg}") from None
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
 
 
 def _restore(algo, ckpt_path: Path) -> None:
@@ -145,17 +166,27 @@ def train(
     resume: Optional[str] = None,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
     on_iteration: Optional[Callable[[RunState, dict], None]] = None,
+    record_rollouts: bool = False,
 ) -> dict:
     """Run (or resume) one experiment; return the summary dict printed by ``--json``.
 
     Everything the user can get wrong is checked before anything is written.
     ``on_iteration(state, metrics)`` is called after each iteration (benchmarks, tests).
+    ``record_rollouts``: every training episode is written raw to <run dir>/rollouts/
+    (``ncdpo collect``'s medium-replay data).
     """
     ckpt_path, state = None, RunState()
     if resume is not None:
         ckpt_path, ckpt_exp, state = load_checkpoint_meta(resume)
         _check_resume_compatible(ckpt_exp, exp)
     check_env(exp)
+    pretrained_state = None
+    if exp.init_from is not None and ckpt_path is None:
+        from .pretrained import check_compatible, load_module_state, load_pretrained_meta
+
+        pre_dir, pre_exp, _ = load_pretrained_meta(exp.init_from)
+        check_compatible(pre_exp, exp, str(pre_dir))
+        pretrained_state = load_module_state(pre_dir)
     if state.run_dir:
         run_dir = Path(state.run_dir)
     else:
@@ -167,12 +198,15 @@ def train(
             )
 
     init_ray()
-    algo = _build_algo(exp)
+    algo = _build_algo(exp, run_dir / "rollouts" if record_rollouts else None)
     tracker, status, final = None, "FAILED", None
     try:
         if ckpt_path is not None:
             _restore(algo, ckpt_path)
             log(f"resumed from {ckpt_path} at iteration {state.iteration}, {state.env_steps:,} env steps")
+        elif pretrained_state is not None:
+            _start_from_pretrained(algo, pretrained_state)
+            log(f"starting from the pre-trained policy {exp.init_from}")
         tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri)
         state.mlflow_run_id, state.mlflow_uri, state.run_dir = tracker.run_id, tracker.uri, str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +233,9 @@ def train(
                     f"last good checkpoint: {last[-1] if last else 'none (set checkpoint.every)'}"
                 ) from None
             iter_s = time.perf_counter() - t0
-            sampled = int(result["env_runners"].get("num_env_steps_sampled", 0))
+            runners = result["env_runners"]
+            # Base-env steps (with action chunks RLlib counts policy steps).
+            sampled = int(runners.get(BASE_ENV_STEPS, runners.get("num_env_steps_sampled", 0)))
             state.iteration += 1
             state.env_steps += sampled
             state.wall_s += iter_s

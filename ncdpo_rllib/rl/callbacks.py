@@ -42,3 +42,16 @@ class EpisodeReturnCallback(RLlibCallback):
         metrics_logger.log_value(ITER_RETURN_MIN, ret, reduce="min")
         metrics_logger.log_value(ITER_RETURN_MAX, ret, reduce="max")
         metrics_logger.log_value(ITER_EPISODE_LEN, float(length), reduce="mean")
+
+
+BASE_ENV_STEPS = "base_env_steps"
+
+
+class ChunkedEnvStepsCallback(EpisodeReturnCallback):
+    """With action chunking RLlib counts policy steps; this counts the env steps the chunks
+    actually executed (a chunk cut by the episode's end executes fewer than Ta)."""
+
+    def on_episode_step(self, *, episode, metrics_logger=None, **kwargs) -> None:
+        if metrics_logger is not None:
+            info = episode.get_infos(-1) or {}
+            metrics_logger.log_value(BASE_ENV_STEPS, int(info.get("chunk_steps", 1)), reduce="sum")

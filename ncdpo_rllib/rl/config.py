@@ -48,6 +48,8 @@ class NCDPOConfig(PPOConfig):
         self.actor_grad_clip: Optional[float] = 0.5
         self.critic_grad_clip: Optional[float] = 0.5
         self.target_kl: Optional[float] = None
+        self.critic_warmup_iters: int = 0
+        self.kl_to_reference: float = 0.0
         self.diffusion_config: DiffusionConfig = DiffusionConfig()
         self.critic_hidden: list[int] = list(DEFAULT_CRITIC_HIDDEN)
         # Sampling: 1 runner x 8 vector envs, observations normalised (MeanStdFilter).
@@ -62,15 +64,20 @@ class NCDPOConfig(PPOConfig):
         actor_grad_clip: Optional[float] = NotProvided,
         critic_grad_clip: Optional[float] = NotProvided,
         target_kl: Optional[float] = NotProvided,
+        critic_warmup_iters: int = NotProvided,
+        kl_to_reference: float = NotProvided,
         **kwargs,
     ) -> "NCDPOConfig":
-        """PPOConfig.training(...) plus NCDPO's critic_lr, per-optimizer clips, target_kl."""
+        """PPOConfig.training(...) plus NCDPO's critic_lr, per-optimizer clips, target_kl,
+        critic warm-up iterations (actor frozen) and the KL-to-reference weight."""
         super().training(**kwargs)
         for name, value in (
             ("critic_lr", critic_lr),
             ("actor_grad_clip", actor_grad_clip),
             ("critic_grad_clip", critic_grad_clip),
             ("target_kl", target_kl),
+            ("critic_warmup_iters", critic_warmup_iters),
+            ("kl_to_reference", kl_to_reference),
         ):
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -87,7 +94,11 @@ class NCDPOConfig(PPOConfig):
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(
             module_class=DiffusionPolicyModule,
-            model_config={**self.diffusion_config.to_dict(), "critic_hidden": self.critic_hidden},
+            model_config={
+                **self.diffusion_config.to_dict(),
+                "critic_hidden": self.critic_hidden,
+                "reference_policy": self.kl_to_reference > 0,
+            },
         )
 
     def get_default_learner_class(self):
@@ -97,6 +108,8 @@ class NCDPOConfig(PPOConfig):
         super().validate()
         if self.target_kl is not None and self.target_kl <= 0:
             self._value_error("`target_kl` must be > 0 or None")
+        if self.critic_warmup_iters < 0 or self.kl_to_reference < 0:
+            self._value_error("`critic_warmup_iters` and `kl_to_reference` must be >= 0")
         if self.use_kl_loss:
             self._value_error("NCDPO has no KL penalty term: set use_kl_loss=False (use target_kl to bound updates)")
         if self.torch_compile_learner:

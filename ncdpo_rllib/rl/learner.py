@@ -8,6 +8,10 @@ What it changes in RLlib's ``PPOTorchLearner``:
   global-norm clip (one shared clip lets a large critic gradient starve the actor);
 - target-KL early stop: once a minibatch's approx KL exceeds 1.5 * target_kl, no further
   optimizer steps for that module in this ``update()`` call;
+- critic warm-up: for the first ``critic_warmup_iters`` iterations only the critic steps
+  (a pre-trained actor is not moved by advantages from an untrained critic);
+- an optional KL-to-reference term (``kl_to_reference``): the KL between the current and
+  the reference (initial / pre-trained) policy's final Gaussians, same stored noise;
 - a NaN/inf guard: a minibatch step with non-finite gradients is skipped and counted
   (RLlib's default zeroes the NaNs and steps); non-finite parameters raise
   ``NonFiniteParametersError``.
@@ -23,7 +27,10 @@ from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.evaluation.postprocessing import Postprocessing
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.torch_utils import explained_variance
+
+from .module import NOISE
 
 ACTOR, CRITIC = "actor", "critic"
 
@@ -94,11 +101,17 @@ class NCDPOTorchLearner(PPOTorchLearner):
         super().before_gradient_based_update(timesteps=timesteps)
         self._kl_stopped: set = set()
         self._skip_step: set = set()
+        # Counted in env steps (restored with the algorithm), so warm-up survives --resume.
+        per_iter = self.config.train_batch_size_per_learner * max(self.config.num_learners, 1)
+        lifetime = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0) or 0)
+        warmup = self.config.critic_warmup_iters
+        self._actor_frozen = warmup > 0 and round(lifetime / per_iter) <= warmup
 
-    def _module_param_refs(self, module_id) -> list:
+    def _module_param_refs(self, module_id, only: str = "") -> list:
         return [
             pid
             for full_name in self._module_optimizers.get(module_id, [])
+            if full_name.endswith(only)
             for pid in self._optimizer_parameters[self._named_optimizers[full_name]]
         ]
 
@@ -109,6 +122,8 @@ class NCDPOTorchLearner(PPOTorchLearner):
         for module_id in self._skip_step:
             self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
         frozen = {pid for m in self._kl_stopped | self._skip_step for pid in self._module_param_refs(m)}
+        if getattr(self, "_actor_frozen", False):
+            frozen |= {pid for m in self._module_optimizers for pid in self._module_param_refs(m, only=ACTOR)}
         for pid in frozen:
             self._params[pid].grad = None  # Adam skips parameters without a gradient
         super().apply_gradients({pid: g for pid, g in gradients_dict.items() if pid not in frozen})
@@ -145,16 +160,13 @@ class NCDPOTorchLearner(PPOTorchLearner):
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
 
         total = masked_mean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy)
+        kl_ref = self._kl_to_reference(module, batch, fwd_out) if config.kl_to_reference else None
+        if kl_ref is not None:
+            total = total + config.kl_to_reference * masked_mean(kl_ref)
 
         with torch.no_grad():
             approx_kl = masked_mean((ratio - 1) - log_ratio)  # Schulman's k3 estimator
-            if config.target_kl:
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    # Several learners: decide the early stop on the mean KL, identically on all.
-                    torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
-                    approx_kl /= torch.distributed.get_world_size()
-                if approx_kl > 1.5 * config.target_kl:
-                    self._kl_stopped.add(module_id)
+            self._maybe_stop_on_kl(module_id, config, approx_kl)
             valid_ratio = ratio[mask]
             self.metrics.log_dict(
                 {
@@ -174,4 +186,26 @@ class NCDPOTorchLearner(PPOTorchLearner):
                 reduce="mean",
             )
             self.metrics.log_value((module_id, "ratio_max"), valid_ratio.max(), reduce="max")
+            self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
+            if kl_ref is not None:
+                self.metrics.log_value((module_id, "kl_to_reference"), masked_mean(kl_ref), reduce="mean")
         return total
+
+    def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
+        """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
+        if not config.target_kl:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
+            approx_kl /= torch.distributed.get_world_size()
+        if approx_kl > 1.5 * config.target_kl:
+            self._kl_stopped.add(module_id)
+
+    @staticmethod
+    def _kl_to_reference(module, batch, fwd_out) -> torch.Tensor:
+        """KL(N(m, s^2) || N(m_ref, s^2)) per row, s the current std (detached): the
+        reference runs the chain from the same stored noise, without grad."""
+        mean, log_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)
+        with torch.no_grad():
+            ref_mean, _ = module.reference(module._cond(batch), batch[NOISE])
+        return ((mean - ref_mean) ** 2 / (2 * torch.exp(2 * log_std.detach()))).sum(-1)

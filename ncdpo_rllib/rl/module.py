@@ -12,10 +12,17 @@ Forward passes (see ``docs/architecture.md``):
   chain's noise drawn (``inference_noise: sample``, default) or zero (``zero``).
 
 The critic V(s) is a separate MLP, not conditioned on the noise.
+
+State beyond the networks: ``obs_shift``/``obs_scale``, the observation normaliser of a
+pre-trained policy (identity unless ``ncdpo pretrain`` set it from its dataset), applied
+before the actor and the critic; and, when ``model_config["reference_policy"]`` is true, a
+frozen copy ``reference`` of the actor as it was initialised (or pre-trained) for the
+KL-to-reference regulariser.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import fields
 from typing import Any, Optional
 
@@ -67,7 +74,37 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim=obs_dim)
         critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULT_CRITIC_HIDDEN)
         self.critic = mlp(obs_dim, list(critic_hidden), 1, self.diffusion_config.activation)
+        self.register_buffer("obs_shift", torch.zeros(obs_dim))
+        self.register_buffer("obs_scale", torch.ones(obs_dim))
+        self.reference: Optional[DiffusionPolicy] = None
+        if (self.model_config or {}).get("reference_policy"):
+            self.reference = copy.deepcopy(self.actor).requires_grad_(False)
         self.grad_probe: dict[int, torch.Tensor] = {}
+
+    # --- state: pre-trained weights, the reference copy ---------------------------------
+    def set_obs_normalizer(self, shift, scale) -> None:
+        self.obs_shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
+        self.obs_scale.copy_(torch.as_tensor(scale, dtype=torch.float32).clamp(min=1e-6))
+
+    def set_state(self, state: dict) -> None:
+        """RLlib's set_state; a state without ``reference.*`` (a pre-trained or older
+        checkpoint) fills the reference with the actor's weights from that state."""
+        if self.reference is not None and not any(k.startswith("reference.") for k in state):
+            state = {**state, **{"reference." + k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")}}
+        super().set_state(state)
+
+    def load_pretrained(self, state: dict) -> None:
+        """Start from a pre-trained module's state: actor, observation normaliser and the
+        reference; the critic stays fresh and the final std keeps this config's init_std
+        (behaviour cloning never trains it)."""
+        own = self.state_dict()
+        keep = {"actor.log_std"} | {k for k in own if k.startswith("critic.")}
+        merged = {k: v for k, v in state.items() if k in own and k not in keep and not k.startswith("reference.")}
+        missing = [k for k in own if k not in merged and k not in keep and not k.startswith("reference.")]
+        if missing:
+            raise ValueError(f"the pre-trained state lacks {missing[:3]}")
+        new = {**own, **{k: torch.as_tensor(v) for k, v in merged.items()}}
+        self.set_state({k: v for k, v in new.items() if not k.startswith("reference.")})
 
     # --- distributions: the final step is a diagonal Gaussian -------------------------
     def get_inference_action_dist_cls(self):
@@ -81,7 +118,8 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
 
     # --- forwards ---------------------------------------------------------------------
     def _cond(self, batch: dict) -> torch.Tensor:
-        return batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1).float()
+        obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1).float()
+        return (obs - self.obs_shift) / self.obs_scale
 
     @staticmethod
     def _dist_inputs(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""The task side: check that an env exists and has spaces the chosen algorithm supports."""
+"""The task side: build the env a run trains on, and check it before anything starts.
+
+Every run samples from the env registered as ``ENV_NAME`` (``make_env``): the Gymnasium
+env, plus, when asked, a recorder of raw transitions (``ncdpo collect``) and the action
+chunk / observation history wrapper, in that order (the recorder sees per-step data).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,31 @@ import difflib
 import gymnasium as gym
 
 from ncdpo_rllib.experiment.errors import ConfigError
+
+ENV_NAME = "ncdpo_env"
+
+
+def make_env(env_config: dict) -> gym.Env:
+    """env_config: id, kwargs, action_chunk, obs_history, record_dir (optional)."""
+    env = gym.make(env_config["id"], **env_config.get("kwargs", {}))
+    if env_config.get("record_dir"):
+        from ncdpo_rllib.data import RecordingWrapper
+
+        env = RecordingWrapper(env, env_config["record_dir"])
+    chunk, history = env_config.get("action_chunk", 1), env_config.get("obs_history", 1)
+    if chunk > 1 or history > 1:
+        from .wrappers import ActionChunkObsHistory
+
+        env = ActionChunkObsHistory(env, chunk, history)
+    return env
+
+
+def register() -> str:
+    """Register ``make_env`` with Ray Tune's registry (RLlib looks string envs up there)."""
+    from ray.tune.registry import register_env
+
+    register_env(ENV_NAME, make_env)
+    return ENV_NAME
 
 
 def check_gymnasium_env(env_id: str, kwargs: dict, *, needs_box_actions: bool) -> tuple[gym.Space, gym.Space]:

@@ -1,0 +1,154 @@
+"""``ncdpo collect``: make demonstration datasets the way D4RL did, with RLlib's PPO.
+
+1. Train an MLP-PPO expert (this config's ppo / stop / resources), checkpointing every
+   ``collect.checkpoint_every`` iterations, with every training rollout recorded raw
+   (``RecordingWrapper`` below RLlib's connectors), or take an existing ppo run.
+2. Rate every checkpoint (deterministic episodes). expert = the best; medium = the
+   earlier checkpoint whose return is closest to ``medium_fraction`` x the expert's.
+3. Record ``steps_per_level`` env steps of each policy (stochastic by default) and write
+   the levels: expert, medium, medium-replay (the training rollouts up to the medium
+   checkpoint), medium-expert (medium + expert), as datasets under <out>/<env id>/<level>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .checkpoints import FINAL, STATE_FILE, load_checkpoint_meta, periodic_checkpoints, resolve_checkpoint
+from .config import ExperimentConfig
+from .errors import ConfigError
+
+ROLLOUTS = "rollouts"
+
+
+def _level_dirs(exp: ExperimentConfig) -> dict[str, Path]:
+    root = Path(exp.collect.out) / exp.env.id
+    return {level: root / level for level in exp.collect.levels}
+
+
+def _run_checkpoints(run_dir: Path) -> list[Path]:
+    final = run_dir / "checkpoints" / FINAL
+    return [*periodic_checkpoints(run_dir), *([final] if (final / STATE_FILE).is_file() else [])]
+
+
+def _rate(ckpts: list[Path], episodes: int, log) -> list[tuple[Path, float]]:
+    from .evaluate import evaluate
+
+    rated = []
+    for ckpt in ckpts:
+        ret = evaluate(str(ckpt), episodes=episodes)["return_mean"]
+        log(f"rated {ckpt.parent.parent.name}/{ckpt.name}: return {ret:.1f}")
+        rated.append((ckpt, ret))
+    return rated
+
+
+def pick_levels(rated: list[tuple[Path, float]], fraction: float) -> tuple[int, int]:
+    """(expert index, medium index): the best checkpoint, and the one before it whose return
+    is closest to fraction x expert's (the earliest checkpoint if the expert is the first)."""
+    returns = np.array([r for _, r in rated])
+    expert = int(returns.argmax())
+    if expert == 0:
+        return 0, 0
+    medium = int(np.abs(returns[:expert] - fraction * returns[expert]).argmin())
+    return expert, medium
+
+
+def record_policy(ckpt: Path, steps: int, stochastic: bool, seed: int, log, label: str):
+    """Whole episodes of a checkpoint's policy, at least ``steps`` env steps in all."""
+    from ncdpo_rllib.data import read_shards
+
+    from .evaluate import load_env_runner
+
+    ckpt, exp, _ = load_checkpoint_meta(ckpt)
+    with tempfile.TemporaryDirectory(prefix="ncdpo-record-") as tmp:
+        runner = load_env_runner(ckpt, exp, seed=seed, record_dir=tmp, num_envs=8)
+        try:
+            episodes = []
+            while sum(len(ep) for ep in episodes) < steps:
+                runner.sample(num_timesteps=min(steps, 8000), explore=stochastic, random_actions=False)
+                episodes = read_shards(tmp)
+                log(f"  {label}: {sum(len(ep) for ep in episodes):,}/{steps:,} env steps, {len(episodes)} episodes")
+        finally:
+            runner.stop()
+    kept, total = [], 0
+    for ep in episodes:  # whole episodes, as few as reach the budget
+        if total >= steps:
+            break
+        kept.append(ep)
+        total += len(ep)
+    return kept
+
+
+def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    from ncdpo_rllib.data import read_shards, write_dataset
+
+    from .train import check_env, train
+
+    c = exp.collect
+    if exp.algorithm != "ppo":
+        raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
+    if exp.env.action_chunk != 1 or exp.env.obs_history != 1:
+        raise ConfigError("collect records per-step data: set env.action_chunk and env.obs_history to 1 "
+                          "(chunks are made at pre-training)")
+    check_env(exp)
+    levels = _level_dirs(exp)
+    taken = [str(p) for p in levels.values() if p.exists()]
+    if taken:
+        raise ConfigError(f"dataset directory {taken[0]} already exists: remove it or set collect.out")
+
+    if c.expert_checkpoint is not None:
+        ckpt = resolve_checkpoint(c.expert_checkpoint)
+        _, ckpt_exp, state = load_checkpoint_meta(ckpt)
+        if ckpt_exp.algorithm != "ppo" or ckpt_exp.env.id != exp.env.id:
+            raise ConfigError(f"collect.expert_checkpoint {ckpt} is a {ckpt_exp.algorithm} run on "
+                              f"{ckpt_exp.env.id}; it must be algorithm: ppo on {exp.env.id}")
+        run_dir = Path(state.run_dir or ckpt.parent.parent)
+        ckpts = _run_checkpoints(run_dir) or [ckpt]
+    else:
+        ck = dataclasses.replace(exp.checkpoint, every=c.checkpoint_every, keep=10**6)
+        summary = train(dataclasses.replace(exp, checkpoint=ck), log=log, record_rollouts=True)
+        run_dir = Path(summary["run_dir"])
+        ckpts = _run_checkpoints(run_dir)
+
+    rated = _rate(ckpts, c.eval_episodes, log)
+    i_exp, i_med = pick_levels(rated, c.medium_fraction)
+    expert_ckpt, expert_ret = rated[i_exp]
+    medium_ckpt, medium_ret = rated[i_med]
+    log(f"expert: {expert_ckpt} (return {expert_ret:.1f}); medium: {medium_ckpt} (return {medium_ret:.1f})")
+
+    meta = {"expert_checkpoint": str(expert_ckpt), "expert_return": expert_ret,
+            "medium_checkpoint": str(medium_ckpt), "medium_return": medium_ret,
+            "stochastic": c.stochastic, "source": "ncdpo collect (RLlib PPO)"}
+    episodes: dict[str, list] = {}
+    if {"expert", "medium-expert"} & set(levels):
+        episodes["expert"] = record_policy(expert_ckpt, c.steps_per_level, c.stochastic, exp.seed, log, "expert")
+    if {"medium", "medium-expert"} & set(levels):
+        episodes["medium"] = record_policy(medium_ckpt, c.steps_per_level, c.stochastic, exp.seed + 1, log, "medium")
+    if "medium-replay" in levels:
+        rollouts = run_dir / ROLLOUTS
+        if rollouts.is_dir():
+            until = (medium_ckpt / STATE_FILE).stat().st_mtime
+            episodes["medium-replay"] = read_shards(rollouts, until_time=until)
+        else:
+            log(f"medium-replay skipped: {rollouts} has no recorded training rollouts")
+    if "medium-expert" in levels:
+        episodes["medium-expert"] = episodes["medium"] + episodes["expert"]
+
+    written = {}
+    for level, path in levels.items():
+        if level not in episodes:
+            continue
+        eps = episodes[level]
+        write_dataset(path, eps, exp.env.id, {**meta, "level": level})
+        rets = np.array([ep.ret for ep in eps])
+        written[level] = {"path": str(path.resolve()), "episodes": len(eps), "steps": int(sum(len(e) for e in eps)),
+                          "return_mean": float(rets.mean()), "return_std": float(rets.std())}
+        log(f"wrote {level}: {path} ({len(eps)} episodes, {written[level]['steps']:,} steps, "
+            f"return {rets.mean():.1f} +- {rets.std():.1f})")
+    return {"run_dir": str(run_dir), "expert_return": expert_ret, "medium_return": medium_ret, "datasets": written}

@@ -1,0 +1,251 @@
+"""``ncdpo pretrain``: DDPM behaviour cloning of the diffusion RLModule on a dataset.
+
+The module is the very one fine-tuning uses (same class, same model_config), so the
+checkpoint loads into ``ncdpo train`` with ``init_from``. Conventions:
+
+- pairs (last To observations, next Ta actions) from ``ncdpo_rllib.data.make_windows``,
+  the same ones the env wrapper uses when the policy acts;
+- actions in the policy's units: the env's action bounds mapped to [-1, 1] (what RLlib's
+  ``normalize_actions`` undoes when the policy acts);
+- observations normalised by the training split's mean/std, stored in the module's
+  ``obs_shift``/``obs_scale`` buffers (so the checkpoint carries its normaliser);
+- the loss of ``DiffusionPolicy.bc_loss`` (target: epsilon or x0, per ``diffusion.prediction``),
+  AdamW with warm-up + cosine decay, EMA weights (what is validated, saved and evaluated).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .errors import ConfigError
+from .pretrained import CONFIG, META, MODULE, PRETRAINED
+from .tracking import Tracker
+
+
+def module_spec(exp: ExperimentConfig):
+    """The RLModuleSpec fine-tuning builds, with this experiment's (chunked) spaces."""
+    from ncdpo_rllib.tasks.envs import make_env
+
+    from .build import build_algo_config, env_config
+
+    env = make_env(env_config(exp))
+    spec = build_algo_config(exp).get_default_rl_module_spec()
+    spec.observation_space, spec.action_space = env.observation_space, env.action_space
+    env.close()
+    return spec
+
+
+def _split(dataset, val_fraction: float, seed: int):
+    from ncdpo_rllib.data import Dataset
+
+    n = len(dataset.episodes)
+    if n < 2:
+        raise ConfigError(f"dataset {dataset.path}: {n} episode(s); pre-training needs at least 2 (one held out)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(val_fraction * n)), n - 1)
+    pick = lambda idx: Dataset(env_id=dataset.env_id, episodes=[dataset.episodes[i] for i in idx],
+                               metadata=dataset.metadata, path=dataset.path)
+    return pick(order[n_val:]), pick(order[:n_val])
+
+
+def _check_dataset(dataset, exp: ExperimentConfig):
+    import gymnasium as gym
+
+    base = gym.make(exp.env.id, **exp.env.kwargs)
+    obs_dim, act_space = int(np.prod(base.observation_space.shape)), base.action_space
+    base.close()
+    if dataset.env_id and dataset.env_id != exp.env.id:
+        raise ConfigError(
+            f"dataset {dataset.path} was recorded on {dataset.env_id}, the config's env.id is {exp.env.id}; "
+            "use a dataset of this env"
+        )
+    if dataset.obs_dim != obs_dim or dataset.action_dim != int(np.prod(act_space.shape)):
+        raise ConfigError(
+            f"dataset {dataset.path}: observation/action dims {dataset.obs_dim}/{dataset.action_dim} "
+            f"do not match {exp.env.id}'s {obs_dim}/{int(np.prod(act_space.shape))}"
+        )
+    return act_space
+
+
+def _to_unit(actions: np.ndarray, act_space, chunk: int) -> np.ndarray:
+    low = np.tile(act_space.low.ravel(), chunk).astype(np.float32)
+    high = np.tile(act_space.high.ravel(), chunk).astype(np.float32)
+    return np.clip(2 * (actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+
+
+def _lr_lambda(total: int):
+    warm = max(1, total // 100)
+    return lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@torch.no_grad()
+def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, batch: int = 1024) -> float:
+    """Mean BC loss over the whole split, with fixed noise (comparable across calls)."""
+    gen = torch.Generator().manual_seed(0)
+    total, n = 0.0, 0
+    for i in range(0, len(cond), batch):
+        c, a = cond[i : i + batch], act[i : i + batch]
+        total += float(actor.bc_loss(c, a, generator=gen)) * len(c)
+        n += len(c)
+    return total / n
+
+
+def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, seed: int = 12345) -> np.ndarray:
+    """Returns of ``episodes`` deterministic episodes of a module (state dict) on exp's env."""
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from .build import build_algo_config
+
+    cfg = build_algo_config(exp, pretrained=True)
+    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    cfg.debugging(seed=seed)
+    runner = SingleAgentEnvRunner(config=cfg)
+    runner.module.set_state(module_state)
+    try:
+        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
+    finally:
+        runner.stop()
+    return np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
+
+
+def _run_dir(exp: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = exp.tracking.run_name or f"pretrain-{exp.env.id}-s{exp.seed}-{stamp}"
+    run_dir = (Path(exp.checkpoint.dir) / name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists: choose another tracking.run_name")
+    return run_dir
+
+
+def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    from ncdpo_rllib.data import load_dataset, make_windows
+
+    from .train import check_env
+
+    p, env = exp.pretrain, exp.env
+    if exp.algorithm == "ppo":
+        raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo)")
+    if p.dataset is None:
+        raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
+    check_env(exp)
+    dataset = load_dataset(p.dataset)
+    act_space = _check_dataset(dataset, exp)
+    run_dir = _run_dir(exp)
+
+    torch.manual_seed(exp.seed)
+    train_ds, val_ds = _split(dataset, p.val_fraction, exp.seed)
+    cond_tr, act_tr = make_windows(train_ds, env.obs_history, env.action_chunk)
+    cond_va, act_va = make_windows(val_ds, env.obs_history, env.action_chunk)
+    act_tr, act_va = (_to_unit(a, act_space, env.action_chunk) for a in (act_tr, act_va))
+    obs = np.concatenate([ep.observations[:-1] for ep in train_ds.episodes])
+    shift, scale = obs.mean(0), obs.std(0) + 1e-3
+
+    module = module_spec(exp).build()
+    module.set_obs_normalizer(np.tile(shift, env.obs_history), np.tile(scale, env.obs_history))
+    norm = lambda c: module._cond({"obs": torch.as_tensor(c)})
+    cond_tr, cond_va = norm(cond_tr), norm(cond_va)
+    act_tr, act_va = torch.as_tensor(act_tr), torch.as_tensor(act_va)
+
+    actor = module.actor
+    params = [prm for name, prm in actor.named_parameters() if name != "log_std"]
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.gradient_steps))
+    ema = copy.deepcopy(actor).requires_grad_(False)
+    gen = torch.Generator().manual_seed(exp.seed)
+
+    tracker = Tracker(exp, tags={"stage": "pretrain", "dataset": str(p.dataset)})
+    status = "FAILED"
+    try:
+        log(
+            f"pretrain {exp.env.id} on {dataset.path} ({len(train_ds.episodes)} train / {len(val_ds.episodes)} "
+            f"val episodes, {len(cond_tr):,} pairs, Ta={env.action_chunk}, To={env.obs_history}) | run dir {run_dir}"
+            + (f" | MLflow run {tracker.run_id}" if tracker.enabled else "")
+        )
+        first_val = _val_loss(ema, cond_va, act_va)
+        history = [{"step": 0, "val_loss": first_val}]
+        tracker.log_metrics({"pretrain/val_loss": first_val}, step=0)
+        t0, running = time.perf_counter(), []
+        for step in range(1, p.gradient_steps + 1):
+            idx = torch.randint(0, len(cond_tr), (p.batch_size,), generator=gen)
+            loss = actor.bc_loss(cond_tr[idx], act_tr[idx], generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            _ema_update(ema, actor, min(p.ema_decay, (1 + step) / (10 + step)))
+            running.append(loss.item())
+            if step % p.log_every == 0 or step == p.gradient_steps:
+                val = _val_loss(ema, cond_va, act_va)
+                train_loss = float(np.mean(running))
+                running = []
+                elapsed = time.perf_counter() - t0
+                history.append({"step": step, "train_loss": train_loss, "val_loss": val})
+                tracker.log_metrics(
+                    {"pretrain/train_loss": train_loss, "pretrain/val_loss": val,
+                     "pretrain/lr": sched.get_last_lr()[0], "wall_s": elapsed},
+                    step=step,
+                )
+                eta = elapsed / step * (p.gradient_steps - step)
+                log(f"step {step:7,d}/{p.gradient_steps:,} | train loss {train_loss:.4f} | val loss {val:.4f} "
+                    f"| {step / elapsed:6.0f} steps/s | eta {eta:5.0f} s")
+
+        actor.load_state_dict(ema.state_dict())  # the EMA weights are the pre-trained policy
+        state = module.get_state()
+        meta = {
+            "dataset": str(Path(p.dataset).resolve()),
+            "dataset_metadata": dataset.metadata,
+            "env": exp.env.id,
+            "pairs": {"train": len(cond_tr), "val": len(cond_va)},
+            "val_loss_first": first_val,
+            "val_loss_last": history[-1]["val_loss"],
+            "history": history,
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        if p.eval_episodes:
+            returns = evaluate_module(exp, state, p.eval_episodes)
+            meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
+                            "return_std": float(returns.std())}
+            tracker.log_metrics({"pretrain/eval_return_mean": float(returns.mean()),
+                                 "pretrain/eval_return_std": float(returns.std())}, step=p.gradient_steps)
+            log(f"pre-trained policy: return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+        meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
+        ckpt = _save(run_dir, module, exp, meta)
+        tracker.log_artifacts(ckpt, "pretrained")
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    return {"checkpoint": str(ckpt), "run_dir": str(run_dir), "val_loss_first": first_val,
+            "val_loss_last": meta["val_loss_last"], "eval": meta.get("eval"),
+            "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
+
+
+def _save(run_dir: Path, module, exp: ExperimentConfig, meta: dict) -> Path:
+    final = run_dir / PRETRAINED
+    tmp = run_dir / f".tmp-{PRETRAINED}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    module.save_to_path(str((tmp / MODULE).resolve()))
+    (tmp / CONFIG).write_text(exp.to_yaml())
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, final)
+    return final

@@ -1,0 +1,276 @@
+"""DPPO baseline: per-step likelihoods against closed forms, and its RLlib links.
+
+Real torch; real ``SingleAgentEnvRunner`` and ``DPPOTorchLearner`` built in-process on
+Pendulum-v1 (as ``test_rllib_links.py`` does); tiny networks.
+"""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+from ncdpo_rllib.diffusion import DiffusionConfig, NoiseConditionedSampler
+from ncdpo_rllib.diffusion.denoiser import DenoiserMLP
+from ncdpo_rllib.rl.dppo import DPPO_CHAIN, DPPO_STEP_LOGP, DPPO, DPPOConfig, DPPOModule, DPPOTorchLearner
+
+MODULE = "default_policy"
+OBS_DIM, ACT_DIM = 3, 2
+
+
+def make_module(**diffusion) -> DPPOModule:
+    """A standalone DPPOModule with a non-trivial denoiser output (every step matters)."""
+    torch.manual_seed(0)
+    spec = DPPOConfig().diffusion(hidden=[32, 32], critic_hidden=[16], **diffusion).get_default_rl_module_spec()
+    spec.observation_space = gym.spaces.Box(-1, 1, (OBS_DIM,))
+    spec.action_space = gym.spaces.Box(-1, 1, (ACT_DIM,))
+    module = spec.build()
+    nn.init.normal_(module.actor.sampler.denoiser.out.weight, std=0.3)
+    return module
+
+
+def hand_step_log_probs(module: DPPOModule, obs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
+    """(B, S) log-probs written out: mu_k from the denoiser and DDPM/DDIM coefficients
+    computed here in float64 from the linear betas, sigma floored, Gaussian by hand."""
+    cfg, net = module.diffusion_config, module.actor.sampler.denoiser
+    betas = torch.linspace(cfg.beta_min, cfg.beta_max, cfg.denoising_steps, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    ab = lambda k: abar[k - 1] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+    steps = module.actor.sampler.timesteps
+    B, S = chain.shape[0], len(steps)
+    out = []
+    for i, k in enumerate(steps):
+        k_prev = steps[i + 1] if i + 1 < S else 0
+        x = chain[:, i].double()
+        pred = net(chain[:, i], torch.full((B,), k), module._cond({Columns.OBS: obs})).double()
+        x0 = pred if cfg.prediction == "x0" else (x - torch.sqrt(1 - ab(k)) * pred) / torch.sqrt(ab(k))
+        if cfg.x0_clip is not None:  # the soft clip (the default mode)
+            x0 = cfg.x0_clip * torch.tanh(x0 / cfg.x0_clip)
+        eps = (x - torch.sqrt(ab(k)) * x0) / torch.sqrt(1 - ab(k))
+        if k_prev == 0:  # the final Gaussian: the policy's std, floored
+            mu, sigma = x0, module.actor.log_std.double().exp().clamp(min=cfg.sigma_min)
+        elif cfg.sampler == "ddpm":
+            c_x0 = betas[k - 1] * torch.sqrt(ab(k - 1)) / (1 - ab(k))
+            c_xk = (1 - ab(k - 1)) * torch.sqrt(1 - betas[k - 1]) / (1 - ab(k))
+            mu = c_x0 * x0 + c_xk * x
+            sigma = max(math.sqrt(betas[k - 1] * (1 - ab(k - 1)) / (1 - ab(k))), cfg.sigma_min)
+        else:
+            s = cfg.ddim_eta * math.sqrt((1 - ab(k_prev)) / (1 - ab(k)) * (1 - ab(k) / ab(k_prev)))
+            mu = torch.sqrt(ab(k_prev)) * x0 + math.sqrt(max(1 - ab(k_prev) - s**2, 0)) * eps
+            sigma = max(s, cfg.sigma_min)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        z = (chain[:, i + 1].double() - mu) / sigma
+        out.append((-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1))
+    return torch.stack(out, dim=1)
+
+
+CHAIN_CASES = [
+    dict(denoising_steps=4),
+    dict(denoising_steps=4, prediction="epsilon", x0_clip=1.0, init_std=0.05),  # final std floored
+    dict(denoising_steps=6, sampler="ddim", ddim_steps=3, ddim_eta=0.5),
+    dict(denoising_steps=3, sampler="ddim", prediction="epsilon", ddim_eta=1.0),
+]
+
+
+@pytest.mark.parametrize("diffusion", CHAIN_CASES)
+def test_step_means_and_stds_match_the_sequential_sampler(diffusion):
+    """The batched method reproduces ``_step`` on the chain the sampler itself produced."""
+    cfg = DiffusionConfig(**diffusion)
+    torch.manual_seed(1)
+    net = DenoiserMLP(ACT_DIM, OBS_DIM, [16])
+    nn.init.normal_(net.out.weight, std=0.3)
+    sampler = NoiseConditionedSampler(cfg, net)
+    S = sampler.num_steps
+    cond, noise = torch.randn(5, OBS_DIM), torch.randn(5, S + 1, ACT_DIM)
+    chain = sampler(cond, noise, keep_chain=True)
+    states = torch.stack(chain.states, dim=1)
+    k_prev = [*sampler.timesteps[1:], 0]
+    ref = [sampler._step(states[:, i], k, k_prev[i], cond) for i, k in enumerate(sampler.timesteps)]
+    assert torch.allclose(sampler.step_means(cond, states), torch.stack([m for _, m, _ in ref], 1), atol=1e-6)
+    assert torch.allclose(sampler.step_means(cond, states, first=S - 1)[:, 0], chain.mean, atol=1e-6)
+    assert torch.allclose(sampler.transition_stds(), torch.stack([s for _, _, s in ref[:-1]]).reshape(S - 1))
+
+
+@pytest.mark.parametrize("diffusion", CHAIN_CASES)
+def test_train_step_log_probs_equal_the_closed_form(diffusion):
+    module = make_module(**diffusion)
+    obs = torch.randn(6, OBS_DIM)
+    explore = module.forward_exploration({Columns.OBS: obs})
+    chain, old = explore[DPPO_CHAIN], explore[DPPO_STEP_LOGP]
+    S = module.num_sampler_steps
+    assert chain.shape == (6, S + 1, ACT_DIM) and old.shape == (6, S)
+    new = module.forward_train({Columns.OBS: obs, DPPO_CHAIN: chain})[DPPO_STEP_LOGP]
+    assert new.requires_grad
+    with torch.no_grad():
+        hand = hand_step_log_probs(module, obs, chain).float()
+    assert torch.allclose(new, hand, atol=1e-4)
+    assert torch.allclose(old, hand, atol=1e-4)  # what exploration stored: the same transitions
+    assert torch.allclose(explore[Columns.ACTION_LOGP], old.sum(-1))
+    assert torch.equal(explore[Columns.ACTIONS], chain[:, -1])
+
+
+def make_pair(module_class=DPPOModule, gamma_denoise=0.99, **diffusion):
+    cfg = (
+        DPPOConfig()
+        .environment("Pendulum-v1")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
+        .training(train_batch_size_per_learner=400, minibatch_size=100, num_epochs=1, gamma_denoise=gamma_denoise)
+        .diffusion(hidden=[32, 32], critic_hidden=[32], **diffusion)
+        .debugging(seed=0)
+    )
+    if module_class is not DPPOModule:
+        spec = cfg.get_default_rl_module_spec()
+        cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class, model_config=spec.model_config))
+    runner = SingleAgentEnvRunner(config=cfg)
+    learner = cfg.build_learner(env=runner.env)
+    runner.module.set_state(learner.module[MODULE].get_state())
+    return cfg, runner, learner
+
+
+class RecordingModule(DPPOModule):
+    """The real module; additionally keeps what its first train forward saw."""
+
+    first_train_call = None
+
+    def _forward_train(self, batch, **kwargs):
+        out = super()._forward_train(batch, **kwargs)
+        if RecordingModule.first_train_call is None:
+            RecordingModule.first_train_call = {
+                "chain": tuple(batch[DPPO_CHAIN].shape),
+                "step_logp": tuple(batch[DPPO_STEP_LOGP].shape),
+                "batch_size": batch[Columns.OBS].shape[0],
+                "ratio": torch.exp(out[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP]).detach(),
+                "mask": batch[Columns.LOSS_MASK].clone(),
+            }
+        return out
+
+
+@pytest.mark.parametrize(
+    "diffusion", [dict(denoising_steps=4), dict(denoising_steps=6, sampler="ddim", ddim_steps=3)]
+)
+def test_columns_reach_the_learner_and_the_first_ratio_is_one(diffusion):
+    RecordingModule.first_train_call = None
+    _, runner, learner = make_pair(RecordingModule, **diffusion)
+    episodes = runner.sample(num_timesteps=400, random_actions=False)
+    results = learner.update(episodes=episodes, num_epochs=1, minibatch_size=100, shuffle_batch_per_epoch=True)
+    seen, S = RecordingModule.first_train_call, learner.module[MODULE].num_sampler_steps
+    assert seen["chain"] == (seen["batch_size"], S + 1, 1)  # Pendulum: 1 action dim
+    assert seen["step_logp"] == (seen["batch_size"], S)
+    ratio = seen["ratio"][seen["mask"]]
+    assert ratio.numel() == seen["mask"].sum() * S and (ratio - 1).abs().max() < 1e-5
+    stats = {k: v.peek() for k, v in results[MODULE].items() if hasattr(v, "peek")}
+    for key in ("ratio_mean", "ratio_max", "clip_fraction", "approx_kl", "final_std", "vf_explained_var",
+                "policy_loss", "vf_loss", "entropy", "grad_norm_actor", "grad_norm_critic"):
+        assert key in stats and np.isfinite(stats[key]), key
+
+
+def synthetic_batch(module: DPPOModule, B: int = 32) -> dict:
+    torch.manual_seed(0)
+    obs = torch.randn(B, 3)
+    out = module.forward_exploration({Columns.OBS: obs})
+    return {
+        Columns.OBS: obs,
+        DPPO_CHAIN: out[DPPO_CHAIN],
+        DPPO_STEP_LOGP: out[DPPO_STEP_LOGP] + 0.3 * torch.randn_like(out[DPPO_STEP_LOGP]),  # ratios != 1
+        Columns.ACTIONS: out[Columns.ACTIONS],
+        Columns.ACTION_LOGP: out[Columns.ACTION_LOGP],
+        "advantages": torch.randn(B),
+        "value_targets": torch.randn(B),
+        Columns.LOSS_MASK: torch.arange(B) % 4 != 0,
+    }
+
+
+def test_only_the_last_finetune_steps_enter_the_loss():
+    S, K_ft = 5, 2
+    first = S - K_ft
+    _, _, learner = make_pair(denoising_steps=S, finetune_steps=K_ft)
+    module = learner.module[MODULE]
+    batch = synthetic_batch(module)
+    learner.before_gradient_based_update(timesteps={})
+    seen_k = []
+    denoiser = module.actor.sampler.denoiser
+    hook = denoiser.register_forward_pre_hook(lambda m, args: seen_k.append(set(args[1].tolist())))
+
+    def loss(b):
+        fwd = module.forward_train(b)
+        assert fwd[DPPO_STEP_LOGP].shape == (32, K_ft)
+        return learner.compute_loss_for_module(module_id=MODULE, config=learner.config, batch=b, fwd_out=fwd)
+
+    chain = batch[DPPO_CHAIN].clone().requires_grad_(True)
+    reference = loss({**batch, DPPO_CHAIN: chain})
+    reference.backward()
+    hook.remove()
+    assert seen_k == [set(module.actor.sampler.timesteps[first:])]  # one call, last K_ft steps only
+    assert chain.grad[:, :first].abs().max() == 0 and chain.grad[:, first:].abs().sum() > 0
+    with torch.no_grad():
+        early = batch[DPPO_CHAIN].clone()
+        early[:, :first] += 1.0
+        early_logp = batch[DPPO_STEP_LOGP].clone()
+        early_logp[:, :first] -= 5.0
+        assert loss({**batch, DPPO_CHAIN: early, DPPO_STEP_LOGP: early_logp}) == reference
+        late = batch[DPPO_STEP_LOGP].clone()
+        late[:, first] -= 0.1
+        assert loss({**batch, DPPO_STEP_LOGP: late}) != reference
+
+
+def test_policy_loss_is_the_discounted_clipped_surrogate_over_steps_and_masked():
+    gamma_denoise, S = 0.5, 3
+    cfg, _, learner = make_pair(gamma_denoise=gamma_denoise, denoising_steps=S)
+    cfg = cfg.copy(copy_frozen=False).training(vf_loss_coeff=0.0, entropy_coeff=0.0)
+    module = learner.module[MODULE]
+    batch = synthetic_batch(module)
+    learner.before_gradient_based_update(timesteps={})
+    with torch.no_grad():
+        fwd = module.forward_train(batch)
+        total = learner.compute_loss_for_module(module_id=MODULE, config=cfg, batch=batch, fwd_out=fwd)
+        ratio = torch.exp(fwd[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP])
+        adv = batch["advantages"][:, None] * torch.tensor([gamma_denoise**2, gamma_denoise, 1.0])
+        surr = torch.min(adv * ratio, adv * ratio.clamp(1 - cfg.clip_param, 1 + cfg.clip_param))
+        assert total.item() == pytest.approx(-surr[batch[Columns.LOSS_MASK]].mean().item(), rel=1e-5)
+        poisoned = {**batch, "advantages": batch["advantages"].masked_fill(~batch[Columns.LOSS_MASK], 1e6)}
+        again = learner.compute_loss_for_module(module_id=MODULE, config=cfg, batch=poisoned, fwd_out=fwd)
+        assert again.item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_config_wires_dppo_and_validates_gamma_denoise():
+    cfg = DPPOConfig().environment("Pendulum-v1").training(gamma_denoise=0.9)
+    assert cfg.gamma_denoise == 0.9 and cfg.algo_class is DPPO
+    assert cfg.get_default_rl_module_spec().module_class is DPPOModule
+    assert cfg.get_default_learner_class() is DPPOTorchLearner
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="gamma_denoise"):
+            DPPOConfig().environment("Pendulum-v1").training(gamma_denoise=bad).validate()
+    if hasattr(DPPOConfig(), "kl_to_reference"):  # NCDPO's regulariser: no DPPO counterpart
+        with pytest.raises(ValueError, match="kl_to_reference"):
+            DPPOConfig().environment("Pendulum-v1").training(kl_to_reference=0.1).validate()
+    if hasattr(DPPOConfig(), "kl_to_reference"):  # NCDPO's regulariser: no DPPO counterpart
+        with pytest.raises(ValueError, match="kl_to_reference"):
+            DPPOConfig().environment("Pendulum-v1").training(kl_to_reference=0.1).validate()
+    with pytest.raises(ValueError, match="sigma_min"):
+        DPPOConfig().environment("Pendulum-v1").diffusion(sigma_min=0.0).validate()
+
+
+def test_two_training_iterations_report_finite_metrics():
+    algo = (
+        DPPOConfig()
+        .environment("Pendulum-v1")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
+        .training(train_batch_size_per_learner=200, minibatch_size=100, num_epochs=1, gamma_denoise=0.9)
+        .diffusion(denoising_steps=3, finetune_steps=2, hidden=[32], critic_hidden=[32])
+        .debugging(seed=0, log_level="ERROR")
+        .build_algo()
+    )
+    try:
+        results = [algo.train() for _ in range(2)]
+    finally:
+        algo.stop()
+    learner = results[-1]["learners"][MODULE]
+    assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 400
+    for key in ("ratio_mean", "approx_kl", "clip_fraction", "policy_loss", "vf_loss", "final_std", "entropy"):
+        assert np.isfinite(learner[key]), key
