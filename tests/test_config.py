@@ -118,3 +118,19 @@ def test_configuration_reference_is_current():
 
     committed = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     assert committed == render(), "run: python -m ncdpo_rllib.experiment.docgen > docs/configuration.md"
+
+
+def test_shipped_configs_parse_and_pretrain_finetune_pairs_match():
+    from ncdpo_rllib.experiment.config import load_config
+    from ncdpo_rllib.experiment.pretrained import check_compatible
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    configs = {p.stem: load_config(p) for p in sorted(root.glob("*.yaml"))}
+    assert len(configs) >= 10
+    for env in ("hopper", "walker2d", "halfcheetah"):
+        pre = configs[f"{env}_pretrain"]
+        assert configs[f"{env}_collect"].algorithm == "ppo"
+        for algo in ("ncdpo", "dppo"):
+            ft = configs[f"{env}_finetune_{algo}"]
+            assert ft.algorithm == algo and ft.init_from
+            check_compatible(pre, ft, "test")  # raises on an architecture mismatch

@@ -206,3 +206,35 @@ def test_observations_reach_the_module_normalised():
     assert stats["num_pushes"] >= 2000  # the filter's state travels with the EnvRunner's state
     obs = np.concatenate([np.asarray(ep.get_observations()) for ep in episodes])
     assert np.abs(obs.mean(0)).max() < 0.3 and np.abs(obs.std(0) - 1).max() < 0.3
+
+
+def test_kl_to_reference_and_critic_warmup():
+    cfg, runner, _ = make_pair()
+    cfg_kl = cfg.copy(copy_frozen=False).training(kl_to_reference=1.0, lr=1e-2)
+    learner = cfg_kl.build_learner(env=runner.env)
+    module = learner.module[MODULE]
+    ref0 = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    for k, v in module.actor.state_dict().items():
+        torch.testing.assert_close(v, ref0[k])  # the reference starts as the initial actor
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    assert {id(p) for p in module.actor_parameters()}.isdisjoint({id(p) for p in module.reference.parameters()})
+    results = learner.update(episodes=runner.sample(num_timesteps=400), num_epochs=2, minibatch_size=100)
+    assert results[MODULE]["kl_to_reference"].peek() > 0  # the actor moved away, the term saw it
+    for k, v in module.reference.state_dict().items():
+        torch.testing.assert_close(v, ref0[k])  # ...and the reference did not move
+    # A state without reference.* (a pre-trained or older checkpoint) fills it from the actor.
+    state = {k: v for k, v in module.get_state().items() if not k.startswith("reference.")}
+    module.set_state(state)
+    for k, v in module.actor.state_dict().items():
+        torch.testing.assert_close(module.reference.state_dict()[k], v)
+
+    # Critic warm-up: the actor's optimizer never steps, the critic's does.
+    # (no value-loss clip: with RLlib's 10 on squared errors, Pendulum's early errors get no gradient)
+    cfg_w = cfg.copy(copy_frozen=False).training(critic_warmup_iters=1, vf_clip_param=1e9)
+    learner_w = cfg_w.build_learner(env=runner.env)
+    actor0 = [p.detach().clone() for p in learner_w.module[MODULE].actor_parameters()]
+    critic0 = [p.detach().clone() for p in learner_w.module[MODULE].critic_parameters()]
+    results = learner_w.update(episodes=runner.sample(num_timesteps=400), num_epochs=1, minibatch_size=100)
+    assert results[MODULE]["actor_frozen"].peek() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(actor0, learner_w.module[MODULE].actor_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(critic0, learner_w.module[MODULE].critic_parameters()))

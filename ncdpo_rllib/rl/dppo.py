@@ -50,8 +50,6 @@ class DPPOModule(DiffusionPolicyModule):
 
     def setup(self):
         super().setup()
-        if getattr(self, "kl_to_reference", 0.0):
-            self._value_error("DPPO does not implement kl_to_reference (its loss has no reference term)")
         if self.diffusion_config.sigma_min <= 0:
             raise ValueError("DPPO needs sigma_min > 0: every denoising step must be a proper Gaussian")
 
@@ -180,8 +178,6 @@ class DPPOConfig(NCDPOConfig):
         super().validate()
         if not 0 < self.gamma_denoise <= 1:
             self._value_error(f"`gamma_denoise` must be in (0, 1], got {self.gamma_denoise}")
-        if getattr(self, "kl_to_reference", 0.0):
-            self._value_error("DPPO does not implement kl_to_reference (its loss has no reference term)")
         if self.diffusion_config.sigma_min <= 0:
             self._value_error("DPPO needs diffusion sigma_min > 0 (each denoising step is a Gaussian)")
 
