@@ -7,7 +7,7 @@ NCDPO  := $(VENV)/bin/ncdpo
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/pendulum_ncdpo.yaml
 
-.PHONY: help install train test test-fast bench clean
+.PHONY: help install train test test-fast bench bench-finetune clean
 
 help:
 	@echo "make train   - set up .venv and run NCDPO on $(CONFIG) (MLflow: ./mlflow.db)"
@@ -41,6 +41,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/sample_efficiency.py --config configs/halfcheetah_ncdpo.yaml --steps 200000
 	$(PY) benchmarks/grad_flow.py --env Pendulum-v1
 	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
+	$(MAKE) bench-finetune
+
+# Pre-train -> fine-tune on Hopper: collect (PPO expert), BC, then NCDPO vs DPPO vs MLP PPO,
+# 3 seeds, and the K sweep; learner cost of the fine-tuning architecture. Raise --steps on a
+# bigger machine (the paper-scale budget is 1M env steps).
+bench-finetune: $(STAMP)
+	$(PY) benchmarks/throughput.py --env Hopper-v5 --ks 5 10 20 --algorithms ncdpo dppo --hidden 256 256 --action-chunk 4
+	$(PY) benchmarks/finetune.py --env hopper --steps 300000 --seeds 0 1 2 --variants ncdpo:10 dppo:10 ppo
+	$(PY) benchmarks/finetune.py --env hopper --steps 100000 --seeds 0 --variants ncdpo:5 ncdpo:10 ncdpo:20 dppo:5 dppo:10 dppo:20 --section finetune-k:Hopper-v5
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

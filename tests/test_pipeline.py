@@ -24,14 +24,37 @@ def test_chunk_executes_ta_actions_and_sums_rewards():
     np.testing.assert_allclose(obs, np.concatenate([o_ref, o_ref]))  # history padded with o_0
     chunk = np.array([0.5, -1.0, 2.0], dtype=np.float32)
     obs, reward, term, trunc, info = env.step(chunk)
-    total, prev = 0.0, o_ref
+    seen, total = [o_ref], 0.0
     for a in chunk:
-        prev_obs = prev
-        prev, r, *_ = ref.step([a])
+        o, r, *_ = ref.step([a])
+        seen.append(o)
         total += r
     assert info[CHUNK_STEPS] == 3 and reward == pytest.approx(total)
-    np.testing.assert_allclose(obs, np.concatenate([o_ref, prev]))  # [o_0, o_3]: To=2 policy steps
-    assert not np.allclose(prev_obs, prev)
+    np.testing.assert_allclose(obs, np.concatenate([seen[2], seen[3]]))  # the last To env-step observations
+
+
+def test_wrapper_and_make_windows_agree_on_a_recorded_episode(tmp_path):
+    """Pre-training pairs and what the policy sees when acting are built the same way."""
+    from ncdpo_rllib.data import make_windows
+
+    Ta, To = 3, 2
+    env = ActionChunkObsHistory(RecordingWrapper(gym.make("Pendulum-v1", max_episode_steps=10), tmp_path), Ta, To)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=3)
+    seen, chunks = [obs], []
+    done = False
+    while not done:
+        chunk = rng.uniform(-2, 2, Ta).astype(np.float32)
+        chunks.append(chunk)
+        obs, _, term, trunc, _ = env.step(chunk)
+        seen.append(obs)
+        done = term or trunc
+    (episode,) = read_shards(tmp_path)
+    cond, target = make_windows([episode], To, Ta)
+    for i, (o, c) in enumerate(zip(seen[:-1], chunks)):  # policy step i starts at env step i * Ta
+        np.testing.assert_allclose(cond[i * Ta], o, rtol=1e-6)
+        n = min(Ta, len(episode) - i * Ta)  # the last chunk is cut by the time limit
+        np.testing.assert_allclose(target[i * Ta][:n], c[:n], rtol=1e-6)
 
 
 def test_episode_end_inside_a_chunk_ends_the_chunk():

@@ -5,7 +5,8 @@
    (``RecordingWrapper`` below RLlib's connectors), or take an existing ppo run.
 2. Rate every checkpoint (deterministic episodes). expert = the best; medium = the
    earlier checkpoint whose return is closest to ``medium_fraction`` x the expert's.
-3. Record ``steps_per_level`` env steps of each policy (stochastic by default) and write
+3. Record ``steps_per_level`` env steps of each policy (its mean action unless
+   ``collect.stochastic``) and write
    the levels: expert, medium, medium-replay (the training rollouts up to the medium
    checkpoint), medium-expert (medium + expert), as datasets under <out>/<env id>/<level>/.
 """
@@ -93,6 +94,9 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     c = exp.collect
     if exp.algorithm != "ppo":
         raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
+    if exp.eval.every:
+        raise ConfigError("collect: set eval.every to 0 (evaluation episodes would be recorded as "
+                          "training rollouts); checkpoints are rated after training")
     if exp.env.action_chunk != 1 or exp.env.obs_history != 1:
         raise ConfigError("collect records per-step data: set env.action_chunk and env.obs_history to 1 "
                           "(chunks are made at pre-training)")
@@ -140,6 +144,10 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     if "medium-expert" in levels:
         episodes["medium-expert"] = episodes["medium"] + episodes["expert"]
 
+    empty = [level for level in levels if level in episodes and not episodes[level]]
+    if empty:  # checked before writing anything: never half a set of levels
+        raise ConfigError(f"collect: no complete episodes for level(s) {', '.join(empty)}; "
+                          "raise collect.steps_per_level or train the expert longer")
     written = {}
     for level, path in levels.items():
         if level not in episodes:

@@ -57,7 +57,8 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), when `eval.every` > 0 |
 
 With `env.action_chunk` > 1, `env_steps` counts the base env's steps (a chunk cut by the
-episode's end counts the steps it executed), not policy steps.
+episode's end counts the steps it executed), not policy steps; `episode_len_mean` and
+`ppo.train_batch_size` count policy steps (chunks).
 
 `ncdpo pretrain` logs `pretrain/train_loss`, `pretrain/val_loss` (EMA weights, fixed noise),
 `pretrain/lr` and `wall_s` with `step` = gradient steps, and `pretrain/eval_return_mean`,

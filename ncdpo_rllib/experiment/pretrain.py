@@ -158,7 +158,9 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     cond_va, act_va = make_windows(val_ds, env.obs_history, env.action_chunk)
     act_tr, act_va = (_to_unit(a, act_space, env.action_chunk) for a in (act_tr, act_va))
     obs = np.concatenate([ep.observations[:-1] for ep in train_ds.episodes])
-    shift, scale = obs.mean(0), obs.std(0) + 1e-3
+    # Floor the scale: a near-constant dimension (e.g. a contact flag) must not amplify later
+    # deviations by orders of magnitude.
+    shift, scale = obs.mean(0), np.maximum(obs.std(0), 1e-2)
 
     module = module_spec(exp).build()
     module.set_obs_normalizer(np.tile(shift, env.obs_history), np.tile(scale, env.obs_history))
@@ -221,15 +223,16 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             "history": history,
             "wall_s": round(time.perf_counter() - t0, 2),
         }
+        meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
+        ckpt = _save(run_dir, module, exp, meta)  # saved before the evaluation: nothing to lose
         if p.eval_episodes:
             returns = evaluate_module(exp, state, p.eval_episodes)
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
                             "return_std": float(returns.std())}
+            _write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
             tracker.log_metrics({"pretrain/eval_return_mean": float(returns.mean()),
                                  "pretrain/eval_return_std": float(returns.std())}, step=p.gradient_steps)
             log(f"pre-trained policy: return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
-        meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
-        ckpt = _save(run_dir, module, exp, meta)
         tracker.log_artifacts(ckpt, "pretrained")
         status = "FINISHED"
     finally:
@@ -237,6 +240,12 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     return {"checkpoint": str(ckpt), "run_dir": str(run_dir), "val_loss_first": first_val,
             "val_loss_last": meta["val_loss_last"], "eval": meta.get("eval"),
             "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _save(run_dir: Path, module, exp: ExperimentConfig, meta: dict) -> Path:

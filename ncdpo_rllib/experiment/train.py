@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import gymnasium as gym
+
 from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
@@ -35,7 +37,15 @@ from .tracking import Tracker
 def check_env(exp: ExperimentConfig) -> None:
     from ncdpo_rllib.tasks.envs import check_gymnasium_env
 
-    check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm != "ppo")
+    obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm != "ppo")
+    chunked = exp.env.action_chunk > 1 or exp.env.obs_history > 1
+    if chunked and not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)):
+        raise ConfigError(
+            f"env.action_chunk / env.obs_history need Box observation and action spaces; {exp.env.id} has "
+            f"{obs_space} and {act_space}"
+        )
+    if exp.algorithm == "dppo" and exp.diffusion.sigma_min <= 0:
+        raise ConfigError("algorithm: dppo needs diffusion.sigma_min > 0 (every denoising step is a Gaussian)")
 
 
 def init_ray() -> None:
@@ -109,6 +119,7 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
 MODEL_KEYS = (
     "algorithm", "env.id", "env.normalize_observations", "env.action_chunk", "env.obs_history",
     "diffusion", "ppo.critic_hidden", "init_from",
+    "ppo.kl_to_reference",  # turning it on later would take the fine-tuned actor as the reference
 )
 
 

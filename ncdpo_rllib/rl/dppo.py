@@ -180,6 +180,8 @@ class DPPOConfig(NCDPOConfig):
             self._value_error(f"`gamma_denoise` must be in (0, 1], got {self.gamma_denoise}")
         if self.diffusion_config.sigma_min <= 0:
             self._value_error("DPPO needs diffusion sigma_min > 0 (each denoising step is a Gaussian)")
+        if self.kl_to_reference:
+            self._value_error("DPPO has no KL-to-reference term: set kl_to_reference=0")
 
 
 class DPPO(PPO):

@@ -3,8 +3,8 @@
 DPPO / diffusion-policy style action chunking: the policy emits Ta actions at once
 (a flat vector of Ta x action_dim), the env executes them one after another and the
 rewards are summed; an episode that ends inside a chunk ends the chunk there. The
-observation is the last To observations, concatenated (oldest first), the first one
-repeated at the start of an episode. ``ncdpo_rllib.data.make_windows`` builds the
+observation is the last To env-step observations, concatenated (oldest first), the first
+one repeated at the start of an episode. ``ncdpo_rllib.data.make_windows`` builds the
 behaviour-cloning pairs with exactly the same conventions.
 """
 
@@ -50,9 +50,9 @@ class ActionChunkObsHistory(gym.Wrapper):
         total, terminated, truncated, info = 0.0, False, False, {}
         for j, a in enumerate(chunk):
             obs, reward, terminated, truncated, info = self.env.step(a.reshape(self.env.action_space.shape))
+            self._history.append(obs)  # per env step: the last To observations, as make_windows
             total += float(reward)
             if terminated or truncated:
                 break
-        self._history.append(obs)
         info = {**info, CHUNK_STEPS: j + 1}
         return self._obs(), total, terminated, truncated, info
