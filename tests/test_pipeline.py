@@ -206,3 +206,25 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = run_cli(["train", "ft.yaml", "--set", "init_from=nowhere"], tmp_path, env)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_dataset_import_and_info_cli(tmp_path):
+    n = 30
+    rng = np.random.default_rng(0)
+    arrays = {
+        "observations": rng.normal(size=(n, 3)).astype(np.float32),
+        "actions": rng.uniform(-2, 2, size=(n, 1)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "terminals": np.zeros(n, bool),
+        "timeouts": np.isin(np.arange(n), [9, 19, 29]),
+    }
+    np.savez(tmp_path / "d4rl.npz", **arrays)
+    ok = run_cli(["dataset", "import", "d4rl.npz", "data/pend", "--env-id", "Pendulum-v1"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    info = run_cli(["dataset", "info", "data/pend"], tmp_path)
+    assert info.returncode == 0 and "3 episodes" in info.stdout.replace(",", ""), info.stdout
+    bad = {k: v for k, v in arrays.items() if k != "rewards"}
+    np.savez(tmp_path / "bad.npz", **bad)
+    err = run_cli(["dataset", "import", "bad.npz", "data/bad", "--env-id", "Pendulum-v1"], tmp_path)
+    assert err.returncode == 2 and "rewards" in err.stderr and "bad.npz" in err.stderr
+    assert len(err.stderr.strip().splitlines()) == 1 and not (tmp_path / "data" / "bad").exists()

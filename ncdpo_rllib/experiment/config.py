@@ -163,7 +163,9 @@ class CheckpointConfig:
     dir: str = "runs"
     """Each run writes runs/<run name>/ (checkpoints, the resolved config)."""
     every: int = 10
-    """Checkpoint every N iterations (0 = only at the end)."""
+    """Checkpoint every N iterations (0 = only at the end). Iteration metrics reach MLflow
+    when a checkpoint covers them (so a killed and resumed run logs no step twice); the
+    progress line is live."""
     keep: int = 3
     """Periodic checkpoints kept (the final one is always kept)."""
 

@@ -156,6 +156,12 @@ def _start_from_pretrained(algo, state: dict) -> None:
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
 
 
+def _flush(tracker: Tracker, pending: list) -> None:
+    for step, metrics in pending:
+        tracker.log_metrics(metrics, step=step)
+    pending.clear()
+
+
 def _restore(algo, ckpt_path: Path) -> None:
     try:
         algo.restore_from_path(str(ckpt_path.resolve()))
@@ -230,6 +236,7 @@ def train(
             f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
         )
+        pending: list[tuple[int, dict]] = []
         while not _done(exp, state):
             t0 = time.perf_counter()
             try:
@@ -264,14 +271,18 @@ def train(
                     "env_steps_per_s": sampled / iter_s,
                 }
             )
-            tracker.log_metrics(metrics, step=state.env_steps)
+            # MLflow gets an iteration's metrics once a checkpoint covers it: a run killed
+            # between checkpoints and resumed then logs no step twice and skips none.
+            pending.append((state.env_steps, metrics))
             log(_progress(state, ret, sampled / iter_s, iter_s))
             if on_iteration is not None:
                 on_iteration(state, metrics)
             if exp.checkpoint.every and state.iteration % exp.checkpoint.every == 0 and not _done(exp, state):
                 save_checkpoint(algo, run_dir / "checkpoints" / f"iter_{state.iteration:06d}", exp, state)
+                _flush(tracker, pending)
                 prune_checkpoints(run_dir, exp.checkpoint.keep)
         final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
+        _flush(tracker, pending)
         tracker.log_artifacts(final, "checkpoint")
         status = "FINISHED"
     except KeyboardInterrupt:
