@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sample_efficiency.py --config configs/halfcheetah_ncdpo.yaml --steps 200000
 	$(PY) benchmarks/grad_flow.py --env Pendulum-v1
 	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
+	$(PY) benchmarks/scaling.py --config configs/halfcheetah_ncdpo.yaml --runners 0 1 2 --learners 0 1 2
 	$(MAKE) bench-finetune
 
 # Pre-train -> fine-tune on Hopper: collect (PPO expert), BC, then NCDPO vs DPPO vs MLP PPO,

@@ -56,6 +56,10 @@ def build_algo_config(
         env_to_module_connector=mean_std_filter_connector if use_filter else None,
     )
     cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)
+    cfg.fault_tolerance(
+        restart_failed_env_runners=r.restart_failed_env_runners,
+        max_num_env_runner_restarts=r.max_env_runner_restarts,
+    )
     cfg.training(
         lr=p.lr,
         gamma=p.gamma,

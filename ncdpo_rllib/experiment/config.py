@@ -133,7 +133,13 @@ class ResourcesConfig:
     learners: int = 0
     """Remote Learner actors (0 = one local learner in the driver)."""
     gpus_per_learner: float = 0
-    """GPUs per learner (0 = CPU)."""
+    """GPUs per learner (0 = CPU). When the Ray cluster has fewer GPUs than asked, training
+    falls back to CPU learners and says so."""
+    restart_failed_env_runners: bool = True
+    """RLlib's fault tolerance: a crashed EnvRunner actor is replaced and training goes on
+    (restarts are logged as ``env_runner_restarts``)."""
+    max_env_runner_restarts: int = 1000
+    """Give up (fail the run) after this many EnvRunner restarts."""
 
     def __post_init__(self):
         if min(self.env_runners, self.learners, self.gpus_per_learner) < 0:

@@ -77,7 +77,10 @@ def iteration_metrics(result: dict) -> dict[str, float]:
 
     runners = result.get(ENV_RUNNER_RESULTS, {})
     evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {})
+    faults = result.get("fault_tolerance", {})
     out = {
+        "env_runner_restarts": _num(faults.get("num_remote_worker_restarts")),
+        "env_runners_healthy": _num(faults.get("num_healthy_workers")),
         "eval_return_mean": _num(evaluation.get(ITER_RETURN_MEAN)),
         "return_mean": _num(runners.get(ITER_RETURN_MEAN)),
         "return_min": _num(runners.get(ITER_RETURN_MIN)),
@@ -156,6 +159,33 @@ def _start_from_pretrained(algo, state: dict) -> None:
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
 
 
+def _fit_gpus(exp: ExperimentConfig, log) -> ExperimentConfig:
+    """GPU learners asked for but not in the Ray cluster: run them on CPU, and say so."""
+    import dataclasses
+
+    import ray
+
+    r = exp.resources
+    if not r.gpus_per_learner:
+        return exp
+    needed = r.gpus_per_learner * max(r.learners, 1)
+    visible = ray.cluster_resources().get("GPU", 0)
+    if visible >= needed:
+        return exp
+    log(f"resources.gpus_per_learner={r.gpus_per_learner}: the Ray cluster has {visible:g} GPU(s), "
+        f"{needed:g} needed; learners run on CPU")
+    return dataclasses.replace(exp, resources=dataclasses.replace(r, gpus_per_learner=0))
+
+
+def _layout(exp: ExperimentConfig) -> str:
+    r = exp.resources
+    runners = f"{r.env_runners} env runner(s) x {r.envs_per_runner} envs" if r.env_runners else (
+        f"sampling in the driver ({r.envs_per_runner} envs)")
+    device = f"{r.gpus_per_learner:g} GPU each" if r.gpus_per_learner else "CPU"
+    learners = f"{r.learners} remote learner(s), {device}" if r.learners else f"local learner, {device}"
+    return f"{runners}; {learners}"
+
+
 def _flush(tracker: Tracker, pending: list) -> None:
     for step, metrics in pending:
         tracker.log_metrics(metrics, step=step)
@@ -215,6 +245,7 @@ def train(
             )
 
     init_ray()
+    exp = _fit_gpus(exp, log)
     algo = _build_algo(exp, run_dir / "rollouts" if record_rollouts else None)
     tracker, status, final = None, "FAILED", None
     try:
@@ -233,10 +264,11 @@ def train(
                 log(f"moved a later checkpoint aside: {moved}")
         (run_dir / CONFIG_FILE).write_text(exp.to_yaml())
         log(
-            f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | run dir {run_dir}"
+            f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | {_layout(exp)} | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
         )
         pending: list[tuple[int, dict]] = []
+        seen_restarts = 0
         while not _done(exp, state):
             t0 = time.perf_counter()
             try:
@@ -275,6 +307,11 @@ def train(
             # between checkpoints and resumed then logs no step twice and skips none.
             pending.append((state.env_steps, metrics))
             log(_progress(state, ret, sampled / iter_s, iter_s))
+            restarts = int(metrics.get("env_runner_restarts") or 0)
+            if restarts > seen_restarts:  # RLlib's count, for this process
+                log(f"env runner failure: restarted ({restarts} restart(s) so far, "
+                    f"{int(metrics.get('env_runners_healthy') or 0)} healthy); training goes on")
+                seen_restarts = restarts
             if on_iteration is not None:
                 on_iteration(state, metrics)
             if exp.checkpoint.every and state.iteration % exp.checkpoint.every == 0 and not _done(exp, state):

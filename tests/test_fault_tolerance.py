@@ -1,0 +1,123 @@
+"""Fault tolerance of a training run, with real processes: a killed EnvRunner is replaced and
+training goes on; a SIGKILLed driver resumes with no gap or duplicate in MLflow; GPU learners
+asked for on a machine without GPUs fall back to CPU with a clear line."""
+
+import os
+import uuid
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY, last_json, run_cli
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_has_no_gap_or_duplicate(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 5, env_steps: null}")
+        .replace("checkpoint: {every: 1}", "checkpoint: {every: 2}")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ncdpo_rllib.cli", "train", str(config), "--set", "tracking.run_name=killed"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        for line in proc.stderr:  # wait for iteration 3: checkpoint 2 is on disk, 3 is not covered
+            if line.startswith("iter    3") or time.time() > deadline:
+                break
+        assert line.startswith("iter    3"), line
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "killed"
+    assert (run_dir / "checkpoints" / "iter_000002").is_dir()
+    assert not (run_dir / "checkpoints" / "final").exists()
+
+    resumed = run_cli(["train", "--resume", run_dir, "--json"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = last_json(resumed.stdout)
+    assert summary["iterations"] == 5 and summary["env_steps"] == 5 * 256
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("cli-test").experiment_id)
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    for name in ("env_steps", "iteration", "wall_s", "learner/default_policy/ratio_mean"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert sorted(steps) == [256 * i for i in range(1, 6)], (name, steps)  # no gap, no duplicate
+    iterations = sorted(m.value for m in client.get_metric_history(run.info.run_id, "iteration"))
+    assert iterations == [1, 2, 3, 4, 5]
+
+
+def _marked_env_runner_pids(marker: str) -> list[int]:
+    """EnvRunner actor processes of the run whose environment carries ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"SingleAgentEnvRunner" in cmdline and f"NCDPO_TEST_MARK={marker}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_env_runner_is_restarted_and_training_finishes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 6, env_steps: null}")
+        .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}")
+    )
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "NCDPO_TEST_MARK": marker}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ncdpo_rllib.cli", "train", str(config), "--json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    lines, killed = [], None
+    try:
+        deadline = time.time() + 300
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("iter    2") and killed is None:
+                pids = _marked_env_runner_pids(marker)
+                assert len(pids) >= 2, pids  # two runners (plus, possibly, their worker processes)
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+            if time.time() > deadline:
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = "".join(lines)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert killed is not None and "env runner failure: restarted" in stderr, stderr[-3000:]
+    summary = last_json(proc.stdout.read())
+    assert summary["iterations"] == 6
+    client = MlflowClient(uri)
+    restarts = client.get_metric_history(summary["mlflow_run_id"], "env_runner_restarts")
+    assert max(m.value for m in restarts) >= 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_learner_without_gpu_falls_back_to_cpu(tmp_path, tiny_config):
+    out = run_cli(["train", tiny_config, "--set", "resources.gpus_per_learner=1", "--set", "stop.iterations=1",
+                   "--set", "tracking.enabled=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "learners run on CPU" in out.stderr and "local learner, CPU" in out.stderr
