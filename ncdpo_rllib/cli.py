@@ -106,6 +106,29 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ncdpo_rllib.experiment.compare import DEFAULT_GROUP_BY, compare
+
+    result = compare(
+        args.experiment, args.out, filter_string=args.filter, run_ids=args.runs or (),
+        group_by=args.group_by or DEFAULT_GROUP_BY, metric=args.metric, threshold=args.threshold,
+        tracking_uri=args.tracking_uri, command="ncdpo " + shlex.join(sys.argv[1:]),
+    )
+    for note in result["notes"]:
+        print(f"  note: {note}", file=sys.stderr)
+    print(
+        f"compared {sum(map(len, result['groups'].values()))} runs in {len(result['groups'])} groups\n"
+        f"  report: {result['files']['report']}\n"
+        f"  MLflow comparison run: {result['mlflow_run_id']} ({result['mlflow_uri']})",
+        file=sys.stderr, flush=True,
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "bands"}), flush=True)
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -146,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     c.set_defaults(func=_cmd_collect)
+
+    cp = sub.add_parser("compare", help="group MLflow runs, aggregate seeds, write curves + table + HTML report")
+    cp.add_argument("--experiment", metavar="NAME", help="MLflow experiment to select runs from")
+    cp.add_argument("--filter", metavar="FILTER", help="MLflow filter string, e.g. \"params.algorithm = 'ncdpo'\"")
+    cp.add_argument("--runs", nargs="+", metavar="ID", help="these run ids (within --experiment if given)")
+    cp.add_argument("--group-by", nargs="+", metavar="KEY",
+                    help="tags or params to group by (tag first, then param; default: algorithm denoising_steps)")
+    cp.add_argument("--metric", default="return_mean", help="metric to plot and tabulate (default: return_mean)")
+    cp.add_argument("--threshold", type=float, help="report env steps and wall-clock to reach this metric value")
+    cp.add_argument("--out", default="comparison", help="output directory (default: ./comparison)")
+    cp.add_argument("--tracking-uri", metavar="URI",
+                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
+    cp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
+    cp.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
     dsub = d.add_subparsers(dest="action", required=True)
