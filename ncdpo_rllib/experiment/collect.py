@@ -17,7 +17,6 @@ import dataclasses
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 

@@ -16,7 +16,6 @@ checkpoint loads into ``ncdpo train`` with ``init_from``. Conventions:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,6 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch

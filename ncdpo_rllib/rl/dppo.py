@@ -27,10 +27,8 @@ import torch
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.evaluation.postprocessing import Postprocessing
-from ray.rllib.utils.torch_utils import explained_variance
 
 from ncdpo_rllib.diffusion import gaussian_log_prob
 
@@ -127,29 +125,12 @@ class DPPOTorchLearner(NCDPOTorchLearner):
         total = -surrogate.mean() + (config.vf_loss_coeff * vf_loss - entropy_coeff * entropy).mean()
 
         with torch.no_grad():
-            valid_ratio, valid_log_ratio = ratio[mask], log_ratio[mask]  # every (env, denoising) pair
-            approx_kl = ((valid_ratio - 1) - valid_log_ratio).mean()  # Schulman's k3
-            self._maybe_stop_on_kl(module_id, config, approx_kl)
-            self.metrics.log_dict(
-                {
-                    POLICY_LOSS_KEY: -surrogate.mean(),
-                    VF_LOSS_KEY: vf_loss.mean(),
-                    ENTROPY_KEY: entropy.mean(),
-                    "vf_explained_var": explained_variance(
-                        batch[Postprocessing.VALUE_TARGETS][mask], values[mask]
-                    ),
-                    "ratio_mean": valid_ratio.mean(),
-                    "clip_fraction": ((valid_ratio - 1).abs() > clip).float().mean(),
-                    "approx_kl": approx_kl,
-                    "final_std": fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean(),
-                    "kl_stop_fraction": float(module_id in self._kl_stopped),
-                },
-                key=module_id,
-                reduce="mean",
+            self._log_diagnostics(
+                module_id, config, fwd_out,
+                surrogate=surrogate, vf_loss=vf_loss, entropy=entropy,  # already masked
+                ratio=ratio[mask], log_ratio=log_ratio[mask],
+                values=values[mask], value_targets=batch[Postprocessing.VALUE_TARGETS][mask],
             )
-            self.metrics.log_value((module_id, "ratio_max"), valid_ratio.max(), reduce="max")
-            if hasattr(self, "_actor_frozen"):  # the parent's critic warm-up, when it has one
-                self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
         return total
 
 

@@ -165,31 +165,39 @@ class NCDPOTorchLearner(PPOTorchLearner):
             total = total + config.kl_to_reference * masked_mean(kl_ref)
 
         with torch.no_grad():
-            approx_kl = masked_mean((ratio - 1) - log_ratio)  # Schulman's k3 estimator
-            self._maybe_stop_on_kl(module_id, config, approx_kl)
-            valid_ratio = ratio[mask]
-            self.metrics.log_dict(
-                {
-                    POLICY_LOSS_KEY: -masked_mean(surrogate),
-                    VF_LOSS_KEY: masked_mean(vf_loss),
-                    ENTROPY_KEY: masked_mean(entropy),
-                    "vf_explained_var": explained_variance(
-                        batch[Postprocessing.VALUE_TARGETS][mask], values[mask]
-                    ),
-                    "ratio_mean": valid_ratio.mean(),
-                    "clip_fraction": ((valid_ratio - 1).abs() > clip).float().mean(),
-                    "approx_kl": approx_kl,
-                    "final_std": fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean(),
-                    "kl_stop_fraction": float(module_id in self._kl_stopped),
-                },
-                key=module_id,
-                reduce="mean",
+            self._log_diagnostics(
+                module_id, config, fwd_out,
+                surrogate=surrogate[mask], vf_loss=vf_loss[mask], entropy=entropy[mask],
+                ratio=ratio[mask], log_ratio=log_ratio[mask],
+                values=values[mask], value_targets=batch[Postprocessing.VALUE_TARGETS][mask],
             )
-            self.metrics.log_value((module_id, "ratio_max"), valid_ratio.max(), reduce="max")
-            self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
             if kl_ref is not None:
                 self.metrics.log_value((module_id, "kl_to_reference"), masked_mean(kl_ref), reduce="mean")
         return total
+
+    def _log_diagnostics(self, module_id, config, fwd_out, *, surrogate, vf_loss, entropy, ratio, log_ratio,
+                         values, value_targets) -> None:
+        """The target-KL stop and the diagnostics NCDPO and DPPO share; inputs: valid rows only
+        (DPPO's ratios: every (env step, denoising step) pair)."""
+        approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's k3 estimator
+        self._maybe_stop_on_kl(module_id, config, approx_kl)
+        self.metrics.log_dict(
+            {
+                POLICY_LOSS_KEY: -surrogate.mean(),
+                VF_LOSS_KEY: vf_loss.mean(),
+                ENTROPY_KEY: entropy.mean(),
+                "vf_explained_var": explained_variance(value_targets, values),
+                "ratio_mean": ratio.mean(),
+                "clip_fraction": ((ratio - 1).abs() > config.clip_param).float().mean(),
+                "approx_kl": approx_kl,
+                "final_std": fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean(),
+                "kl_stop_fraction": float(module_id in self._kl_stopped),
+            },
+            key=module_id,
+            reduce="mean",
+        )
+        self.metrics.log_value((module_id, "ratio_max"), ratio.max(), reduce="max")
+        self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
 
     def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
         """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
