@@ -29,6 +29,9 @@ def test_train_resume_evaluate(tmp_path, tiny_config):
     run = client.get_run(s1["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["algorithm"] == "ncdpo" and run.data.tags["env"] == "Pendulum-v1"
+    for tag in ("git_commit", "ray_version", "torch_version", "hardware"):
+        assert run.data.tags[tag], tag
+    assert "experiment.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
     assert run.data.params["diffusion.denoising_steps"] == "3" and run.data.params["ppo.lr"] == "0.0003"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")] == [256, 512]
     assert len(client.get_metric_history(run.info.run_id, "return_mean")) >= 1  # no episode ends in iter 1

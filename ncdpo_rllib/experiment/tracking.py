@@ -22,6 +22,28 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+def environment_tags() -> dict[str, str]:
+    """What a comparison needs to trust two runs: code version, library versions, hardware."""
+    import platform
+    import subprocess
+
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "git_commit": commit or "unknown",
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()}), GPU: {gpu}",
+    }
+
+
 class Tracker:
     """One MLflow run. ``enabled=False`` makes every call a no-op."""
 
@@ -71,6 +93,7 @@ class Tracker:
             "seed": str(exp.seed),
             "denoising_steps": str(exp.diffusion.denoising_steps if exp.algorithm != "ppo" else "n/a"),
             "stage": "finetune" if exp.init_from else "train",
+            **environment_tags(),
             **self.extra_tags,
         }
         run = self.client.create_run(exp_id, run_name=exp.tracking.run_name, tags=tags)
@@ -90,6 +113,10 @@ class Tracker:
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path))
 
     def log_artifacts(self, path: Path, artifact_path: str) -> None:
         if self.enabled:

@@ -263,6 +263,7 @@ def train(
             for moved in supersede_later_checkpoints(run_dir, state.iteration):
                 log(f"moved a later checkpoint aside: {moved}")
         (run_dir / CONFIG_FILE).write_text(exp.to_yaml())
+        tracker.log_artifact(run_dir / CONFIG_FILE)  # the resolved config, as a file to rerun
         log(
             f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | {_layout(exp)} | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
