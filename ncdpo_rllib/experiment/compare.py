@@ -23,7 +23,6 @@ import base64
 import csv
 import difflib
 import html
-import io
 import math
 import os
 from dataclasses import dataclass, field
