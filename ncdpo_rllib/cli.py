@@ -129,6 +129,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.sweep import sweep
+
+    summary = sweep(args.config, args.grid, args.seeds, args.set, name=args.name, resume=args.resume,
+                    compare_out=args.compare_out)
+    print(
+        f"sweep {summary['name']}: {summary['points']} points ({summary['ran']} run now), "
+        f"{len(summary['children'])} child runs under MLflow parent run {summary['parent_run_id']} "
+        f"({summary['mlflow_uri']})\n  comparison: {summary['comparison'] or 'none (no finished runs)'}",
+        file=sys.stderr, flush=True,
+    )
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -183,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
     cp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
     cp.set_defaults(func=_cmd_compare)
+
+    sw = sub.add_parser("sweep", help="a grid (seeds x config keys) of train runs on Ray Tune, one MLflow parent run")
+    sw.add_argument("config", help="experiment YAML")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a config key and its values (parsed as YAML like --set; repeatable)")
+    sw.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the config's seed)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sw.add_argument("--name", help="sweep name: MLflow parent run name and <checkpoint.dir>/<name>/ "
+                                   "(default: sweep-<algorithm>-<env>-<time>)")
+    sw.add_argument("--resume", action="store_true",
+                    help="continue the sweep --name: skip finished points, continue unfinished ones")
+    sw.add_argument("--compare-out", metavar="DIR",
+                    help="comparison report directory (default: <checkpoint.dir>/<name>/comparison)")
+    sw.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    sw.set_defaults(func=_cmd_sweep)
 
     d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
     dsub = d.add_subparsers(dest="action", required=True)

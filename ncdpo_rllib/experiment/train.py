@@ -214,6 +214,7 @@ def train(
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
     on_iteration: Optional[Callable[[RunState, dict], None]] = None,
     record_rollouts: bool = False,
+    tags: Optional[dict[str, str]] = None,
 ) -> dict:
     """Run (or resume) one experiment; return the summary dict printed by ``--json``.
 
@@ -221,6 +222,7 @@ def train(
     ``on_iteration(state, metrics)`` is called after each iteration (benchmarks, tests).
     ``record_rollouts``: every training episode is written raw to <run dir>/rollouts/
     (``ncdpo collect``'s medium-replay data).
+    ``tags``: extra MLflow tags for a new run (``ncdpo sweep``: the parent run id).
     """
     ckpt_path, state = None, RunState()
     if resume is not None:
@@ -255,7 +257,7 @@ def train(
         elif pretrained_state is not None:
             _start_from_pretrained(algo, pretrained_state)
             log(f"starting from the pre-trained policy {exp.init_from}")
-        tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri)
+        tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri, tags=tags)
         state.mlflow_run_id, state.mlflow_uri, state.run_dir = tracker.run_id, tracker.uri, str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path is not None:

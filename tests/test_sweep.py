@@ -1,0 +1,87 @@
+"""``ncdpo sweep``: a real 2x2 grid on Ray Tune through the CLI, one MLflow parent, resumable."""
+
+import pytest
+
+from .conftest import TINY, last_json, run_cli
+
+# One iteration of 512 env steps on 2 envs: each env finishes a 200-step Pendulum episode,
+# so every child logs return_mean and the comparison has curves.
+SWEEP_ARGS = ["--grid", "diffusion.denoising_steps=2,3", "--seeds", "0", "1", "--name", "sw",
+              "--set", "stop.iterations=1", "--set", "ppo.train_batch_size=512", "--set", "checkpoint.every=0"]
+
+
+def _runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cli-test")
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_sweep_2x2_parent_children_compare_resume(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+
+    r = run_cli(["sweep", cfg, *SWEEP_ARGS, "--json"], tmp_path, env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = last_json(r.stdout)
+    assert summary["points"] == 4 and summary["ran"] == 4
+
+    runs = _runs(uri)
+    parents = [x for x in runs if x.data.tags.get("stage") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == summary["parent_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.params["grid.diffusion.denoising_steps"] == "2,3"
+    assert parent.data.params["grid.seeds"] == "0,1"
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == sorted(
+        f"sw-diffusion.denoising_steps={k}-seed={s}" for k in (2, 3) for s in (0, 1))
+    assert sorted((c.data.params["diffusion.denoising_steps"], c.data.params["seed"]) for c in children) == [
+        ("2", "0"), ("2", "1"), ("3", "0"), ("3", "1")]
+    for c in children:  # checkpoints under <checkpoint.dir>/<sweep name>/<point>/
+        assert (tmp_path / "runs" / "sw" / c.info.run_name / "checkpoints" / "final").is_dir()
+
+    out = tmp_path / "runs" / "sw" / "comparison"
+    assert summary["comparison"] == str(out / "report.html")
+    for name in ("report.html", "summary.csv", "summary.md", "curves_env_steps.png", "curves_wall_clock.png"):
+        assert (out / name).is_file(), name
+    csv = (out / "summary.csv").read_text()
+    assert "diffusion.denoising_steps=2" in csv and "diffusion.denoising_steps=3" in csv
+    assert str(out) in r.stderr
+
+    # Resume: every point FINISHED -> nothing runs, still one parent and 4 children.
+    r2 = run_cli(["sweep", cfg, *SWEEP_ARGS, "--resume", "--json"], tmp_path, env, timeout=400)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    s2 = last_json(r2.stdout)
+    assert s2["ran"] == 0 and s2["parent_run_id"] == parent.info.run_id
+    runs = _runs(uri)
+    assert len([x for x in runs if x.data.tags.get("stage") == "sweep"]) == 1
+    children2 = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_id for c in children2) == sorted(c.info.run_id for c in children)
+
+    # Without --resume the same name is refused.
+    r3 = run_cli(["sweep", cfg, *SWEEP_ARGS], tmp_path, env, timeout=120)
+    assert r3.returncode == 2 and "--resume" in r3.stderr
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["--grid", "diffusion.nosuchkey=2,3"], "unknown key 'diffusion.nosuchkey'"),
+    (["--grid", "diffusion.denoising_steps=2,abc"], "diffusion.denoising_steps: expected integer"),
+    (["--grid", "diffusion.denoising_steps="], "no values"),
+    ([], "grid is empty"),
+])
+def test_sweep_bad_grid_one_line_error(tmp_path, grid, message):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    r = run_cli(["sweep", cfg, *grid, "--name", "bad"], tmp_path,
+                {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ncdpo sweep: error:") and message in lines[0], r.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # nothing ran
