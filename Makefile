@@ -49,6 +49,7 @@ bench: $(STAMP)
 # bigger machine (the paper-scale budget is 1M env steps).
 bench-finetune: $(STAMP)
 	$(PY) benchmarks/throughput.py --env Hopper-v5 --ks 5 10 20 --algorithms ncdpo dppo --hidden 256 256 --action-chunk 4
+	$(PY) benchmarks/latency_memory.py --env Hopper-v5 --ks 5 10 20 --hidden 256 256 --action-chunk 4 --experiment bench-finetune-Hopper-v5
 	$(PY) benchmarks/finetune.py --env hopper --steps 300000 --seeds 0 1 2 --variants ncdpo:10 dppo:10 ppo
 	$(PY) benchmarks/finetune.py --env hopper --steps 300000 --seeds 0 --variants ncdpo:5 ncdpo:10 ncdpo:20 dppo:5 dppo:10 dppo:20 --section finetune-k:Hopper-v5
 

@@ -107,6 +107,9 @@ def synth_store(tmp_path, monkeypatch):
         "b0": _log_run(client, exp_id, {"algorithm": "ppo", "denoising_steps": "n/a", "seed": "0"},
                        [(0, -10.0), (100, 0), (200, 10)], 0.05),
     }
+    prof = client.create_run(exp_id, tags={"stage": "profile", "env": "Pendulum-v1"})
+    client.log_batch(prof.info.run_id, metrics=[Metric("profile/inference_ms", v, 0, k) for k, v in ((5, 1.25), (10, 2.5))])
+    client.set_terminated(prof.info.run_id)
     pre = client.create_run(exp_id, tags={"stage": "pretrain", "algorithm": "ncdpo", "denoising_steps": "5"})
     client.log_metric(pre.info.run_id, "pretrain/val_loss", 0.5, step=1)
     client.set_terminated(pre.info.run_id)
@@ -120,6 +123,9 @@ def test_grouping_and_seed_aggregation(synth_store, tmp_path):
     assert set(res["groups"]) == {g_nc, g_ppo} and sorted(res["groups"][g_nc]) == sorted([ids["a0"], ids["a1"]])
     assert sorted(res["plotted"]["env_steps"]) == sorted(res["plotted"]["wall_clock"]) == [g_nc, g_ppo]
     assert any("no 'return_mean' history" in n for n in res["notes"])  # the pretrain run is skipped
+    summary = Path(res["files"]["summary_md"]).read_text()  # the profile run: a table by K, not a group
+    assert "| K | inference_ms |" in summary and "| 5 | 1.25 |" in summary and "| 10 | 2.50 |" in summary
+    assert "Latency and memory vs K" in Path(res["files"]["report"]).read_text()
 
     band = res["bands"]["env_steps"][g_nc]
     x = np.array(band["x"])

@@ -40,6 +40,7 @@ DEFAULT_METRIC = "return_mean"
 WALL_METRIC = "wall_s"
 THROUGHPUT_METRIC = "env_steps_per_s"
 COMPARE_STAGE = "compare"
+PROFILE_STAGE = "profile"
 NOT_REACHED = "not reached"
 
 
@@ -300,7 +301,7 @@ def plot_bands(bands: dict[str, Band], xlabel: str, ylabel: str, path: Path,
 
 
 def render_html(title: str, images: Sequence[Path], table_md: str, rows: Sequence[dict[str, Any]],
-                selection: str, command: str, notes: Sequence[str]) -> str:
+                selection: str, command: str, notes: Sequence[str], profiles: Sequence[str] = ()) -> str:
     """A self-contained page: PNGs inlined as base64, the table, the selection and the command."""
     esc = html.escape
     cells = [format_row(r) for r in rows]
@@ -325,6 +326,7 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}code,pre{{b
 <p>{caption}</p>{table}
 <p>Curves: mean over the runs of a group, band = min..max over runs, on the step (or wall-clock)
 range all runs of the group cover (linear interpolation onto a common grid).</p>
+{"".join(f"<h2>Latency and memory vs K</h2><pre>{esc(t)}</pre>" for t in profiles)}
 <h2>Selection</h2><pre>{esc(selection)}</pre>
 <h2>Command</h2><pre>{esc(command)}</pre>
 {f"<h2>Notes</h2><ul>{note_html}</ul>" if notes else ""}
@@ -387,7 +389,7 @@ def select_runs(client, experiment_id: Optional[str], filter_string: Optional[st
                     break
         except MlflowException as e:
             raise UserError(f"invalid filter {filter_string!r}: {_one_line(e)}") from None
-    runs = [r for r in runs if r.data.tags.get("stage") != COMPARE_STAGE]
+    runs = [r for r in runs if r.data.tags.get("stage") not in (COMPARE_STAGE, PROFILE_STAGE)]
     if not runs:
         what = (f"filter {filter_string!r}" if filter_string else
                 "the given run ids in this experiment" if run_ids else "the experiment has no runs")
@@ -497,12 +499,17 @@ def compare(
         "runs:",
         *(f"  {g.label}: {' '.join(g.run_ids)}" for g in groups.values()),
     ])
+    try:
+        profiles = profile_tables(client, exp.experiment_id) if exp is not None else []
+    except MlflowException as e:
+        raise UserError(f"MLflow at {uri}: {_one_line(e)}") from None
+    profile_md = "".join(f"\n## Latency and memory vs K\n\n{t}\n" for t in profiles)
     files["summary_md"].write_text(
-        f"# Comparison: {experiment or 'selected runs'}\n\n{table_md}\n```\n{selection}\n```\n")
+        f"# Comparison: {experiment or 'selected runs'}\n\n{table_md}\n{profile_md}```\n{selection}\n```\n")
     title = f"Comparison: {experiment or 'selected runs'} ({metric})"
     files["report"].write_text(render_html(
         title, [files["curves_env_steps"], files["curves_wall_clock"]], table_md, rows,
-        selection, command or "-", notes))
+        selection, command or "-", notes, profiles))
 
     run_id = None
     if log_to_mlflow:
@@ -522,6 +529,26 @@ def compare(
         "mlflow_run_id": run_id,
         "mlflow_uri": uri,
     }
+
+
+def profile_tables(client, experiment_id: str) -> list[str]:
+    """Markdown tables of the experiment's profile runs (``benchmarks/latency_memory.py``, tag
+    stage=profile; metrics ``profile/*`` logged with step = K): one row per K."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.stage = '{PROFILE_STAGE}'")
+    tables = []
+    for run in runs:
+        names = sorted(k for k in run.data.metrics if k.startswith("profile/"))
+        by_k: dict[int, dict[str, float]] = {}
+        for name in names:
+            for m in client.get_metric_history(run.info.run_id, name):
+                by_k.setdefault(m.step, {})[name] = m.value
+        cols = [n.removeprefix("profile/") for n in names]
+        lines = [f"Profile run {run.info.run_id} ({run.data.tags.get('env', '-')}):", "",
+                 "| K | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        lines += ["| " + " | ".join([str(k)] + [f"{by_k[k].get(n, float('nan')):.2f}" for n in names]) + " |"
+                  for k in sorted(by_k)]
+        tables.append("\n".join(lines))
+    return tables
 
 
 def log_comparison_run(client, experiment_id: str, paths: Sequence[Path], experiment: Optional[str],
