@@ -63,3 +63,26 @@ def write_section(name: str, title: str, body: str) -> None:
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     DOCS.write_text(text)
     print(f"wrote section {name!r} of {DOCS.relative_to(ROOT)}")
+
+
+def learner_cost(learner, episodes, minibatch: int, warmup_episodes) -> tuple[float, int]:
+    """(seconds for one update epoch over ``episodes``, bytes autograd saved for backward in
+    a second epoch), after a warm-up update: the learner side of throughput.py and
+    latency_memory.py."""
+    import time
+
+    import torch
+
+    learner.update(episodes=warmup_episodes, num_epochs=1, minibatch_size=minibatch)
+    t0 = time.perf_counter()
+    learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch)
+    update_s = time.perf_counter() - t0
+    saved = {"bytes": 0}
+
+    def pack(t):
+        saved["bytes"] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch)
+    return update_s, saved["bytes"]

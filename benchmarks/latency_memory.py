@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, markdown_table, write_section  # noqa: E402
+from benchmarks.common import learner_cost, machine, markdown_table, write_section  # noqa: E402
 
 MINIBATCH, BATCH = 128, 2000
 
@@ -72,24 +72,13 @@ def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dic
     runner.module.set_state(module.get_state())
     episodes = runner.sample(num_timesteps=BATCH)
     steps = sum(len(e) for e in episodes)
-    learner.update(episodes=runner.sample(num_timesteps=400), num_epochs=1, minibatch_size=MINIBATCH)  # warm-up
-    t0 = time.perf_counter()
-    learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
-    update_s = time.perf_counter() - t0
-    saved = {"bytes": 0}
-
-    def pack(t):
-        saved["bytes"] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
+    update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=400))
     minibatches = -(-steps // MINIBATCH)
     out = {
         "inference_ms": infer[0], "inference_p95_ms": infer[1],
         "explore8_ms": explore[0], "explore8_p95_ms": explore[1],
         "update_ms_per_minibatch": 1000 * update_s / minibatches,
-        "saved_mb_per_minibatch": saved["bytes"] / minibatches / 2**20,
+        "saved_mb_per_minibatch": saved_bytes / minibatches / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if torch.cuda.is_available():

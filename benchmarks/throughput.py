@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import markdown_table, write_section  # noqa: E402
+from benchmarks.common import learner_cost, markdown_table, write_section  # noqa: E402
 
 BATCH, MINIBATCH = 4000, 128
 
@@ -60,24 +60,13 @@ def measure(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=Non
     episodes = runner.sample(num_timesteps=BATCH)
     sample_s = time.perf_counter() - t0
     steps = sum(len(e) for e in episodes)
-    learner.update(episodes=runner.sample(num_timesteps=800), num_epochs=1, minibatch_size=MINIBATCH)  # warm-up
-    t0 = time.perf_counter()
-    learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
-    update_s = time.perf_counter() - t0
-    saved = {"bytes": 0}
-
-    def pack(t):
-        saved["bytes"] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
+    update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=800))
     minibatches = -(-steps // MINIBATCH)
     return {
         "env_steps_per_s": steps * chunk / sample_s,  # base-env steps (a chunk executes Ta of them)
         "learner_samples_per_s": steps / update_s,
         "ms_per_minibatch": 1000 * update_s / minibatches,
-        "saved_mb_per_minibatch": saved["bytes"] / minibatches / 2**20,
+        "saved_mb_per_minibatch": saved_bytes / minibatches / 2**20,
     }
 
 
