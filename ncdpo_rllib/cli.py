@@ -56,7 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.evaluate import evaluate
 
-    summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed)
+    summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track)
     print(
         f"{summary['env']}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f} "
         f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})",
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint directory or a run directory")
     e.add_argument("--episodes", type=int, default=10)
     e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--no-track", action="store_true",
+                   help="do not log an MLflow run (default: one run tagged stage=evaluate in the checkpoint's store)")
     e.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     e.set_defaults(func=_cmd_evaluate)
 

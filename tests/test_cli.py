@@ -38,6 +38,11 @@ def test_train_resume_evaluate(tmp_path, tiny_config):
     for name in ("wall_s", "learner/default_policy/ratio_mean",
                  "learner/default_policy/grad_norm_step_first", "learner/default_policy/approx_kl"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    iter_s = [m.value for m in client.get_metric_history(run.info.run_id, "time_iter_s")]
+    sampling = [m.value for m in client.get_metric_history(run.info.run_id, "time_sampling_s")]
+    learner = [m.value for m in client.get_metric_history(run.info.run_id, "time_learner_s")]
+    assert len(sampling) == len(learner) == 2 and min(sampling + learner) > 0
+    assert all(s + u <= t for s, u, t in zip(sampling, learner, iter_s))  # parts of this iteration's time
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
     assert "checkpoint/ncdpo_state.json" in artifacts
 
@@ -58,6 +63,15 @@ def test_train_resume_evaluate(tmp_path, tiny_config):
     assert ev.returncode == 0, ev.stderr[-3000:]
     e = last_json(ev.stdout)
     assert e["episodes"] == 2 and e["trained_env_steps"] == 1024 and -2000 < e["return_mean"] <= 0
+    # ...logged as its own run in the store the checkpoint was trained with (no MLFLOW_* env here).
+    ev_run = client.get_run(e["mlflow_run_id"])
+    assert ev_run.data.tags["stage"] == "evaluate" and ev_run.data.tags["source_run_id"] == s1["mlflow_run_id"]
+    assert ev_run.data.params["diffusion.denoising_steps"] == "3"
+    [m] = client.get_metric_history(ev_run.info.run_id, "eval/return_mean")
+    assert (m.value, m.step) == (pytest.approx(e["return_mean"]), 1024)
+    untracked = last_json(run_cli(["evaluate", s2["checkpoint"], "--episodes", "1", "--no-track", "--json"],
+                                  tmp_path).stdout)
+    assert "mlflow_run_id" not in untracked
 
 
 def _good_checkpoint(tmp_path, tiny_config) -> Path:
@@ -82,7 +96,11 @@ def _assert_one_line_error(proc, *needles):
         (["diffusion.denoising_step=5"], ["unknown key 'diffusion.denoising_step'", "denoising_steps"]),
         (["ppo.num_epochs=many"], ["ppo.num_epochs: expected integer"]),
         (["env.id=HalfCheetah-v9"], ["'HalfCheetah-v9' is not a registered Gymnasium env", "HalfCheetah-v5"]),
-        (["env.id=CartPole-v1"], ["needs a 1-D Box"]),
+        (["env.id=Blackjack-v1"], ["observation space Tuple"]),
+        (["env.kind=pettingzoo", "env.id=mpe2.no_such_env_v0"], ["cannot import module 'mpe2.no_such_env_v0'"]),
+        (["env.kind=pettingzoo", "env.id=mpe2.simple_tag_v3", "multi_agent.policies=groups",
+          "multi_agent.groups={adversaries: 'adversary_*', runners: 'runner_*'}"],
+         ["pattern 'runner_*' matches no agent"]),
     ],
 )
 def test_bad_config_fails_cleanly_and_writes_nothing(tmp_path, tiny_config, sets, needles):

@@ -83,16 +83,26 @@ class DictObsEnv(gym.Env):
 gym.register("DictObsTest-v0", entry_point=DictObsEnv)
 
 
+class MultiDiscreteActEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (2,))
+    action_space = gym.spaces.MultiDiscrete([2, 3])
+
+
+gym.register("MultiDiscreteTest-v0", entry_point=MultiDiscreteActEnv)
+
+
 def test_env_checks():
     with pytest.raises(ConfigError, match="not a registered Gymnasium env; did you mean Pendulum-v1"):
-        check_gymnasium_env("Pendulum-v0", {}, needs_box_actions=True)
-    with pytest.raises(ConfigError, match="needs a 1-D Box"):
-        check_gymnasium_env("CartPole-v1", {}, needs_box_actions=True)
+        check_gymnasium_env("Pendulum-v0", {}, for_diffusion=True)
+    with pytest.raises(ConfigError, match="needs a 1-D Box .continuous. or a Discrete action space"):
+        check_gymnasium_env("MultiDiscreteTest-v0", {}, for_diffusion=True)
+    _, act = check_gymnasium_env("CartPole-v1", {}, for_diffusion=True)  # the logit-diffusion head
+    assert isinstance(act, gym.spaces.Discrete)
     with pytest.raises(ConfigError, match="observation space Dict"):
-        check_gymnasium_env("DictObsTest-v0", {}, needs_box_actions=True)
+        check_gymnasium_env("DictObsTest-v0", {}, for_diffusion=True)
     with pytest.raises(ConfigError, match="kwargs"):
-        check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, needs_box_actions=True)
-    obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, needs_box_actions=True)
+        check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, for_diffusion=True)
+    obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, for_diffusion=True)
     assert act.shape == (1,) and obs.shape == (3,)
 
 

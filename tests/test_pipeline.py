@@ -170,7 +170,12 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
 
     collected = run_cli(["collect", "collect.yaml", "--json"], tmp_path, env)
     assert collected.returncode == 0, collected.stderr[-3000:]
-    datasets = last_json(collected.stdout)["datasets"]
+    collect_summary = last_json(collected.stdout)
+    datasets = collect_summary["datasets"]
+    collect_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(collect_summary["mlflow_run_id"])
+    assert collect_run.data.tags["stage"] == "collect" and collect_run.info.status == "FINISHED"
+    assert collect_run.data.metrics["dataset/medium/episodes"] == datasets["medium"]["episodes"]
+    assert collect_run.data.metrics["collect/expert_return"] == collect_summary["expert_return"]
     assert set(datasets) == {"expert", "medium", "medium-replay", "medium-expert"}
     assert datasets["medium-expert"]["steps"] == datasets["medium"]["steps"] + datasets["expert"]["steps"]
     assert "rated" in collected.stderr and "wrote medium-replay" in collected.stderr  # progress output
@@ -191,6 +196,9 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     ev_ft = last_json(run_cli(["evaluate", final, "--episodes", "2", "--json"], tmp_path, env).stdout)
     assert ev_ft["return_mean"] == pytest.approx(ev_pre["return_mean"], rel=1e-6)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    ev_run = client.get_run(ev_pre["mlflow_run_id"])  # evaluating a pre-trained checkpoint is tracked too
+    assert ev_run.data.tags["stage"] == "evaluate"
+    assert ev_run.data.tags["source_run_id"] == last_json(pre.stdout)["mlflow_run_id"]
     run = client.get_run(last_json(ft.stdout)["mlflow_run_id"])
     assert run.data.tags["stage"] == "finetune"
     frozen = client.get_metric_history(run.info.run_id, "learner/default_policy/actor_frozen")

@@ -36,10 +36,10 @@ class RecordingModule(DiffusionPolicyModule):
         return out
 
 
-def make_pair(module_class=DiffusionPolicyModule, **diffusion):
+def make_pair(module_class=DiffusionPolicyModule, env="Pendulum-v1", **diffusion):
     cfg = (
         NCDPOConfig()
-        .environment("Pendulum-v1")
+        .environment(env)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
         .training(train_batch_size_per_learner=400, minibatch_size=100, num_epochs=2)
         .diffusion(**diffusion)
@@ -82,6 +82,37 @@ def test_stored_logp_equals_gaussian_logp_recomputed_from_stored_noise():
             mean, log_std = module.actor(obs, noise)
         assert torch.allclose(actions, mean + log_std.exp() * noise[:, S], atol=1e-5)
         assert torch.allclose(logp, gaussian_log_prob(actions, mean, log_std), atol=1e-4)
+
+
+def test_discrete_head_on_cartpole_stored_noise_logp_and_first_ratio():
+    """Discrete action space -> logit diffusion: the stored noise is (S, n) per step, the
+    stored log-prob is log_softmax(logits)[a] recomputed from it, and the learner's first
+    minibatch sees ratio 1 with gradients at the first denoising step."""
+    RecordingModule.first_train_call = None
+    _, runner, learner = make_pair(RecordingModule, env="CartPole-v1", denoising_steps=4)
+    episodes = runner.sample(num_timesteps=400, random_actions=False)
+    module = runner.module
+    for ep in episodes:
+        n = len(ep)
+        obs = torch.as_tensor(np.asarray(ep.get_observations(slice(0, n))), dtype=torch.float32)
+        noise = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(NOISE)))
+        actions = torch.as_tensor(np.asarray(ep.get_actions()))
+        logp = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(Columns.ACTION_LOGP)))
+        assert noise.shape == (n, 4, 2) and not actions.is_floating_point()
+        with torch.no_grad():
+            logits = module.actor(module._cond({Columns.OBS: obs}), noise)
+        assert torch.allclose(logp, torch.log_softmax(logits, -1)[torch.arange(n), actions.long()], atol=1e-5)
+    results = learner.update(episodes=episodes, num_epochs=1, minibatch_size=100, shuffle_batch_per_epoch=True)
+    seen = RecordingModule.first_train_call
+    assert seen["noise_shape"] == (seen["batch_size"], 4, 2)
+    ratio = seen["ratio"][seen["mask"]]
+    assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4
+    stats = {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[MODULE].items()}
+    assert stats["grad_norm_step_first"] > 0 and "final_std" not in stats
+    # Inference: the argmax of the logits (RLlib's deterministic categorical).
+    out = module.forward_inference({Columns.OBS: obs})
+    dist = module.get_inference_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
+    assert dist.to_deterministic().sample().shape == (n,)
 
 
 def test_separate_actor_and_critic_optimizers():

@@ -2,7 +2,7 @@
 
 from .config import DiffusionConfig
 from .denoiser import DenoiserMLP
-from .policy import DiffusionPolicy, gaussian_log_prob
+from .policy import DiffusionPolicy, DiscreteDiffusionPolicy, categorical_log_prob, gaussian_log_prob
 from .sampler import Chain, NoiseConditionedSampler, sampler_timesteps
 from .schedules import NoiseSchedule, cosine_betas, linear_betas
 
@@ -11,8 +11,10 @@ __all__ = [
     "DenoiserMLP",
     "DiffusionConfig",
     "DiffusionPolicy",
+    "DiscreteDiffusionPolicy",
     "NoiseConditionedSampler",
     "NoiseSchedule",
+    "categorical_log_prob",
     "cosine_betas",
     "gaussian_log_prob",
     "linear_betas",

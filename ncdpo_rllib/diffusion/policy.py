@@ -1,4 +1,5 @@
-"""The noise-conditioned Gaussian policy pi_theta(a | s, zeta) = N(m_theta(s, zeta), sigma^2 I).
+"""The noise-conditioned policies: pi_theta(a | s, zeta) = N(m_theta(s, zeta), sigma^2 I) for
+continuous actions, Categorical(softmax(y_theta(s, zeta))) for discrete ones.
 
 Pure torch: the RLlib module in ``ncdpo_rllib.rl`` wraps this, nothing here knows RLlib.
 Actions are in normalised units ([-1, 1] is the env's range after RLlib's unsquashing).
@@ -80,6 +81,54 @@ class DiffusionPolicy(nn.Module):
         x_k = torch.sqrt(abar) * actions + torch.sqrt(1 - abar) * eps
         target = actions if self.cfg.prediction == "x0" else eps
         return ((sampler.denoiser(x_k, k, cond) - target) ** 2).mean()
+
+
+class DiscreteDiffusionPolicy(nn.Module):
+    """Logit diffusion for n discrete actions (NCDPO.md, section 3).
+
+    The chain denoises a logit vector y in R^n; given zeta (every noise the chain reads,
+    shape (S, n)) y is a deterministic, differentiable function of (s, zeta, theta), and
+    a ~ Categorical(softmax(y)), so log pi(a | s, zeta) = log_softmax(y)[a] exactly. There
+    is no final-step Gaussian (no ``log_std``); ``x0_clip`` bounds the logits if set.
+    """
+
+    def __init__(self, cfg: DiffusionConfig, num_actions: int, cond_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.action_dim = num_actions
+        denoiser = DenoiserMLP(
+            num_actions, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
+        )
+        self.sampler = NoiseConditionedSampler(cfg, denoiser)
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        return (self.sampler.num_steps, self.action_dim)  # no final-step noise: the draw is categorical
+
+    def sample_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        device = self.sampler.abar.device
+        return torch.randn((batch, *self.noise_shape), generator=generator, device=device)
+
+    def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
+        """Logits (B, n) from stored noise."""
+        return self.sampler(cond, noise, **chain_kwargs).mean
+
+    def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
+        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
+
+    def act(self, cond: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """Exploration: a ~ Categorical(softmax(y)); returns (a, logp, logits)."""
+        logits = self(cond, noise)
+        action = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        return action, categorical_log_prob(action, logits), logits
+
+    def bc_loss(self, cond, actions, generator=None):
+        raise NotImplementedError("behaviour cloning of a discrete (logit) diffusion policy is not supported")
+
+
+def categorical_log_prob(action: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[a]: the closed form."""
+    return torch.log_softmax(logits, -1).gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
@@ -16,7 +17,8 @@ from .config import ExperimentConfig
 def env_config(exp: ExperimentConfig, record_dir: Optional[str] = None) -> dict:
     """What ``ncdpo_rllib.tasks.envs.make_env`` builds the env from."""
     e = exp.env
-    out = {"id": e.id, "kwargs": dict(e.kwargs), "action_chunk": e.action_chunk, "obs_history": e.obs_history}
+    out = {"kind": e.kind, "id": e.id, "kwargs": dict(e.kwargs), "action_chunk": e.action_chunk,
+           "obs_history": e.obs_history}
     if record_dir:
         out["record_dir"] = str(record_dir)
     return out
@@ -49,11 +51,14 @@ def build_algo_config(
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
     cfg.environment(env=register(), env_config=env_config(exp, record_dir))
+    connector = mean_std_filter_connector if use_filter else None
+    if exp.env.kind == "pettingzoo":
+        connector = _multi_agent(cfg, exp, use_filter)
     cfg.env_runners(
         num_env_runners=r.env_runners,
         num_envs_per_env_runner=r.envs_per_runner,
         num_cpus_per_env_runner=r.cpus_per_runner,
-        env_to_module_connector=mean_std_filter_connector if use_filter else None,
+        env_to_module_connector=connector,
     )
     cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)
     cfg.fault_tolerance(
@@ -83,3 +88,47 @@ def build_algo_config(
     cfg.callbacks(ChunkedEnvStepsCallback if exp.env.action_chunk > 1 else EpisodeReturnCallback)
     cfg.debugging(seed=exp.seed, log_level="ERROR")
     return cfg
+
+
+def multi_agent_connectors(env=None, spaces=None, device=None, *, central_critic: bool, normalize: bool) -> list:
+    """Env-to-module pieces for PettingZoo envs: [own, global] observations, then MeanStdFilter."""
+    from ray.rllib.connectors.env_to_module import MeanStdFilter
+
+    from ncdpo_rllib.rl.central_critic import CentralCriticObservations
+
+    pieces = [CentralCriticObservations()] if central_critic else []
+    return pieces + ([MeanStdFilter(multi_agent=True)] if normalize else [])
+
+
+def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
+    """Policies, mapping and one RLModuleSpec per policy; returns the connector factory."""
+    from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from ncdpo_rllib.rl import DiffusionPolicyModule
+    from ncdpo_rllib.rl.central_critic import MLPCentralCriticModule
+    from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
+
+    ma = exp.multi_agent
+    spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
+    mapping = policy_mapping(ma.policies, ma.groups, spaces)
+    cfg.multi_agent(
+        policies=set(mapping.values()),
+        policy_mapping_fn=lambda agent_id, episode, **kw: mapping[agent_id],
+    )
+    specs = {}
+    for agent, pid in mapping.items():
+        if pid in specs:
+            continue
+        extra = {"actor_obs_dim": int(spaces.observation[agent].shape[0])} if ma.central_critic else {}
+        if exp.algorithm == "ppo":
+            specs[pid] = (RLModuleSpec(module_class=MLPCentralCriticModule, model_config=extra)
+                          if ma.central_critic else RLModuleSpec())
+        else:
+            base = cfg.get_default_rl_module_spec()
+            specs[pid] = RLModuleSpec(module_class=DiffusionPolicyModule,
+                                      model_config={**base.model_config, **extra})
+    cfg.rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=specs))
+    if not (ma.central_critic or normalize):
+        return None
+    return functools.partial(multi_agent_connectors, central_critic=ma.central_critic, normalize=normalize)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from .checkpoints import FINAL, STATE_FILE, load_checkpoint_meta, periodic_checkpoints, resolve_checkpoint
 from .config import ExperimentConfig
 from .errors import ConfigError
+from .tracking import Tracker
 
 ROLLOUTS = "rollouts"
 
@@ -42,7 +44,7 @@ def _rate(ckpts: list[Path], episodes: int, log) -> list[tuple[Path, float]]:
 
     rated = []
     for ckpt in ckpts:
-        ret = evaluate(str(ckpt), episodes=episodes)["return_mean"]
+        ret = evaluate(str(ckpt), episodes=episodes, track=False)["return_mean"]
         log(f"rated {ckpt.parent.parent.name}/{ckpt.name}: return {ret:.1f}")
         rated.append((ckpt, ret))
     return rated
@@ -86,8 +88,6 @@ def record_policy(ckpt: Path, steps: int, stochastic: bool, seed: int, log, labe
 
 
 def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    from ncdpo_rllib.data import read_shards, write_dataset
-
     from .train import check_env, train
 
     c = exp.collect
@@ -119,6 +119,32 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
         run_dir = Path(summary["run_dir"])
         ckpts = _run_checkpoints(run_dir)
 
+    tracker = Tracker(exp, tags={"stage": "collect", "expert_run_dir": str(run_dir)})
+    status = "FAILED"
+    try:
+        summary = _rate_and_record(exp, run_dir, ckpts, levels, log)
+        tracker.log_metrics(_collect_metrics(summary), step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "collect.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_artifact(Path(tmp) / "collect.json")
+        status = "FINISHED"
+        return {**summary, "mlflow_run_id": tracker.run_id}
+    finally:
+        tracker.finish(status)
+
+
+def _collect_metrics(summary: dict) -> dict[str, float]:
+    out = {"collect/expert_return": summary["expert_return"], "collect/medium_return": summary["medium_return"]}
+    for level, d in summary["datasets"].items():
+        for key in ("episodes", "steps", "return_mean", "return_std"):
+            out[f"dataset/{level}/{key}"] = d[key]
+    return out
+
+
+def _rate_and_record(exp: ExperimentConfig, run_dir: Path, ckpts: list[Path], levels: dict[str, Path], log) -> dict:
+    from ncdpo_rllib.data import read_shards, write_dataset
+
+    c = exp.collect
     rated = _rate(ckpts, c.eval_episodes, log)
     i_exp, i_med = pick_levels(rated, c.medium_fraction)
     expert_ckpt, expert_ret = rated[i_exp]

@@ -41,6 +41,8 @@ WALL_METRIC = "wall_s"
 THROUGHPUT_METRIC = "env_steps_per_s"
 COMPARE_STAGE = "compare"
 PROFILE_STAGE = "profile"
+NOT_CURVES = (COMPARE_STAGE, PROFILE_STAGE, "evaluate", "collect")
+"""Stages whose runs hold no learning curve: left out of the selection."""
 NOT_REACHED = "not reached"
 
 
@@ -389,7 +391,7 @@ def select_runs(client, experiment_id: Optional[str], filter_string: Optional[st
                     break
         except MlflowException as e:
             raise UserError(f"invalid filter {filter_string!r}: {_one_line(e)}") from None
-    runs = [r for r in runs if r.data.tags.get("stage") not in (COMPARE_STAGE, PROFILE_STAGE)]
+    runs = [r for r in runs if r.data.tags.get("stage") not in NOT_CURVES]
     if not runs:
         what = (f"filter {filter_string!r}" if filter_string else
                 "the given run ids in this experiment" if run_ids else "the experiment has no runs")

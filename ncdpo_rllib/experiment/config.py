@@ -27,11 +27,14 @@ class EnvConfig:
     """The task."""
 
     id: str = "Pendulum-v1"
-    """A Gymnasium env id (registered, e.g. ``Pendulum-v1``, ``HalfCheetah-v5``)."""
-    kind: Literal["gymnasium"] = "gymnasium"
-    """Env family (PettingZoo multi-agent envs come with the multi-agent issue)."""
+    """gymnasium: a registered env id (``Pendulum-v1``, ``HalfCheetah-v5``); pettingzoo: an
+    importable module with ``parallel_env()`` or ``env()`` (``mpe2.simple_spread_v3``,
+    ``pettingzoo.sisl.multiwalker_v9``)."""
+    kind: Literal["gymnasium", "pettingzoo"] = "gymnasium"
+    """Env family: a single-agent Gymnasium env, or a multi-agent PettingZoo env (parallel API;
+    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for ``gymnasium.make``."""
+    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor."""
     normalize_observations: bool = True
     """RLlib's MeanStdFilter connector; its statistics are saved in checkpoints. Ignored with
     ``init_from``: a pre-trained module normalises with its dataset's statistics."""
@@ -43,6 +46,30 @@ class EnvConfig:
     def __post_init__(self):
         if self.action_chunk < 1 or self.obs_history < 1:
             raise ValueError("env: action_chunk and obs_history must be >= 1")
+
+
+@dataclass
+class MultiAgentConfig:
+    """PettingZoo envs (``env.kind: pettingzoo``): which agents share a policy, and the critic."""
+
+    policies: Literal["shared", "independent", "groups"] = "shared"
+    """shared = one policy for all agents (parameter sharing); independent = one per agent;
+    groups = one per entry of ``groups``. Agents sharing a policy need the same spaces."""
+    groups: dict = field(default_factory=dict)
+    """policies: groups only: policy name -> agent-name glob (``adversary_*``); every agent
+    must match exactly one pattern, every pattern at least one agent."""
+    central_critic: bool = False
+    """MAPPO's centralised critic: each agent's value function also sees every agent's
+    observation (zeros for agents no longer in the episode); the actor sees its own."""
+
+    def __post_init__(self):
+        if self.policies == "groups" and not self.groups:
+            raise ValueError("multi_agent: policies: groups needs groups: {policy name: agent-name pattern}")
+        if self.groups and self.policies != "groups":
+            raise ValueError("multi_agent: groups is only read with policies: groups")
+        for name, pattern in self.groups.items():
+            if not isinstance(pattern, str) or not isinstance(name, str):
+                raise ValueError(f"multi_agent.groups: {name!r}: {pattern!r} must map a name to a glob string")
 
 
 @dataclass
@@ -267,6 +294,7 @@ class ExperimentConfig:
     """ncdpo = the diffusion policy, PPO through the whole chain; dppo = the same module with
     DPPO's per-denoising-step likelihoods; ppo = RLlib's PPO with its default MLP module."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    multi_agent: MultiAgentConfig = field(default_factory=MultiAgentConfig)
     seed: int = 0
     """Seeds envs, torch and the rollout noise (RLlib's ``debugging(seed=...)``)."""
     stop: StopConfig = field(default_factory=StopConfig)
@@ -287,6 +315,13 @@ class ExperimentConfig:
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
         if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.env.kind == "pettingzoo":
+            if self.env.action_chunk != 1 or self.env.obs_history != 1:
+                raise ValueError("env.action_chunk / env.obs_history are for single-agent envs (kind: gymnasium)")
+            if self.init_from is not None or self.eval.every:
+                raise ValueError("init_from and eval.every are for single-agent envs (kind: gymnasium)")
+            if self.algorithm == "dppo":
+                raise ValueError("algorithm: dppo is single-agent here; use ncdpo or ppo with env.kind: pettingzoo")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ from . import config as experiment_config
 SECTIONS = [
     ("(top level)", experiment_config, "ExperimentConfig"),
     ("env", experiment_config, "EnvConfig"),
+    ("multi_agent", experiment_config, "MultiAgentConfig"),
     ("stop", experiment_config, "StopConfig"),
     ("diffusion", diffusion_config, "DiffusionConfig"),
     ("ppo", experiment_config, "PPOSection"),
@@ -28,7 +29,7 @@ SECTIONS = [
     ("collect", experiment_config, "CollectConfig"),
 ]
 
-NESTED = {"env", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
+NESTED = {"env", "multi_agent", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
 
 METRICS = """\
 ## Metrics
@@ -43,6 +44,7 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `episodes` | episodes that ended in this iteration |
 | `env_steps`, `iteration`, `wall_s` | totals so far (`wall_s`: training seconds, for wall-clock curves) |
 | `time_iter_s`, `env_steps_per_s` | this iteration's duration and throughput |
+| `time_sampling_s`, `time_learner_s` | of which: collecting the batch (env runners), and the learner update (all epochs and minibatches, GAE included) |
 | `learner/<module>/policy_loss`, `vf_loss`, `entropy` | loss terms (mean over minibatches) |
 | `learner/<module>/ratio_mean`, `ratio_max` | PPO ratio on unmasked rows (mean, max over the iteration) |
 | `learner/<module>/clip_fraction`, `approx_kl` | share of rows with \\|ratio-1\\| > clip; Schulman's k3 KL estimate |
@@ -63,6 +65,14 @@ episode's end counts the steps it executed), not policy steps; `episode_len_mean
 `ncdpo pretrain` logs `pretrain/train_loss`, `pretrain/val_loss` (EMA weights, fixed noise),
 `pretrain/lr` and `wall_s` with `step` = gradient steps, and `pretrain/eval_return_mean`,
 `pretrain/eval_return_std` at the end.
+
+`ncdpo evaluate` logs its own run (tag `stage: evaluate`, the checkpoint's config as params,
+`source_run_id` = the training run) with `eval/return_mean`, `eval/return_std`,
+`eval/return_min`, `eval/return_max`, `eval/episodes` at `step` = the checkpoint's env steps.
+`ncdpo collect` logs a run tagged `stage: collect` (the expert's training run is its own
+`stage: train` run) with `collect/expert_return`, `collect/medium_return` and, per dataset
+level, `dataset/<level>/episodes`, `steps`, `return_mean`, `return_std`; the summary is its
+`collect.json` artifact.
 
 The MLP PPO baseline logs RLlib's PPO learner keys under `learner/<module>/` instead.
 """

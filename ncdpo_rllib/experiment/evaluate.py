@@ -13,43 +13,47 @@ from .checkpoints import load_checkpoint_meta, restore_failed
 from .errors import CheckpointError
 
 
-MODULE_DIR = Path("learner_group") / "learner" / "rl_module" / DEFAULT_MODULE_ID
+RL_MODULE_DIR = Path("learner_group") / "learner" / "rl_module"
+MODULE_DIR = RL_MODULE_DIR / DEFAULT_MODULE_ID
 
 
 def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: int = 1):
-    """A local SingleAgentEnvRunner with the checkpoint's connector state (observation
-    filter) and the trained module weights.
+    """A local Single/MultiAgentEnvRunner with the checkpoint's connector state (observation
+    filter) and the trained module weights (every policy's, for a PettingZoo env).
 
     RLlib's ``env_runner`` component holds the connector states, but not the module when
     the run sampled with remote EnvRunners (the driver's runner then has none); the
     trained weights are the learner's, under learner_group/learner/rl_module/.
     """
+    from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     cfg = build_algo_config(exp, record_dir=record_dir)
     cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs)
     cfg.debugging(seed=seed)
-    runner = SingleAgentEnvRunner(config=cfg)
-    for part in (ckpt / "env_runner", ckpt / MODULE_DIR):
+    multi = exp.env.kind == "pettingzoo"
+    runner = MultiAgentEnvRunner(config=cfg) if multi else SingleAgentEnvRunner(config=cfg)
+    module_dir = RL_MODULE_DIR if multi else MODULE_DIR
+    for part in (ckpt / "env_runner", ckpt / module_dir):
         if not part.is_dir():
             raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: {part.relative_to(ckpt)}/ missing")
     try:
         runner.restore_from_path(str((ckpt / "env_runner").resolve()))
-        runner.module.restore_from_path(str((ckpt / MODULE_DIR).resolve()))
+        runner.module.restore_from_path(str((ckpt / module_dir).resolve()))
     except Exception as e:  # RLlib raises assorted errors on a damaged checkpoint
         raise restore_failed(ckpt, e) from None
     return runner
 
 
-def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> dict:
+def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[dict, object, dict]:
     from .pretrain import evaluate_module
     from .pretrained import load_module_state, load_pretrained_meta
     from .train import check_env
 
-    ckpt, exp, _ = load_pretrained_meta(checkpoint)
+    ckpt, exp, meta = load_pretrained_meta(checkpoint)
     check_env(exp)
     returns = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
-    return _summary(exp, ckpt, returns, trained_env_steps=0)
+    return _summary(exp, ckpt, returns, trained_env_steps=0), exp, meta
 
 
 def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
@@ -66,19 +70,42 @@ def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
     }
 
 
-def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345) -> dict:
-    """A training checkpoint (or run dir), or a pre-trained one (``ncdpo pretrain`` output)."""
+def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
+    """One MLflow run per evaluation (stage: evaluate) in the checkpoint's experiment and store."""
+    from .tracking import Tracker
+
+    tags = {"stage": "evaluate", "checkpoint": summary["checkpoint"], "eval_seed": str(seed)}
+    if source_run_id:
+        tags["source_run_id"] = source_run_id
+    tracker = Tracker(exp, uri=uri, tags=tags)
+    metrics = {f"eval/{k}": summary[k] for k in ("return_mean", "return_std", "return_min", "return_max", "episodes")}
+    tracker.log_metrics(metrics, step=summary["trained_env_steps"])
+    tracker.finish()
+    return tracker.run_id
+
+
+def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: bool = True) -> dict:
+    """A training checkpoint (or run dir), or a pre-trained one (``ncdpo pretrain`` output).
+
+    ``track``: log the result as its own MLflow run (tag ``stage: evaluate``) in the store and
+    experiment the checkpoint was trained with (unless its config disabled tracking)."""
     from .pretrained import is_pretrained
     from .train import check_env
 
     if episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
     if is_pretrained(checkpoint):
-        return evaluate_pretrained(checkpoint, episodes=episodes, seed=seed)
-    ckpt, exp, state = load_checkpoint_meta(checkpoint)
-    check_env(exp)
-    runner = load_env_runner(ckpt, exp, seed=seed)
-    done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-    returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
-    runner.stop()
-    return _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        summary, exp, meta = evaluate_pretrained(checkpoint, episodes=episodes, seed=seed)
+        source, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    else:
+        ckpt, exp, state = load_checkpoint_meta(checkpoint)
+        check_env(exp)
+        runner = load_env_runner(ckpt, exp, seed=seed)
+        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
+        returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
+        runner.stop()
+        summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        source, uri = state.mlflow_run_id, state.mlflow_uri
+    if track:
+        summary["mlflow_run_id"] = _track(exp, summary, seed=seed, source_run_id=source, uri=uri)
+    return summary

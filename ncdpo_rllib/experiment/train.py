@@ -37,7 +37,13 @@ from .tracking import Tracker
 def check_env(exp: ExperimentConfig) -> None:
     from ncdpo_rllib.tasks.envs import check_gymnasium_env
 
-    obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, needs_box_actions=exp.algorithm != "ppo")
+    if exp.env.kind == "pettingzoo":
+        from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
+
+        spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
+        policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
+        return
+    obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, for_diffusion=exp.algorithm != "ppo")
     chunked = exp.env.action_chunk > 1 or exp.env.obs_history > 1
     if chunked and not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)):
         raise ConfigError(
@@ -71,14 +77,24 @@ def _num(x: Any) -> Optional[float]:
 
 def iteration_metrics(result: dict) -> dict[str, float]:
     """Flatten an ``algo.train()`` result into the stable MLflow metric names."""
-    from ray.rllib.utils.metrics import ALL_MODULES, ENV_RUNNER_RESULTS, LEARNER_RESULTS
+    from ray.rllib.utils.metrics import (
+        ALL_MODULES,
+        ENV_RUNNER_RESULTS,
+        ENV_RUNNER_SAMPLING_TIMER,
+        LEARNER_RESULTS,
+        LEARNER_UPDATE_TIMER,
+        TIMERS,
+    )
 
     from ncdpo_rllib.rl.callbacks import ITER_EPISODE_LEN, ITER_RETURN_MAX, ITER_RETURN_MEAN, ITER_RETURN_MIN
 
     runners = result.get(ENV_RUNNER_RESULTS, {})
     evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {})
     faults = result.get("fault_tolerance", {})
+    timers = result.get(TIMERS, {})
     out = {
+        "time_sampling_s": _num(timers.get(ENV_RUNNER_SAMPLING_TIMER)),
+        "time_learner_s": _num(timers.get(LEARNER_UPDATE_TIMER)),
         "env_runner_restarts": _num(faults.get("num_remote_worker_restarts")),
         "env_runners_healthy": _num(faults.get("num_healthy_workers")),
         "eval_return_mean": _num(evaluation.get(ITER_RETURN_MEAN)),
@@ -89,6 +105,12 @@ def iteration_metrics(result: dict) -> dict[str, float]:
         "return_mean_smoothed": _num(runners.get("episode_return_mean")),
         "episodes": _num(runners.get("num_episodes")),
     }
+    for key, name in (("agent_episode_returns_mean", "agent_return_mean"),
+                      ("module_episode_returns_mean", "policy_return_mean")):
+        for who, value in (runners.get(key) or {}).items():  # multi-agent: per agent / per policy
+            v = _num(value)
+            if v is not None:
+                out[f"{name}/{who}"] = v
     for module_id, values in result.get(LEARNER_RESULTS, {}).items():
         if module_id == ALL_MODULES or not isinstance(values, dict):
             continue

@@ -17,13 +17,16 @@ ITER_EPISODE_LEN = "iter_episode_len_mean"
 
 
 def episode_return_and_length(chunks) -> tuple[float, int]:
-    """Return and length of an episode that arrived in chunks (one per ``sample()`` call).
+    """Return and length of an episode that arrived in chunks (one per ``sample()`` call);
+    multi-agent: the sum over agents (RLlib's convention) and the env steps.
 
     In Ray 2.60 a chunk kept for metrics can overlap its successor by one step (RLlib's own
     ``episode_len_mean`` then reads 201 on Pendulum's 200-step episodes, and the return
     counts one reward twice); each chunk's rewards are counted only up to where the next
     chunk starts.
     """
+    if not hasattr(chunks[-1], "t_started"):  # a MultiAgentEpisode: team return, summed over agents
+        return float(sum(c.get_return() for c in chunks)), int(chunks[-1].env_t)
     ret = 0.0
     for chunk, nxt in zip(chunks, [*chunks[1:], None]):
         rewards = np.asarray(chunk.get_rewards(), dtype=float)
@@ -33,7 +36,23 @@ def episode_return_and_length(chunks) -> tuple[float, int]:
     return ret, int(chunks[-1].t)
 
 
+def per_iteration_timers(metrics_logger) -> None:
+    """Make RLlib's sampling and learner-update timers report *this* iteration's time.
+
+    RLlib creates them on first use as an EMA (coefficient 0.01) over iterations, which the
+    first, warm-up iteration dominates for ~100 iterations. Created beforehand as ``item``
+    stats, the same ``log_time`` blocks in ``PPO.training_step`` keep the latest value.
+    """
+    from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
+
+    for name in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
+        metrics_logger.log_value((TIMERS, name), float("nan"), reduce="item")
+
+
 class EpisodeReturnCallback(RLlibCallback):
+    def on_algorithm_init(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
+        per_iteration_timers(metrics_logger if metrics_logger is not None else algorithm.metrics)
+
     def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None:
             return

@@ -48,6 +48,8 @@ class DPPOModule(DiffusionPolicyModule):
 
     def setup(self):
         super().setup()
+        if self.discrete:
+            raise ValueError("DPPO here supports Box action spaces only (use algorithm: ncdpo for Discrete)")
         if self.diffusion_config.sigma_min <= 0:
             raise ValueError("DPPO needs sigma_min > 0: every denoising step must be a proper Gaussian")
 
@@ -81,7 +83,7 @@ class DPPOModule(DiffusionPolicyModule):
         return {
             Columns.ACTIONS: action,
             Columns.ACTION_LOGP: step_logp[:, self.first_finetuned_step :].sum(-1),
-            Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std),
+            Columns.ACTION_DIST_INPUTS: torch.cat([mean, log_std], dim=-1),
             DPPO_CHAIN: torch.stack([*states[:-1], action], dim=1),
             DPPO_STEP_LOGP: step_logp,
         }
@@ -93,7 +95,7 @@ class DPPOModule(DiffusionPolicyModule):
         means = self.actor.sampler.step_means(cond, chain, first)
         log_stds = self._step_log_stds(cond.shape[0], first)
         return {
-            Columns.ACTION_DIST_INPUTS: self._dist_inputs(means[:, -1], log_stds[:, -1]),
+            Columns.ACTION_DIST_INPUTS: torch.cat([means[:, -1], log_stds[:, -1]], dim=-1),
             DPPO_STEP_LOGP: gaussian_log_prob(chain[:, first + 1 :], means, log_stds),
         }
 

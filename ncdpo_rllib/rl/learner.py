@@ -190,12 +190,14 @@ class NCDPOTorchLearner(PPOTorchLearner):
                 "ratio_mean": ratio.mean(),
                 "clip_fraction": ((ratio - 1).abs() > config.clip_param).float().mean(),
                 "approx_kl": approx_kl,
-                "final_std": fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean(),
                 "kl_stop_fraction": float(module_id in self._kl_stopped),
             },
             key=module_id,
             reduce="mean",
         )
+        if not getattr(self.module[module_id].unwrapped(), "discrete", False):
+            final_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean()
+            self.metrics.log_value((module_id, "final_std"), final_std, reduce="mean")
         self.metrics.log_value((module_id, "ratio_max"), ratio.max(), reduce="max")
         self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
 
@@ -212,7 +214,13 @@ class NCDPOTorchLearner(PPOTorchLearner):
     @staticmethod
     def _kl_to_reference(module, batch, fwd_out) -> torch.Tensor:
         """KL(N(m, s^2) || N(m_ref, s^2)) per row, s the current std (detached): the
-        reference runs the chain from the same stored noise, without grad."""
+        reference runs the chain from the same stored noise, without grad. Discrete head:
+        KL(Categorical(y) || Categorical(y_ref)), same noise."""
+        if module.discrete:
+            logp = torch.log_softmax(fwd_out[Columns.ACTION_DIST_INPUTS], -1)
+            with torch.no_grad():
+                ref = torch.log_softmax(module.reference(module._cond(batch), batch[NOISE]), -1)
+            return (logp.exp() * (logp - ref)).sum(-1)
         mean, log_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)
         with torch.no_grad():
             ref_mean, _ = module.reference(module._cond(batch), batch[NOISE])

@@ -11,7 +11,13 @@ Forward passes (see ``docs/architecture.md``):
 - inference (evaluation, ``explore=False``): the final-step mean m_theta, with the
   chain's noise drawn (``inference_noise: sample``, default) or zero (``zero``).
 
-The critic V(s) is a separate MLP, not conditioned on the noise.
+Discrete action spaces select the logit-diffusion head (``DiscreteDiffusionPolicy``): the
+chain denoises a logit vector, ACTION_DIST_INPUTS are the logits (``TorchCategorical``),
+the stored noise is (S, n) and inference takes the argmax.
+
+The critic V(s) is a separate MLP, not conditioned on the noise. With a centralised critic
+(``model_config["actor_obs_dim"]`` = d) the observation is [own obs (d), global state] as
+``CentralCriticObservations`` builds it: the actor reads the first d entries, the critic all.
 
 State beyond the networks: ``obs_shift``/``obs_scale``, the observation normaliser of a
 pre-trained policy (identity unless ``ncdpo pretrain`` set it from its dataset), applied
@@ -32,15 +38,16 @@ import torch
 from torch import nn
 
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussian
+from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical, TorchDiagGaussian
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy
+from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy, DiscreteDiffusionPolicy
 from ncdpo_rllib.diffusion.denoiser import ACTIVATIONS
 
 NOISE = "ncdpo_noise"
-"""Batch / episode column holding the pre-sampled noise, shape (S+1, action_dim) per step."""
+"""Batch / episode column holding the pre-sampled noise, shape (S+1, action_dim) per step
+((S, n) for the discrete head)."""
 
 DEFAULT_CRITIC_HIDDEN = [256, 256]
 
@@ -61,17 +68,23 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str = "mish") 
 
 
 class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
-    """model_config: every ``DiffusionConfig`` field, plus ``critic_hidden`` (list of ints)."""
+    """model_config: every ``DiffusionConfig`` field, plus ``critic_hidden`` (list of ints),
+    ``reference_policy`` (bool) and ``actor_obs_dim`` (int or None: the centralised critic)."""
 
     def setup(self):
-        if not isinstance(self.action_space, gym.spaces.Box) or len(self.action_space.shape) != 1:
+        self.discrete = isinstance(self.action_space, gym.spaces.Discrete)
+        if not self.discrete and (not isinstance(self.action_space, gym.spaces.Box) or len(self.action_space.shape) != 1):
             raise ValueError(
-                f"DiffusionPolicyModule supports 1-D Box action spaces; got {self.action_space}"
+                f"DiffusionPolicyModule supports 1-D Box and Discrete action spaces; got {self.action_space}"
             )
         self.diffusion_config = diffusion_config_from_model_config(self.model_config)
         obs_dim = int(gym.spaces.flatdim(self.observation_space))
-        action_dim = int(np.prod(self.action_space.shape))
-        self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim=obs_dim)
+        self.actor_obs_dim = int((self.model_config or {}).get("actor_obs_dim") or obs_dim)
+        if self.discrete:
+            self.actor = DiscreteDiffusionPolicy(self.diffusion_config, int(self.action_space.n), self.actor_obs_dim)
+        else:
+            action_dim = int(np.prod(self.action_space.shape))
+            self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim=self.actor_obs_dim)
         critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULT_CRITIC_HIDDEN)
         self.critic = mlp(obs_dim, list(critic_hidden), 1, self.diffusion_config.activation)
         self.register_buffer("obs_shift", torch.zeros(obs_dim))
@@ -106,34 +119,47 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         new = {**own, **{k: torch.as_tensor(v) for k, v in merged.items()}}
         self.set_state({k: v for k, v in new.items() if not k.startswith("reference.")})
 
-    # --- distributions: the final step is a diagonal Gaussian -------------------------
+    # --- distributions: the final step is a diagonal Gaussian (or a categorical) -------
+    def _dist_cls(self):
+        return TorchCategorical if self.discrete else TorchDiagGaussian
+
     def get_inference_action_dist_cls(self):
-        return TorchDiagGaussian
+        return self._dist_cls()
 
     def get_exploration_action_dist_cls(self):
-        return TorchDiagGaussian
+        return self._dist_cls()
 
     def get_train_action_dist_cls(self):
-        return TorchDiagGaussian
+        return self._dist_cls()
 
     # --- forwards ---------------------------------------------------------------------
-    def _cond(self, batch: dict) -> torch.Tensor:
+    def _obs(self, batch: dict) -> torch.Tensor:
         obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1).float()
         return (obs - self.obs_shift) / self.obs_scale
 
-    @staticmethod
-    def _dist_inputs(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-        return torch.cat([mean, log_std], dim=-1)
+    def _cond(self, batch: dict) -> torch.Tensor:
+        """The actor's input: the (normalised) own observation."""
+        return self._obs(batch)[:, : self.actor_obs_dim]
+
+    def _dist_inputs(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
+        """ACTION_DIST_INPUTS from stored noise: [mean, log_std], or the logits."""
+        if self.discrete:
+            return self.actor(cond, noise, **chain_kwargs)
+        return torch.cat(self.actor(cond, noise, **chain_kwargs), dim=-1)
 
     def _forward_exploration(self, batch: dict, **kwargs) -> dict:
         with torch.no_grad():
             cond = self._cond(batch)
             noise = self.actor.sample_noise(cond.shape[0])
-            action, logp, mean, log_std = self.actor.act(cond, noise)
+            if self.discrete:
+                action, logp, dist_inputs = self.actor.act(cond, noise)
+            else:
+                action, logp, mean, log_std = self.actor.act(cond, noise)
+                dist_inputs = torch.cat([mean, log_std], dim=-1)
         return {
             Columns.ACTIONS: action,
             Columns.ACTION_LOGP: logp,
-            Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std),
+            Columns.ACTION_DIST_INPUTS: dist_inputs,
             NOISE: noise,
         }
 
@@ -143,17 +169,15 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
             noise = self.actor.sample_noise(cond.shape[0])
             if self.diffusion_config.inference_noise == "zero":
                 noise = torch.zeros_like(noise)
-            mean, log_std = self.actor(cond, noise)
-        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std)}
+            return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(cond, noise)}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         # A fresh probe per pass: the learner reads per-step gradient norms after backward.
         self.grad_probe = {}
-        mean, log_std = self.actor(self._cond(batch), batch[NOISE], grad_probe=self.grad_probe)
-        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(mean, log_std)}
+        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(self._cond(batch), batch[NOISE], grad_probe=self.grad_probe)}
 
     def compute_values(self, batch: dict, embeddings: Optional[Any] = None) -> torch.Tensor:
-        return self.critic(self._cond(batch)).squeeze(-1)
+        return self.critic(self._obs(batch)).squeeze(-1)
 
     # --- parameter groups (separate optimizers in the learner) ------------------------
     def actor_parameters(self) -> list[nn.Parameter]:

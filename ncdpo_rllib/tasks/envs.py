@@ -16,8 +16,12 @@ from ncdpo_rllib.experiment.errors import ConfigError
 ENV_NAME = "ncdpo_env"
 
 
-def make_env(env_config: dict) -> gym.Env:
-    """env_config: id, kwargs, action_chunk, obs_history, record_dir (optional)."""
+def make_env(env_config: dict):
+    """env_config: kind, id, kwargs, action_chunk, obs_history, record_dir (optional)."""
+    if env_config.get("kind") == "pettingzoo":
+        from .multiagent import make_multi_agent_env
+
+        return make_multi_agent_env(env_config)
     env = gym.make(env_config["id"], **env_config.get("kwargs", {}))
     if env_config.get("record_dir"):
         from ncdpo_rllib.data import RecordingWrapper
@@ -39,7 +43,7 @@ def register() -> str:
     return ENV_NAME
 
 
-def check_gymnasium_env(env_id: str, kwargs: dict, *, needs_box_actions: bool) -> tuple[gym.Space, gym.Space]:
+def check_gymnasium_env(env_id: str, kwargs: dict, *, for_diffusion: bool) -> tuple[gym.Space, gym.Space]:
     """Build the env once (then close it) and return (observation_space, action_space).
 
     Raises ConfigError with a one-line fix for unknown ids, missing extras, bad kwargs
@@ -61,12 +65,13 @@ def check_gymnasium_env(env_id: str, kwargs: dict, *, needs_box_actions: bool) -
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
-    if needs_box_actions and not (isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1):
+    box = isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
+    if for_diffusion and not (box or isinstance(act_space, gym.spaces.Discrete)):
         raise ConfigError(
             f"env {env_id!r} has action space {act_space}; the diffusion policy needs a 1-D Box "
-            "(continuous) action space - use algorithm: ppo for other spaces"
+            "(continuous) or a Discrete action space - use algorithm: ppo for other spaces"
         )
-    if needs_box_actions and not isinstance(obs_space, gym.spaces.Box):
+    if for_diffusion and not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError(
             f"env {env_id!r} has observation space {obs_space}; the diffusion policy's encoder takes "
             "a Box observation (wrap the env with gymnasium.wrappers.FlattenObservation)"

@@ -1,0 +1,116 @@
+"""PettingZoo envs for RLlib: load by module path, check the spaces, map agents to policies.
+
+``env: {kind: pettingzoo, id: mpe2.simple_spread_v3, kwargs: {...}}`` imports the module,
+builds its parallel env (``parallel_env(**kwargs)``; an AEC-only module's ``env()`` goes
+through PettingZoo's ``aec_to_parallel``) and wraps it in RLlib's ``ParallelPettingZooEnv``.
+Agents that leave the episode early (PettingZoo drops them from the step dicts) are handled
+by RLlib's ``MultiAgentEpisode``; the centralised critic fills their slot with zeros.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from dataclasses import dataclass
+
+import gymnasium as gym
+
+from ncdpo_rllib.experiment.errors import ConfigError
+
+SHARED_POLICY = "shared"
+
+
+def _import_env_module(module_path: str):
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        top = module_path.split(".")[0]
+        hint = (" (MPE lives in the `mpe2` package now: mpe2.simple_spread_v3)" if module_path.startswith("pettingzoo.mpe")
+                else f" (pip install {e.name})" if e.name == top else "")
+        raise ConfigError(f"env.id {module_path!r}: cannot import module {e.name!r}{hint}") from None
+    except ImportError as e:  # e.g. an extra the env needs (pygame, Box2D, pymunk)
+        raise ConfigError(f"env.id {module_path!r} needs an extra dependency: {e}") from None
+
+
+def make_parallel_env(env_id: str, kwargs: dict):
+    """The PettingZoo env as a ParallelEnv (AEC envs converted)."""
+    from pettingzoo.utils.conversions import aec_to_parallel
+
+    module = _import_env_module(env_id)
+    try:
+        if hasattr(module, "parallel_env"):
+            return module.parallel_env(**kwargs)
+        if hasattr(module, "env"):
+            return aec_to_parallel(module.env(**kwargs))
+    except TypeError as e:
+        raise ConfigError(f"env.kwargs for {env_id!r} are not accepted: {e}") from None
+    raise ConfigError(f"env.id {env_id!r} is a module without parallel_env() or env(): not a PettingZoo env")
+
+
+def make_multi_agent_env(env_config: dict):
+    """The env factory RLlib calls on every EnvRunner (registered as ``ncdpo_env``)."""
+    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+
+    return ParallelPettingZooEnv(make_parallel_env(env_config["id"], env_config.get("kwargs", {})))
+
+
+@dataclass(frozen=True)
+class AgentSpaces:
+    """What the build needs to know of a PettingZoo env, read once on the driver."""
+
+    agents: tuple[str, ...]  # possible_agents, in the env's order
+    observation: dict[str, gym.Space]
+    action: dict[str, gym.Space]
+
+
+def check_pettingzoo_env(env_id: str, kwargs: dict, *, diffusion: bool) -> AgentSpaces:
+    """Build the env once, check every agent's spaces, close it."""
+    env = make_parallel_env(env_id, kwargs)
+    try:
+        agents = tuple(env.possible_agents)
+        obs = {a: env.observation_space(a) for a in agents}
+        act = {a: env.action_space(a) for a in agents}
+    finally:
+        env.close()
+    for a in agents:
+        if not (isinstance(obs[a], gym.spaces.Box) and len(obs[a].shape) == 1):
+            raise ConfigError(f"env {env_id!r}: agent {a!r} has observation space {obs[a]}; a flat (1-D) Box "
+                              "is needed (image observations are not supported for multi-agent envs)")
+        box = isinstance(act[a], gym.spaces.Box) and len(act[a].shape) == 1
+        if not (box or isinstance(act[a], gym.spaces.Discrete)):
+            what = "the diffusion policy" if diffusion else "the policies here"
+            raise ConfigError(f"env {env_id!r}: agent {a!r} has action space {act[a]}; {what} supports "
+                              "1-D Box and Discrete action spaces")
+    return AgentSpaces(agents, obs, act)
+
+
+def policy_mapping(policies: str, groups: dict, spaces: AgentSpaces) -> dict[str, str]:
+    """agent id -> policy (module) id; agents sharing a policy must have the same spaces."""
+    if policies == "shared":
+        mapping = {a: SHARED_POLICY for a in spaces.agents}
+    elif policies == "independent":
+        mapping = {a: a for a in spaces.agents}
+    else:
+        mapping = {}
+        for name, pattern in groups.items():
+            matched = [a for a in spaces.agents if fnmatch.fnmatchcase(a, pattern)]
+            if not matched:
+                raise ConfigError(f"multi_agent.groups.{name}: pattern {pattern!r} matches no agent; agents: "
+                                  f"{', '.join(spaces.agents)}")
+            for a in matched:
+                if a in mapping:
+                    raise ConfigError(f"multi_agent.groups: agent {a!r} matches both {mapping[a]!r} and {name!r}")
+                mapping[a] = name
+        left = [a for a in spaces.agents if a not in mapping]
+        if left:
+            raise ConfigError(f"multi_agent.groups: agent(s) {', '.join(left)} match no pattern; add a group for them")
+    first: dict[str, str] = {}
+    for a, pid in mapping.items():
+        ref = first.setdefault(pid, a)
+        if (spaces.observation[a], spaces.action[a]) != (spaces.observation[ref], spaces.action[ref]):
+            raise ConfigError(
+                f"agents {ref!r} and {a!r} share policy {pid!r} but their spaces differ "
+                f"({spaces.observation[ref].shape}, {spaces.action[ref]} vs {spaces.observation[a].shape}, "
+                f"{spaces.action[a]}); use multi_agent.policies: independent or groups"
+            )
+    return mapping
