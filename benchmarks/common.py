@@ -86,3 +86,18 @@ def learner_cost(learner, episodes, minibatch: int, warmup_episodes) -> tuple[fl
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch)
     return update_s, saved["bytes"]
+
+
+def train_with_curve(exp) -> tuple[dict, dict]:
+    """``ncdpo train``'s code path for one config; returns (summary, curve) with the curve's
+    per-iteration env steps, wall-clock seconds and mean episode return."""
+    from ncdpo_rllib.experiment.train import train
+
+    curve = {"env_steps": [], "wall_s": [], "return": []}
+
+    def record(state, metrics):
+        curve["env_steps"].append(state.env_steps)
+        curve["wall_s"].append(state.wall_s)
+        curve["return"].append(metrics.get("return_mean", float("nan")))
+
+    return train(exp, on_iteration=record), curve

@@ -29,10 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, markdown_table, train_with_curve, write_section  # noqa: E402
 from benchmarks.sample_efficiency import return_at  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
-from ncdpo_rllib.experiment.train import train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "multiagent.json"
 FRACTIONS = (1 / 3, 2 / 3, 1.0)
@@ -58,14 +57,7 @@ def run_one(args, config: str, variant: str, seed: int) -> dict:
         "tracking.experiment=bench-multiagent", f"tracking.run_name={run_name}", "checkpoint.every=0",
         f"checkpoint.dir={run_root}",
     ])
-    curve = {"env_steps": [], "wall_s": [], "return": []}
-
-    def record(state, metrics):
-        curve["env_steps"].append(state.env_steps)
-        curve["wall_s"].append(state.wall_s)
-        curve["return"].append(metrics.get("return_mean", float("nan")))
-
-    summary = train(exp, on_iteration=record)
+    summary, curve = train_with_curve(exp)
     return {"config": config, "variant": variant, "seed": seed, "steps": args.steps, "curve": curve,
             "mlflow_run_id": summary["mlflow_run_id"]}
 

@@ -22,9 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, markdown_table, train_with_curve, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
-from ncdpo_rllib.experiment.train import train  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -52,15 +51,7 @@ def run_one(args, variant: str, seed: int) -> dict:
         f"checkpoint.dir={run_root}",
         *args.set,
     ]
-    exp = load_config(args.config, overrides)
-    curve = {"env_steps": [], "wall_s": [], "return": []}
-
-    def record(state, metrics):
-        curve["env_steps"].append(state.env_steps)
-        curve["wall_s"].append(state.wall_s)
-        curve["return"].append(metrics.get("return_mean", float("nan")))
-
-    summary = train(exp, on_iteration=record)
+    summary, curve = train_with_curve(load_config(args.config, overrides))
     return {"variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
 
 

@@ -24,3 +24,4 @@ class DictObsAEC(AECEnv):
 
 def env(**kwargs):
     return DictObsAEC(**kwargs)
+

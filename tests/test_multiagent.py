@@ -17,6 +17,9 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
 
 from ncdpo_rllib.experiment.build import build_algo_config
+from ncdpo_rllib.experiment.collect import collect
+from ncdpo_rllib.experiment.pretrain import pretrain
+from ncdpo_rllib.experiment.train import check_env
 from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.experiment.errors import ConfigError
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule
@@ -89,24 +92,42 @@ def test_each_module_gets_its_stored_noise_and_a_first_ratio_of_one():
 def test_central_critic_sees_every_agents_observation():
     runner, learner = make_runner_and_learner(SPEAKER_LISTENER)
     episodes = runner.sample(num_timesteps=60, random_actions=False)
-    # Sorted agent order: listener_0 (11), speaker_0 (3); global state = 14 entries.
+    # Sorted agent order: listener_0 (11), speaker_0 (3); global state = 14 entries + 2 alive bits.
     for ep in episodes:
         listener = np.asarray(ep.agent_episodes["listener_0"].get_observations(slice(0, None)))
         speaker = np.asarray(ep.agent_episodes["speaker_0"].get_observations(slice(0, None)))
-        assert listener.shape[1] == 11 + 14 and speaker.shape[1] == 3 + 14
+        assert listener.shape[1] == 11 + 16 and speaker.shape[1] == 3 + 16
         np.testing.assert_array_equal(listener[:, 11:], speaker[:, 3:])  # the same global state
         np.testing.assert_array_equal(listener[:, :11], listener[:, 11:22])  # own obs in its slot
-        np.testing.assert_array_equal(speaker[:, :3], speaker[:, 14:])  # ... and the speaker's
+        np.testing.assert_array_equal(speaker[:, :3], speaker[:, 14:17])  # ... and the speaker's
+        assert (listener[:, -2:] == 1).all()  # both alive
     # The listener's value changes when only the speaker's observation changes; its actor does not.
     module = learner.module["listener_0"]
     obs = torch.as_tensor(listener[:8], dtype=torch.float32)
     other = obs.clone()
-    other[:, -3:] += 1.0  # the speaker's slot of the global state
+    other[:, 22:25] += 1.0  # the speaker's slot of the global state
     with torch.no_grad():
         assert not torch.allclose(module.compute_values({Columns.OBS: obs}), module.compute_values({Columns.OBS: other}))
         noise = module.actor.sample_noise(8)
         assert torch.equal(module.actor(module._cond({Columns.OBS: obs}), noise),
                            module.actor(module._cond({Columns.OBS: other}), noise))
+
+
+def test_an_agent_that_leaves_early_is_zeros_with_alive_bit_zero():
+    """tests/pz_leaving.py: b leaves after 2 steps; a's global state then has zeros in b's
+    slot and b's alive bit is 0, while RLlib keeps a's episode going."""
+    config = {**SPEAKER_LISTENER, "env": {"kind": "pettingzoo", "id": "tests.pz_leaving", "normalize_observations": False},
+              "multi_agent": {"policies": "shared", "central_critic": True}}
+    runner, _ = make_runner_and_learner(config)
+    episodes = runner.sample(num_episodes=1, random_actions=False)
+    ep = episodes[0]
+    a = np.asarray(ep.agent_episodes["a"].get_observations(slice(0, None)))
+    b = np.asarray(ep.agent_episodes["b"].get_observations(slice(0, None)))
+    assert len(a) == 6 and len(b) == 3  # a: reset + 5 steps; b: reset + 2 steps
+    # a's rows: [own (2), a (2), b (2), alive a, alive b]
+    np.testing.assert_array_equal(a[:3, 4:6], b[:, :2])  # while b is there: its observation
+    np.testing.assert_array_equal(a[3:, 4:6], 0.0)  # after it left: zeros ...
+    np.testing.assert_array_equal(a[:, 6:], [[1, 1]] * 3 + [[1, 0]] * 3)  # ... and alive bit 0
 
 
 def test_pettingzoo_env_and_mapping_errors():
@@ -118,6 +139,8 @@ def test_pettingzoo_env_and_mapping_errors():
         check_pettingzoo_env("json", {}, diffusion=True)
     with pytest.raises(ConfigError, match="agent 'a_0' has observation space Dict"):
         check_pettingzoo_env("tests.pz_fixtures", {}, diffusion=True)  # an AEC env, converted first
+    with pytest.raises(ConfigError, match="turn-based AEC env"):
+        check_pettingzoo_env("pettingzoo.classic.tictactoe_v3", {}, diffusion=True)
     with pytest.raises(ConfigError, match="kwargs"):
         check_pettingzoo_env("mpe2.simple_spread_v3", {"bogus": 1}, diffusion=True)
     spaces = check_pettingzoo_env("mpe2.simple_tag_v3", {}, diffusion=True)
@@ -132,8 +155,22 @@ def test_pettingzoo_env_and_mapping_errors():
                        "agent_0": "prey"}
     with pytest.raises(ConfigError, match="policies: groups needs groups"):
         parse_config({"env": {"kind": "pettingzoo", "id": "mpe2.simple_tag_v3"}, "multi_agent": {"policies": "groups"}})
+    pz = {"kind": "pettingzoo", "id": "mpe2.simple_tag_v3"}
     with pytest.raises(ConfigError, match="dppo is single-agent"):
-        parse_config({"algorithm": "dppo", "env": {"kind": "pettingzoo", "id": "mpe2.simple_tag_v3"}})
+        parse_config({"algorithm": "dppo", "env": pz})
+    with pytest.raises(ConfigError, match="ppo.kl_to_reference is for single-agent envs"):
+        parse_config({"env": pz, "ppo": {"kl_to_reference": 0.1}})
+    with pytest.raises(ConfigError, match="the multi_agent section is for env.kind: pettingzoo"):
+        parse_config({"multi_agent": {"central_critic": True}})
+    with pytest.raises(ConfigError, match="policy name 'a/b' may use letters"):
+        parse_config({"env": pz, "multi_agent": {"policies": "groups", "groups": {"a/b": "adversary_*"}}})
+    ma = parse_config({"algorithm": "ppo", "env": pz})
+    with pytest.raises(ConfigError, match="collect records single-agent datasets"):
+        collect(ma)
+    with pytest.raises(ConfigError, match="pretrain clones single-agent datasets"):
+        pretrain(parse_config({"env": pz, "pretrain": {"dataset": "nowhere"}}))
+    with pytest.raises(ConfigError, match="dppo needs a Box action space"):
+        check_env(parse_config({"algorithm": "dppo", "env": {"id": "CartPole-v1"}}))
 
 
 TINY = ["--set", "stop.iterations=2", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=200",
@@ -147,7 +184,7 @@ TINY = ["--set", "stop.iterations=2", "--set", "stop.env_steps=null", "--set", "
     ("spread_ncdpo.yaml", ["--set", "algorithm=ppo", "--set", "multi_agent.central_critic=false"]),
     ("spread_continuous_ncdpo.yaml", []),
     ("speaker_listener_ncdpo.yaml", []),
-    ("tag_ncdpo.yaml", []),
+    ("tag_ncdpo.yaml", ["--set", "resources.env_runners=1"]),  # remote runner: per-agent filter merge, 16 vs 14 obs
     ("multiwalker_ncdpo.yaml", ["--set", "env.kwargs.max_cycles=50"]),
 ])
 def test_each_multi_agent_config_trains_through_the_cli(tmp_path, config, extra):
@@ -172,7 +209,30 @@ def test_each_multi_agent_config_trains_through_the_cli(tmp_path, config, extra)
         ev = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--json"], tmp_path,
                      {"MLFLOW_TRACKING_URI": uri})
         assert ev.returncode == 0, ev.stderr[-3000:]
-        assert last_json(ev.stdout)["episodes"] == 2
+        evaluated = last_json(ev.stdout)
+        assert evaluated["episodes"] == 2 and set(evaluated["agent_return_mean"]) == {"agent_0", "agent_1"}
+        assert "eval/agent_return_mean/agent_0" in MlflowClient(uri).get_run(evaluated["mlflow_run_id"]).data.metrics
+        resumed = run_cli(["train", "--resume", summary["run_dir"], "--set", "stop.iterations=3", "--json"], tmp_path,
+                          {"MLFLOW_TRACKING_URI": uri})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert last_json(resumed.stdout)["iterations"] == 3
+        changed = run_cli(["train", "--resume", summary["run_dir"], "--set", "multi_agent.policies=independent"],
+                          tmp_path)
+        assert changed.returncode == 2 and "changes multi_agent.policies" in changed.stderr
+    if config == "speaker_listener_ncdpo.yaml":  # evaluate restores every policy's trained weights
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
+        from ncdpo_rllib.experiment.evaluate import RL_MODULE_DIR, load_env_runner
+
+        ckpt, ckpt_exp, _ = load_checkpoint_meta(summary["checkpoint"])
+        runner = load_env_runner(ckpt, ckpt_exp, seed=0)
+        for policy in ("speaker_0", "listener_0"):
+            saved = RLModule.from_checkpoint(str(ckpt / RL_MODULE_DIR / policy)).get_state()
+            restored = runner.module[policy].get_state()
+            assert saved.keys() == restored.keys()
+            assert all(np.allclose(np.asarray(saved[k]), np.asarray(restored[k])) for k in saved), policy
+        runner.stop()
 
 
 @pytest.mark.slow

@@ -54,6 +54,16 @@ def make_pair(module_class=DiffusionPolicyModule, env="Pendulum-v1", **diffusion
     return cfg, runner, learner
 
 
+def rollout_columns(ep):
+    """(length, observations, stored noise, actions, stored log-probs) of one episode chunk."""
+    n = len(ep)
+    obs = torch.as_tensor(np.asarray(ep.get_observations(slice(0, n))), dtype=torch.float32)
+    noise = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(NOISE)))
+    actions = torch.as_tensor(np.asarray(ep.get_actions()))
+    logp = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(Columns.ACTION_LOGP)))
+    return n, obs, noise, actions, logp
+
+
 @pytest.mark.parametrize("K", [1, 5])
 def test_stored_noise_reaches_learner_and_first_ratio_is_one(K):
     RecordingModule.first_train_call = None
@@ -72,11 +82,7 @@ def test_stored_logp_equals_gaussian_logp_recomputed_from_stored_noise():
     module = runner.module
     S = module.num_sampler_steps
     for ep in episodes:
-        n = len(ep)
-        obs = torch.as_tensor(np.asarray(ep.get_observations(slice(0, n))), dtype=torch.float32)
-        noise = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(NOISE)))
-        actions = torch.as_tensor(np.asarray(ep.get_actions()))
-        logp = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(Columns.ACTION_LOGP)))
+        n, obs, noise, actions, logp = rollout_columns(ep)
         assert noise.shape == (n, S + 1, 1)
         with torch.no_grad():
             mean, log_std = module.actor(obs, noise)
@@ -93,11 +99,7 @@ def test_discrete_head_on_cartpole_stored_noise_logp_and_first_ratio():
     episodes = runner.sample(num_timesteps=400, random_actions=False)
     module = runner.module
     for ep in episodes:
-        n = len(ep)
-        obs = torch.as_tensor(np.asarray(ep.get_observations(slice(0, n))), dtype=torch.float32)
-        noise = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(NOISE)))
-        actions = torch.as_tensor(np.asarray(ep.get_actions()))
-        logp = torch.as_tensor(np.asarray(ep.get_extra_model_outputs(Columns.ACTION_LOGP)))
+        n, obs, noise, actions, logp = rollout_columns(ep)
         assert noise.shape == (n, 4, 2) and not actions.is_floating_point()
         with torch.no_grad():
             logits = module.actor(module._cond({Columns.OBS: obs}), noise)

@@ -20,7 +20,9 @@ from .sampler import Chain, NoiseConditionedSampler
 LOG_STD_BOUNDS = (-5.0, 2.0)
 
 
-class DiffusionPolicy(nn.Module):
+class _DenoisingChain(nn.Module):
+    """What both heads share: the denoiser, the noise-conditioned sampler, the noise draw."""
+
     def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int):
         super().__init__()
         self.cfg = cfg
@@ -29,18 +31,26 @@ class DiffusionPolicy(nn.Module):
             action_dim, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
         )
         self.sampler = NoiseConditionedSampler(cfg, denoiser)
-        log_std = torch.full((action_dim,), math.log(cfg.init_std))
-        if cfg.std == "learned":
-            self.log_std = nn.Parameter(log_std)
-        else:
-            self.register_buffer("log_std", log_std)
 
     @property
     def noise_shape(self) -> tuple[int, int]:
         return self.sampler.noise_shape(self.action_dim)
 
     def sample_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return torch.randn((batch, *self.noise_shape), generator=generator, device=self.log_std.device)
+        return torch.randn((batch, *self.noise_shape), generator=generator, device=self.sampler.abar.device)
+
+    def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
+        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
+
+
+class DiffusionPolicy(_DenoisingChain):
+    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int):
+        super().__init__(cfg, action_dim, cond_dim)
+        log_std = torch.full((action_dim,), math.log(cfg.init_std))
+        if cfg.std == "learned":
+            self.log_std = nn.Parameter(log_std)
+        else:
+            self.register_buffer("log_std", log_std)
 
     def final_log_std(self, batch: int) -> torch.Tensor:
         return self.log_std.clamp(*LOG_STD_BOUNDS).expand(batch, -1)
@@ -49,9 +59,6 @@ class DiffusionPolicy(nn.Module):
         """(mean, log_std) of the final step, each (B, D), from stored noise."""
         mean = self.sampler(cond, noise, **chain_kwargs).mean
         return mean, self.final_log_std(mean.shape[0])
-
-    def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
-        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor):
         """Exploration: a = m + sigma * z_1 with z_1 = noise[:, -1]; returns (a, logp, mean, log_std)."""
@@ -83,7 +90,7 @@ class DiffusionPolicy(nn.Module):
         return ((sampler.denoiser(x_k, k, cond) - target) ** 2).mean()
 
 
-class DiscreteDiffusionPolicy(nn.Module):
+class DiscreteDiffusionPolicy(_DenoisingChain):
     """Logit diffusion for n discrete actions (NCDPO.md, section 3).
 
     The chain denoises a logit vector y in R^n; given zeta (every noise the chain reads,
@@ -93,28 +100,15 @@ class DiscreteDiffusionPolicy(nn.Module):
     """
 
     def __init__(self, cfg: DiffusionConfig, num_actions: int, cond_dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.action_dim = num_actions
-        denoiser = DenoiserMLP(
-            num_actions, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
-        )
-        self.sampler = NoiseConditionedSampler(cfg, denoiser)
+        super().__init__(cfg, num_actions, cond_dim)
 
     @property
     def noise_shape(self) -> tuple[int, int]:
         return (self.sampler.num_steps, self.action_dim)  # no final-step noise: the draw is categorical
 
-    def sample_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        device = self.sampler.abar.device
-        return torch.randn((batch, *self.noise_shape), generator=generator, device=device)
-
     def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
         """Logits (B, n) from stored noise."""
         return self.sampler(cond, noise, **chain_kwargs).mean
-
-    def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
-        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator] = None):
         """Exploration: a ~ Categorical(softmax(y)); returns (a, logp, logits)."""

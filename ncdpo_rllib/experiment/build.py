@@ -92,12 +92,11 @@ def build_algo_config(
 
 def multi_agent_connectors(env=None, spaces=None, device=None, *, central_critic: bool, normalize: bool) -> list:
     """Env-to-module pieces for PettingZoo envs: [own, global] observations, then MeanStdFilter."""
-    from ray.rllib.connectors.env_to_module import MeanStdFilter
-
     from ncdpo_rllib.rl.central_critic import CentralCriticObservations
+    from ncdpo_rllib.rl.config import PerAgentMeanStdFilter
 
     pieces = [CentralCriticObservations()] if central_critic else []
-    return pieces + ([MeanStdFilter(multi_agent=True)] if normalize else [])
+    return pieces + ([PerAgentMeanStdFilter()] if normalize else [])
 
 
 def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
@@ -122,7 +121,8 @@ def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
             continue
         extra = {"actor_obs_dim": int(spaces.observation[agent].shape[0])} if ma.central_critic else {}
         if exp.algorithm == "ppo":
-            specs[pid] = (RLModuleSpec(module_class=MLPCentralCriticModule, model_config=extra)
+            specs[pid] = (RLModuleSpec(module_class=MLPCentralCriticModule,
+                                       model_config={**extra, "critic_hidden": list(exp.ppo.critic_hidden)})
                           if ma.central_critic else RLModuleSpec())
         else:
             base = cfg.get_default_rl_module_spec()

@@ -93,6 +93,8 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     c = exp.collect
     if exp.algorithm != "ppo":
         raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
+    if exp.env.kind != "gymnasium":
+        raise ConfigError("collect records single-agent datasets: env.kind must be gymnasium")
     if exp.eval.every:
         raise ConfigError("collect: set eval.every to 0 (evaluation episodes would be recorded as "
                           "training rollouts); checkpoints are rated after training")

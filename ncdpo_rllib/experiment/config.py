@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ class MultiAgentConfig:
     must match exactly one pattern, every pattern at least one agent."""
     central_critic: bool = False
     """MAPPO's centralised critic: each agent's value function also sees every agent's
-    observation (zeros for agents no longer in the episode); the actor sees its own."""
+    observation (zeros for agents no longer in the episode) and an alive bit per agent;
+    the actor sees its own observation only."""
 
     def __post_init__(self):
         if self.policies == "groups" and not self.groups:
@@ -70,6 +72,9 @@ class MultiAgentConfig:
         for name, pattern in self.groups.items():
             if not isinstance(pattern, str) or not isinstance(name, str):
                 raise ValueError(f"multi_agent.groups: {name!r}: {pattern!r} must map a name to a glob string")
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"multi_agent.groups: policy name {name!r} may use letters, digits, _ and - only "
+                                 "(it names checkpoint directories and MLflow keys)")
 
 
 @dataclass
@@ -316,12 +321,16 @@ class ExperimentConfig:
         if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
         if self.env.kind == "pettingzoo":
-            if self.env.action_chunk != 1 or self.env.obs_history != 1:
-                raise ValueError("env.action_chunk / env.obs_history are for single-agent envs (kind: gymnasium)")
-            if self.init_from is not None or self.eval.every:
-                raise ValueError("init_from and eval.every are for single-agent envs (kind: gymnasium)")
+            single_only = {"env.action_chunk": self.env.action_chunk != 1, "env.obs_history": self.env.obs_history != 1,
+                           "init_from": self.init_from is not None, "eval.every": bool(self.eval.every),
+                           "ppo.kl_to_reference": bool(self.ppo.kl_to_reference)}
+            for key, is_set in single_only.items():
+                if is_set:
+                    raise ValueError(f"{key} is for single-agent envs (env.kind: gymnasium); unset it for PettingZoo")
             if self.algorithm == "dppo":
                 raise ValueError("algorithm: dppo is single-agent here; use ncdpo or ppo with env.kind: pettingzoo")
+        elif self.multi_agent != MultiAgentConfig():
+            raise ValueError("the multi_agent section is for env.kind: pettingzoo; remove it for a Gymnasium env")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -56,6 +56,7 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `learner/<module>/nonfinite_updates_skipped` | optimizer steps skipped for NaN/inf gradients |
 | `learner/<module>/actor_frozen` | 1 while the critic warm-up keeps the actor fixed |
 | `learner/<module>/kl_to_reference` | KL to the reference (pre-trained) policy, when `ppo.kl_to_reference` > 0 |
+| `agent_return_mean/<agent>`, `policy_return_mean/<policy>` | multi-agent: RLlib's per-agent and per-policy episode returns (smoothed over the last 100 episodes; `return_mean` is the team return, summed over agents, of this iteration's episodes) |
 | `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), when `eval.every` > 0 |
 
 With `env.action_chunk` > 1, `env_steps` counts the base env's steps (a chunk cut by the
@@ -68,7 +69,8 @@ episode's end counts the steps it executed), not policy steps; `episode_len_mean
 
 `ncdpo evaluate` logs its own run (tag `stage: evaluate`, the checkpoint's config as params,
 `source_run_id` = the training run) with `eval/return_mean`, `eval/return_std`,
-`eval/return_min`, `eval/return_max`, `eval/episodes` at `step` = the checkpoint's env steps.
+`eval/return_min`, `eval/return_max`, `eval/episodes` (multi-agent: the team return, and
+`eval/agent_return_mean/<agent>`) at `step` = the checkpoint's env steps.
 `ncdpo collect` logs a run tagged `stage: collect` (the expert's training run is its own
 `stage: train` run) with `collect/expert_return`, `collect/medium_return` and, per dataset
 level, `dataset/<level>/episodes`, `steps`, `return_mean`, `return_std`; the summary is its

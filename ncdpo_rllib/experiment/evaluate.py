@@ -79,8 +79,13 @@ def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
         tags["source_run_id"] = source_run_id
     tracker = Tracker(exp, uri=uri, tags=tags)
     metrics = {f"eval/{k}": summary[k] for k in ("return_mean", "return_std", "return_min", "return_max", "episodes")}
-    tracker.log_metrics(metrics, step=summary["trained_env_steps"])
-    tracker.finish()
+    metrics.update({f"eval/agent_return_mean/{a}": r for a, r in summary.get("agent_return_mean", {}).items()})
+    status = "FAILED"
+    try:
+        tracker.log_metrics(metrics, step=summary["trained_env_steps"])
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
     return tracker.run_id
 
 
@@ -102,9 +107,16 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
         check_env(exp)
         runner = load_env_runner(ckpt, exp, seed=seed)
         done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-        returns = np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
+        finished = [ep for ep in done if ep.is_done][:episodes]
+        returns = np.array([ep.get_return() for ep in finished], dtype=float)  # multi-agent: summed over agents
         runner.stop()
         summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        if exp.env.kind == "pettingzoo":
+            per_agent: dict[str, list[float]] = {}
+            for ep in finished:
+                for agent, sa in ep.agent_episodes.items():
+                    per_agent.setdefault(str(agent), []).append(float(sa.get_return()))
+            summary["agent_return_mean"] = {a: float(np.mean(r)) for a, r in sorted(per_agent.items())}
         source, uri = state.mlflow_run_id, state.mlflow_uri
     if track:
         summary["mlflow_run_id"] = _track(exp, summary, seed=seed, source_run_id=source, uri=uri)

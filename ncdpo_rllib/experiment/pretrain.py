@@ -66,6 +66,9 @@ def _check_dataset(dataset, exp: ExperimentConfig):
     base = gym.make(exp.env.id, **exp.env.kwargs)
     obs_dim, act_space = int(np.prod(base.observation_space.shape)), base.action_space
     base.close()
+    if not isinstance(act_space, gym.spaces.Box):
+        raise ConfigError(f"pretrain needs a Box action space; {exp.env.id} has {act_space} (behaviour cloning "
+                          "of the discrete logit head is not implemented)")
     if dataset.env_id and dataset.env_id != exp.env.id:
         raise ConfigError(
             f"dataset {dataset.path} was recorded on {dataset.env_id}, the config's env.id is {exp.env.id}; "
@@ -143,6 +146,8 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     p, env = exp.pretrain, exp.env
     if exp.algorithm == "ppo":
         raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo)")
+    if exp.env.kind != "gymnasium":
+        raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium")
     if p.dataset is None:
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
     check_env(exp)

@@ -50,6 +50,9 @@ def check_env(exp: ExperimentConfig) -> None:
             f"env.action_chunk / env.obs_history need Box observation and action spaces; {exp.env.id} has "
             f"{obs_space} and {act_space}"
         )
+    if exp.algorithm == "dppo" and not isinstance(act_space, gym.spaces.Box):
+        raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {act_space} "
+                          "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
     if exp.algorithm == "dppo" and exp.diffusion.sigma_min <= 0:
         raise ConfigError("algorithm: dppo needs diffusion.sigma_min > 0 (every denoising step is a Gaussian)")
 
@@ -142,7 +145,8 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
 
 
 MODEL_KEYS = (
-    "algorithm", "env.id", "env.normalize_observations", "env.action_chunk", "env.obs_history",
+    "algorithm", "env.kind", "env.id", "env.kwargs", "env.normalize_observations", "env.action_chunk",
+    "env.obs_history", "multi_agent",
     "diffusion", "ppo.critic_hidden", "init_from",
     "ppo.kl_to_reference",  # turning it on later would take the fine-tuned actor as the reference
 )

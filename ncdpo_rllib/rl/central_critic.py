@@ -5,7 +5,8 @@ RLlib's new stack has no shared-critic helper. Here it is two pieces:
 - ``CentralCriticObservations``, an env-to-module connector: at every env step it rewrites
   each agent's latest observation in the episode as [own obs, global state], the global
   state being every agent's latest observation in a fixed (sorted) agent order, zeros for
-  agents absent at this step (left the episode). It writes into the episodes (as RLlib's
+  agents absent at this step (left the episode), then one alive bit per agent (so the
+  critic can tell an absent agent from one at the origin). It writes into the episodes (as RLlib's
   MeanStdFilter does), so the learner's batches, GAE's value bootstrap included, see the
   same vectors the env runners saw.
 - a module whose actor reads the first ``actor_obs_dim`` entries (its own observation) and
@@ -30,13 +31,14 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 
 
 class CentralCriticObservations(MultiAgentObservationPreprocessor):
-    """Multi-agent env-to-module piece: obs_i -> [obs_i, obs_a1, obs_a2, ...] (agents sorted)."""
+    """Multi-agent env-to-module piece: obs_i -> [obs_i, obs_a1, obs_a2, ..., alive_a1, alive_a2, ...]
+    (agents sorted)."""
 
     def recompute_output_observation_space(self, input_observation_space, input_action_space) -> gym.Space:
         spaces = dict(input_observation_space.spaces)
         self._agents = sorted(spaces)  # ParallelPettingZooEnv's own agent order varies by process
         self._dims = {a: int(gym.spaces.flatdim(spaces[a])) for a in self._agents}
-        total = sum(self._dims.values())
+        total = sum(self._dims.values()) + len(self._agents)  # observations, then one alive bit per agent
         return gym.spaces.Dict({
             a: gym.spaces.Box(-np.inf, np.inf, (self._dims[a] + total,), np.float32) for a in self._agents
         })
@@ -46,9 +48,9 @@ class CentralCriticObservations(MultiAgentObservationPreprocessor):
         if not observations:
             return {}
         state = np.concatenate([
-            np.asarray(observations[a], np.float32).reshape(-1) if a in observations
-            else np.zeros(self._dims[a], np.float32)
-            for a in self._agents
+            *(np.asarray(observations[a], np.float32).reshape(-1) if a in observations
+              else np.zeros(self._dims[a], np.float32) for a in self._agents),
+            np.array([a in observations for a in self._agents], np.float32),
         ])
         return {a: np.concatenate([np.asarray(o, np.float32).reshape(-1), state]) for a, o in observations.items()}
 

@@ -28,6 +28,32 @@ def mean_std_filter_connector(env=None, spaces=None, device=None):
     return MeanStdFilter()
 
 
+class PerAgentMeanStdFilter(MeanStdFilter):
+    """RLlib's multi-agent MeanStdFilter, with ``merge_states`` fixed for agents whose
+    observations differ in shape: Ray 2.60 checks and rebuilds every agent's filter with the
+    *first* agent's shape, so merging remote EnvRunners' states fails (AssertionError) on
+    heterogeneous envs (speaker/listener, predator/prey). Same merge, per agent."""
+
+    def __init__(self, **kwargs):
+        super().__init__(multi_agent=True, **kwargs)
+
+    def merge_states(self, states):
+        import tree
+        from ray.rllib.utils.filter import MeanStdFilter as _Filter, RunningStat
+
+        if self._filters is None:
+            self._init_new_filters()
+        for state in states:
+            for agent_id, agent_state in state.items():
+                incoming = _Filter(agent_state["shape"], demean=agent_state["de_mean_to_zero"],
+                                   destd=agent_state["de_std_to_one"], clip=agent_state["clip_by_value"])
+                incoming.buffer = tree.unflatten_as(
+                    agent_state["shape"], [RunningStat.from_state(s) for s in agent_state["running_stats"]]
+                )
+                self._filters[agent_id].apply_changes(incoming, with_buffer=False)
+        return MeanStdFilter._get_state_from_filters(self._filters)
+
+
 class NCDPOConfig(PPOConfig):
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or NCDPO)

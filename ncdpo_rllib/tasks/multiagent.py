@@ -37,14 +37,20 @@ def make_parallel_env(env_id: str, kwargs: dict):
     from pettingzoo.utils.conversions import aec_to_parallel
 
     module = _import_env_module(env_id)
+    parallel = hasattr(module, "parallel_env")
+    if not parallel and not hasattr(module, "env"):
+        raise ConfigError(f"env.id {env_id!r} is a module without parallel_env() or env(): not a PettingZoo env")
     try:
-        if hasattr(module, "parallel_env"):
-            return module.parallel_env(**kwargs)
-        if hasattr(module, "env"):
-            return aec_to_parallel(module.env(**kwargs))
+        env = module.parallel_env(**kwargs) if parallel else module.env(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"env.kwargs for {env_id!r} are not accepted: {e}") from None
-    raise ConfigError(f"env.id {env_id!r} is a module without parallel_env() or env(): not a PettingZoo env")
+        raise ConfigError(f"env.kwargs for {env_id!r} are not accepted (or the env failed to build): {e}") from None
+    if parallel:
+        return env
+    if not env.metadata.get("is_parallelizable", False):
+        env.close()
+        raise ConfigError(f"env.id {env_id!r} is a turn-based AEC env (metadata is_parallelizable is false), which "
+                          "PettingZoo cannot convert to the parallel API RLlib's wrapper needs: not supported")
+    return aec_to_parallel(env)
 
 
 def make_multi_agent_env(env_config: dict):
@@ -78,9 +84,9 @@ def check_pettingzoo_env(env_id: str, kwargs: dict, *, diffusion: bool) -> Agent
                               "is needed (image observations are not supported for multi-agent envs)")
         box = isinstance(act[a], gym.spaces.Box) and len(act[a].shape) == 1
         if not (box or isinstance(act[a], gym.spaces.Discrete)):
-            what = "the diffusion policy" if diffusion else "the policies here"
-            raise ConfigError(f"env {env_id!r}: agent {a!r} has action space {act[a]}; {what} supports "
-                              "1-D Box and Discrete action spaces")
+            what = "the diffusion policy supports" if diffusion else "multi-agent runs here support"
+            raise ConfigError(f"env {env_id!r}: agent {a!r} has action space {act[a]}; {what} "
+                              "1-D Box and Discrete action spaces only")
     return AgentSpaces(agents, obs, act)
 
 
