@@ -115,6 +115,7 @@ def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
         policies=set(mapping.values()),
         policy_mapping_fn=lambda agent_id, episode, **kw: mapping[agent_id],
     )
+    diffusion_config = cfg.get_default_rl_module_spec().model_config if exp.algorithm != "ppo" else {}
     specs = {}
     for agent, pid in mapping.items():
         if pid in specs:
@@ -125,9 +126,7 @@ def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
                                        model_config={**extra, "critic_hidden": list(exp.ppo.critic_hidden)})
                           if ma.central_critic else RLModuleSpec())
         else:
-            base = cfg.get_default_rl_module_spec()
-            specs[pid] = RLModuleSpec(module_class=DiffusionPolicyModule,
-                                      model_config={**base.model_config, **extra})
+            specs[pid] = RLModuleSpec(module_class=DiffusionPolicyModule, model_config={**diffusion_config, **extra})
     cfg.rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=specs))
     if not (ma.central_critic or normalize):
         return None

@@ -29,6 +29,8 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorica
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
+from .module import mlp
+
 
 class CentralCriticObservations(MultiAgentObservationPreprocessor):
     """Multi-agent env-to-module piece: obs_i -> [obs_i, obs_a1, obs_a2, ..., alive_a1, alive_a2, ...]
@@ -67,8 +69,10 @@ class MLPCentralCriticModule(TorchRLModule, ValueFunctionAPI):
         self.actor_obs_dim = int(cfg.get("actor_obs_dim") or obs_dim)
         self.discrete = isinstance(self.action_space, gym.spaces.Discrete)
         out = int(self.action_space.n) if self.discrete else 2 * int(np.prod(self.action_space.shape))
-        self.pi = _tanh_mlp(self.actor_obs_dim, list(cfg.get("hidden", [256, 256])), out)
-        self.vf = _tanh_mlp(obs_dim, list(cfg.get("critic_hidden", [256, 256])), 1)
+        self.pi = mlp(self.actor_obs_dim, list(cfg.get("hidden", [256, 256])), out, "tanh")
+        self.vf = mlp(obs_dim, list(cfg.get("critic_hidden", [256, 256])), 1, "tanh")
+        nn.init.normal_(self.pi[-1].weight, std=0.01)  # small initial outputs: near-uniform / near-zero-mean policy
+        nn.init.zeros_(self.pi[-1].bias)
 
     def _dist_cls(self):
         return TorchCategorical if self.discrete else TorchDiagGaussian
@@ -83,14 +87,3 @@ class MLPCentralCriticModule(TorchRLModule, ValueFunctionAPI):
         obs = batch[Columns.OBS].reshape(batch[Columns.OBS].shape[0], -1).float()
         return self.vf(obs).squeeze(-1)
 
-
-def _tanh_mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.Tanh()]
-        in_dim = width
-    last = nn.Linear(in_dim, out_dim)
-    nn.init.normal_(last.weight, std=0.01)  # small initial outputs: near-uniform / near-zero-mean policy
-    nn.init.zeros_(last.bias)
-    layers.append(last)
-    return nn.Sequential(*layers)
