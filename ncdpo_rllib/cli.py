@@ -59,7 +59,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track)
     print(
         f"{summary['env']}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f} "
-        f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})",
+        + (f"success rate {summary['success_rate']:.2f} " if "success_rate" in summary else "")
+        + f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})",
         file=sys.stderr,
         flush=True,
     )

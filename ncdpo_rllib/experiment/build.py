@@ -17,7 +17,7 @@ from .config import ExperimentConfig
 def env_config(exp: ExperimentConfig, record_dir: Optional[str] = None) -> dict:
     """What ``ncdpo_rllib.tasks.envs.make_env`` builds the env from."""
     e = exp.env
-    out = {"kind": e.kind, "id": e.id, "kwargs": dict(e.kwargs), "action_chunk": e.action_chunk,
+    out = {"kind": e.kind, "id": e.id, "kwargs": dict(e.kwargs), "goal": e.goal, "action_chunk": e.action_chunk,
            "obs_history": e.obs_history}
     if record_dir:
         out["record_dir"] = str(record_dir)

@@ -31,11 +31,14 @@ class EnvConfig:
     """gymnasium: a registered env id (``Pendulum-v1``, ``HalfCheetah-v5``); pettingzoo: an
     importable module with ``parallel_env()`` or ``env()`` (``mpe2.simple_spread_v3``,
     ``pettingzoo.sisl.multiwalker_v9``)."""
-    kind: Literal["gymnasium", "pettingzoo"] = "gymnasium"
-    """Env family: a single-agent Gymnasium env, or a multi-agent PettingZoo env (parallel API;
-    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section."""
+    kind: Literal["gymnasium", "pettingzoo", "metaworld"] = "gymnasium"
+    """Env family: a single-agent Gymnasium env; a multi-agent PettingZoo env (parallel API;
+    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section; or a
+    Meta-World MT1 task (``id: pick-place-v3``; success rate logged with the return)."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor."""
+    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor / the Meta-World task class."""
+    goal: Literal["random", "fixed"] = "random"
+    """metaworld only: a new object/goal variation (of MT1's 50) at every reset, or always the first."""
     normalize_observations: bool = True
     """RLlib's MeanStdFilter connector; its statistics are saved in checkpoints. Ignored with
     ``init_from``: a pre-trained module normalises with its dataset's statistics."""
@@ -47,6 +50,8 @@ class EnvConfig:
     def __post_init__(self):
         if self.action_chunk < 1 or self.obs_history < 1:
             raise ValueError("env: action_chunk and obs_history must be >= 1")
+        if self.goal != "random" and self.kind != "metaworld":
+            raise ValueError("env: goal is for kind: metaworld")
 
 
 @dataclass

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from ray.rllib.core import DEFAULT_MODULE_ID
 
+from ncdpo_rllib.rl.callbacks import episode_success
+
 from .build import build_algo_config
 from .checkpoints import load_checkpoint_meta, restore_failed
 from .errors import CheckpointError
@@ -80,6 +82,8 @@ def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
     tracker = Tracker(exp, uri=uri, tags=tags)
     metrics = {f"eval/{k}": summary[k] for k in ("return_mean", "return_std", "return_min", "return_max", "episodes")}
     metrics.update({f"eval/agent_return_mean/{a}": r for a, r in summary.get("agent_return_mean", {}).items()})
+    if "success_rate" in summary:
+        metrics["eval/success_rate"] = summary["success_rate"]
     status = "FAILED"
     try:
         tracker.log_metrics(metrics, step=summary["trained_env_steps"])
@@ -111,6 +115,9 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
         returns = np.array([ep.get_return() for ep in finished], dtype=float)  # multi-agent: summed over agents
         runner.stop()
         summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        successes = [episode_success([ep]) for ep in finished]
+        if successes and None not in successes:  # Meta-World: share of episodes that succeeded
+            summary["success_rate"] = float(np.mean(successes))
         if exp.env.kind == "pettingzoo":
             per_agent: dict[str, list[float]] = {}
             for ep in finished:

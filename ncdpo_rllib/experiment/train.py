@@ -43,7 +43,14 @@ def check_env(exp: ExperimentConfig) -> None:
         spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
         policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
         return
-    obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, for_diffusion=exp.algorithm != "ppo")
+    if exp.env.kind == "metaworld":
+        from ncdpo_rllib.tasks.metaworld import make_metaworld_env
+
+        env = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
+        obs_space, act_space = env.observation_space, env.action_space
+        env.close()
+    else:
+        obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, for_diffusion=exp.algorithm != "ppo")
     chunked = exp.env.action_chunk > 1 or exp.env.obs_history > 1
     if chunked and not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)):
         raise ConfigError(
@@ -89,7 +96,13 @@ def iteration_metrics(result: dict) -> dict[str, float]:
         TIMERS,
     )
 
-    from ncdpo_rllib.rl.callbacks import ITER_EPISODE_LEN, ITER_RETURN_MAX, ITER_RETURN_MEAN, ITER_RETURN_MIN
+    from ncdpo_rllib.rl.callbacks import (
+        ITER_EPISODE_LEN,
+        ITER_RETURN_MAX,
+        ITER_RETURN_MEAN,
+        ITER_RETURN_MIN,
+        ITER_SUCCESS_RATE,
+    )
 
     runners = result.get(ENV_RUNNER_RESULTS, {})
     evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {})
@@ -101,6 +114,8 @@ def iteration_metrics(result: dict) -> dict[str, float]:
         "env_runner_restarts": _num(faults.get("num_remote_worker_restarts")),
         "env_runners_healthy": _num(faults.get("num_healthy_workers")),
         "eval_return_mean": _num(evaluation.get(ITER_RETURN_MEAN)),
+        "eval_success_rate": _num(evaluation.get(ITER_SUCCESS_RATE)),
+        "success_rate": _num(runners.get(ITER_SUCCESS_RATE)),
         "return_mean": _num(runners.get(ITER_RETURN_MEAN)),
         "return_min": _num(runners.get(ITER_RETURN_MIN)),
         "return_max": _num(runners.get(ITER_RETURN_MAX)),

@@ -14,6 +14,17 @@ ITER_RETURN_MEAN = "iter_return_mean"
 ITER_RETURN_MIN = "iter_return_min"
 ITER_RETURN_MAX = "iter_return_max"
 ITER_EPISODE_LEN = "iter_episode_len_mean"
+ITER_SUCCESS_RATE = "iter_success_rate"
+
+
+def episode_success(chunks) -> float | None:
+    """1.0 if any step's ``info["success"]`` was set (Meta-World's count), 0.0 if never,
+    None for envs that report no success flag."""
+    if not hasattr(chunks[-1], "get_infos"):
+        return None
+    flags = [float(info["success"]) for c in chunks if hasattr(c, "t_started")
+             for info in c.get_infos() if isinstance(info, dict) and "success" in info]
+    return float(max(flags) > 0) if flags else None
 
 
 def episode_return_and_length(chunks) -> tuple[float, int]:
@@ -61,6 +72,9 @@ class EpisodeReturnCallback(RLlibCallback):
         metrics_logger.log_value(ITER_RETURN_MIN, ret, reduce="min")
         metrics_logger.log_value(ITER_RETURN_MAX, ret, reduce="max")
         metrics_logger.log_value(ITER_EPISODE_LEN, float(length), reduce="mean")
+        success = episode_success([*(prev_episode_chunks or []), episode])
+        if success is not None:
+            metrics_logger.log_value(ITER_SUCCESS_RATE, success, reduce="mean")
 
 
 BASE_ENV_STEPS = "base_env_steps"

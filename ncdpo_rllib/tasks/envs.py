@@ -1,7 +1,7 @@
 """The task side: build the env a run trains on, and check it before anything starts.
 
 Every run samples from the env registered as ``ENV_NAME`` (``make_env``): the Gymnasium
-env, plus, when asked, a recorder of raw transitions (``ncdpo collect``) and the action
+env (or a Meta-World task, or a PettingZoo env wrapped for RLlib), plus, when asked, a recorder of raw transitions (``ncdpo collect``) and the action
 chunk / observation history wrapper, in that order (the recorder sees per-step data).
 """
 
@@ -17,12 +17,18 @@ ENV_NAME = "ncdpo_env"
 
 
 def make_env(env_config: dict):
-    """env_config: kind, id, kwargs, action_chunk, obs_history, record_dir (optional)."""
-    if env_config.get("kind") == "pettingzoo":
+    """env_config: kind, id, kwargs, goal, action_chunk, obs_history, record_dir (optional)."""
+    kind = env_config.get("kind", "gymnasium")
+    if kind == "pettingzoo":
         from .multiagent import make_multi_agent_env
 
         return make_multi_agent_env(env_config)
-    env = gym.make(env_config["id"], **env_config.get("kwargs", {}))
+    if kind == "metaworld":
+        from .metaworld import make_metaworld_env
+
+        env = make_metaworld_env(env_config)
+    else:
+        env = gym.make(env_config["id"], **env_config.get("kwargs", {}))
     if env_config.get("record_dir"):
         from ncdpo_rllib.data import RecordingWrapper
 

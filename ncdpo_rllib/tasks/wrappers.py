@@ -47,12 +47,15 @@ class ActionChunkObsHistory(gym.Wrapper):
 
     def step(self, action):
         chunk = np.asarray(action).reshape(self.action_chunk, self._act_dim)
-        total, terminated, truncated, info = 0.0, False, False, {}
+        total, terminated, truncated, info, success = 0.0, False, False, {}, 0.0
         for j, a in enumerate(chunk):
             obs, reward, terminated, truncated, info = self.env.step(a.reshape(self.env.action_space.shape))
             self._history.append(obs)  # per env step: the last To observations, as make_windows
             total += float(reward)
+            success = max(success, float(info.get("success", 0.0)))
             if terminated or truncated:
                 break
         info = {**info, CHUNK_STEPS: j + 1}
+        if "success" in info:  # Meta-World: set if any step of the chunk succeeded
+            info["success"] = success
         return self._obs(), total, terminated, truncated, info

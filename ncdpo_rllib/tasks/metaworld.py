@@ -1,0 +1,79 @@
+"""Meta-World manipulation tasks (``env: {kind: metaworld, id: pick-place-v3, goal: random}``).
+
+One task of Meta-World's MT1 benchmark (its 50 training variations of object and goal
+positions), built from Meta-World's own classes: ``goal: random`` draws a variation at every
+reset (``RandomTaskSelectWrapper``), ``goal: fixed`` always uses the first one. Episodes run
+Meta-World's ``max_path_length`` (500) steps; ``info["success"]`` is Meta-World's success flag,
+which the training callback and ``ncdpo evaluate`` turn into a success rate (an episode
+succeeds if the flag was set at any step, as Meta-World's benchmarks count it).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import gymnasium as gym
+import numpy as np
+
+from ncdpo_rllib.experiment.errors import ConfigError
+
+MT1_SEED = 0
+"""Seed of the MT1 benchmark object: fixes the 50 variations (and the ``fixed`` one) across runs."""
+
+
+class MetaWorldObservations(gym.ObservationWrapper):
+    """float32 observations in a space that contains them: Meta-World declares the goal
+    entries' bounds as [0, 0] (its partially observable default) although MT1 tasks show the goal."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        shape = env.observation_space.shape
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+
+    def observation(self, observation):
+        return np.asarray(observation, dtype=np.float32)
+
+
+def task_names() -> list[str]:
+    import metaworld
+
+    return sorted(metaworld.ALL_V3_ENVIRONMENTS)
+
+
+def check_task(name: str) -> None:
+    names = task_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; tasks: {', '.join(names[:6])}, ..."
+        raise ConfigError(f"env.id {name!r} is not a Meta-World task{hint}")
+
+
+def make_metaworld_env(env_config: dict) -> gym.Env:
+    """env_config: id (task name), goal (random | fixed), kwargs (passed to the task class)."""
+    import metaworld
+    from metaworld.wrappers import RandomTaskSelectWrapper
+
+    name = env_config["id"]
+    check_task(name)
+    benchmark = metaworld.MT1(name, seed=MT1_SEED)
+    try:
+        env = benchmark.train_classes[name](**env_config.get("kwargs", {}))
+    except TypeError as e:
+        raise ConfigError(f"env.kwargs for Meta-World task {name!r} are not accepted: {e}") from None
+    tasks = list(benchmark.train_tasks)
+    if env_config.get("goal", "random") == "fixed":
+        tasks = tasks[:1]
+    env.set_task(tasks[0])
+    env = gym.wrappers.TimeLimit(env, env.max_path_length)
+    env = RandomTaskSelectWrapper(env, tasks)
+    return MetaWorldObservations(env)
+
+
+def scripted_policy(name: str):
+    """Meta-World's scripted expert for a task (``SawyerPickPlaceV3Policy`` for pick-place-v3)."""
+    import metaworld.policies as policies
+
+    class_name = "Sawyer" + "".join(part.capitalize() for part in name.replace("-v3", "").split("-")) + "V3Policy"
+    if not hasattr(policies, class_name):
+        raise ConfigError(f"Meta-World has no scripted policy {class_name} for {name!r}")
+    return getattr(policies, class_name)()

@@ -1,0 +1,85 @@
+"""Meta-World tasks through the project's env factory: build, step, success, goal variants,
+and the success rate in training metrics, MLflow and ``ncdpo evaluate``."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ncdpo_rllib.experiment.config import parse_config
+from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.experiment.train import check_env
+from ncdpo_rllib.tasks.envs import make_env
+from ncdpo_rllib.tasks.metaworld import scripted_policy
+from tests.conftest import last_json, run_cli
+
+
+def test_env_builds_steps_and_the_scripted_expert_succeeds():
+    env = make_env({"kind": "metaworld", "id": "reach-v3", "goal": "random"})
+    assert env.observation_space.shape == (39,) and env.action_space.shape == (4,)
+    expert = scripted_policy("reach-v3")
+    successes, goals = [], []
+    for episode in range(5):
+        obs, _ = env.reset(seed=episode)
+        assert obs.dtype == np.float32 and env.observation_space.contains(obs)
+        goals.append(obs[-3:].copy())
+        success, steps = 0.0, 0
+        while True:
+            obs, _, terminated, truncated, info = env.step(expert.get_action(obs))
+            success, steps = max(success, info["success"]), steps + 1
+            if terminated or truncated:
+                break
+        assert steps == 500  # Meta-World's max_path_length; no termination on success
+        successes.append(success)
+    assert np.mean(successes) >= 0.8, successes
+    assert len({tuple(np.round(g, 4)) for g in goals}) > 1  # goal: random varies the goal
+
+
+def test_fixed_goal_keeps_the_same_goal_and_actions_chunked_keep_the_success_flag():
+    env = make_env({"kind": "metaworld", "id": "reach-v3", "goal": "fixed"})
+    goals = {tuple(np.round(env.reset(seed=s)[0][-3:], 4)) for s in range(3)}
+    assert len(goals) == 1
+    chunked = make_env({"kind": "metaworld", "id": "reach-v3", "goal": "fixed", "action_chunk": 4})
+    base = make_env({"kind": "metaworld", "id": "reach-v3", "goal": "fixed"})
+    expert = scripted_policy("reach-v3")
+    obs, _ = base.reset(seed=0)
+    chunked.reset(seed=0)
+    flags = []
+    for _ in range(25):  # the same 4 expert actions through both envs, chunk by chunk
+        actions = []
+        for _ in range(4):
+            action = expert.get_action(obs)
+            obs, _, _, _, info = base.step(action)
+            actions.append(action)
+            flags.append(info["success"])
+        _, _, _, _, chunk_info = chunked.step(np.concatenate(actions))
+        assert chunk_info["success"] == max(flags[-4:])  # any step of the chunk
+    assert max(flags) == 1.0
+
+
+def test_bad_task_names_and_keys():
+    with pytest.raises(ConfigError, match="'pick-place-v9' is not a Meta-World task; did you mean pick-place-v3"):
+        check_env(parse_config({"env": {"kind": "metaworld", "id": "pick-place-v9"}}))
+    with pytest.raises(ConfigError, match="goal is for kind: metaworld"):
+        parse_config({"env": {"id": "Pendulum-v1", "goal": "fixed"}})
+
+
+def test_training_and_evaluate_report_the_success_rate(tmp_path):
+    (tmp_path / "mw.yaml").write_text(
+        "env: {kind: metaworld, id: reach-v3, goal: fixed}\n"
+        "stop: {iterations: 2, env_steps: null}\n"
+        "diffusion: {denoising_steps: 3, hidden: [32, 32]}\n"
+        "ppo: {train_batch_size: 1000, minibatch_size: 500, num_epochs: 1, critic_hidden: [32]}\n"
+        "resources: {env_runners: 0, envs_per_runner: 2}\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run_cli(["train", "mw.yaml", "--json"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json(proc.stdout)
+    client = MlflowClient(uri)
+    history = client.get_metric_history(summary["mlflow_run_id"], "success_rate")
+    assert [m.step for m in history] == [1000, 2000] and all(0.0 <= m.value <= 1.0 for m in history)
+    ev = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--json"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = last_json(ev.stdout)
+    assert 0.0 <= result["success_rate"] <= 1.0 and "success rate" in ev.stderr
+    assert "eval/success_rate" in client.get_run(result["mlflow_run_id"]).data.metrics
