@@ -1,6 +1,8 @@
 """Meta-World tasks through the project's env factory: build, step, success, goal variants,
 and the success rate in training metrics, MLflow and ``ncdpo evaluate``."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -83,3 +85,42 @@ def test_training_and_evaluate_report_the_success_rate(tmp_path):
     result = last_json(ev.stdout)
     assert 0.0 <= result["success_rate"] <= 1.0 and "success rate" in ev.stderr
     assert "eval/success_rate" in client.get_run(result["mlflow_run_id"]).data.metrics
+
+
+def test_scripted_demonstrations_and_their_degraded_version():
+    from ncdpo_rllib.experiment.collect import scripted_episodes
+
+    def success_rate(**collect):
+        exp = parse_config({"env": {"kind": "metaworld", "id": "reach-v3"},
+                            "collect": {"scripted": True, "steps_per_level": 2500, **collect}})
+        episodes, successes = scripted_episodes(exp, np.random.default_rng(0), log=lambda m: None)
+        assert len(episodes) == 5 and all(len(ep) == 500 and ep.observations.shape == (501, 39) for ep in episodes)
+        assert all(np.abs(ep.actions).max() <= 1.0 for ep in episodes)
+        return np.mean(successes)
+
+    assert success_rate() == 1.0
+    assert success_rate(failed_fraction=1.0, action_noise=0.3) <= 0.6
+
+
+@pytest.mark.slow
+def test_collect_pretrain_finetune_end_to_end(tmp_path):
+    """Scripted demos -> behaviour cloning -> NCDPO fine-tuning, tiny budgets, through the CLI."""
+    config = (Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml").read_text()
+    (tmp_path / "mw.yaml").write_text(config)
+    tiny = ["--set", "collect.steps_per_level=2500", "--set", "pretrain.gradient_steps=200",
+            "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]"]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+    collected = run_cli(["collect", "mw.yaml", *tiny, "--json"], tmp_path, env)
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    data = last_json(collected.stdout)["datasets"]["scripted"]
+    assert data["episodes"] == 5 and 0.0 <= data["success_rate"] <= 1.0
+    pre = run_cli(["pretrain", "mw.yaml", *tiny, "--json"], tmp_path, env)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    pretrained = last_json(pre.stdout)
+    assert 0.0 <= pretrained["eval"]["success_rate"] <= 1.0
+    ft = run_cli(["train", "mw.yaml", *tiny, "--set", f"init_from={pretrained['checkpoint']}",
+                  "--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=2000",
+                  "--set", "ppo.minibatch_size=500", "--json"], tmp_path, env)
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
+    assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics

@@ -91,10 +91,12 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     from .train import check_env, train
 
     c = exp.collect
+    if c.scripted:
+        return collect_scripted(exp, log=log)
     if exp.algorithm != "ppo":
         raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
-    if exp.env.kind != "gymnasium":
-        raise ConfigError("collect records single-agent datasets: env.kind must be gymnasium")
+    if exp.env.kind == "pettingzoo":
+        raise ConfigError("collect records single-agent datasets: env.kind must be gymnasium or metaworld")
     if exp.eval.every:
         raise ConfigError("collect: set eval.every to 0 (evaluation episodes would be recorded as "
                           "training rollouts); checkpoints are rated after training")
@@ -187,3 +189,80 @@ def _rate_and_record(exp: ExperimentConfig, run_dir: Path, ckpts: list[Path], le
         log(f"wrote {level}: {path} ({len(eps)} episodes, {written[level]['steps']:,} steps, "
             f"return {rets.mean():.1f} +- {rets.std():.1f})")
     return {"run_dir": str(run_dir), "expert_return": expert_ret, "medium_return": medium_ret, "datasets": written}
+
+
+SCRIPTED = "scripted"
+GIVE_UP_BEFORE = 25
+"""A 'failed' scripted episode: the expert acts for fewer than this many steps, then random actions."""
+
+
+def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
+    """Meta-World's scripted expert, degraded as ``collect`` asks; (episodes, success flags)."""
+    from ncdpo_rllib.data import Episode
+    from ncdpo_rllib.tasks.metaworld import make_metaworld_env, scripted_policy
+
+    c = exp.collect
+    env = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
+    expert = scripted_policy(exp.env.id)
+    episodes, successes, total = [], [], 0
+    try:
+        while total < c.steps_per_level:
+            obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            give_up = int(rng.integers(0, GIVE_UP_BEFORE)) if rng.random() < c.failed_fraction else None
+            observations, actions, rewards, success = [obs], [], [], 0.0
+            while True:
+                if give_up is not None and len(actions) >= give_up:
+                    action = rng.uniform(-1, 1, env.action_space.shape)
+                else:
+                    action = expert.get_action(obs) + c.action_noise * rng.standard_normal(env.action_space.shape)
+                action = np.clip(action, -1, 1).astype(np.float32)
+                obs, reward, terminated, truncated, info = env.step(action)
+                observations.append(obs)
+                actions.append(action)
+                rewards.append(reward)
+                success = max(success, float(info["success"]))
+                if terminated or truncated:
+                    break
+            episodes.append(Episode(np.array(observations), np.array(actions), np.array(rewards), terminated, truncated))
+            successes.append(success)
+            total += len(actions)
+            if len(episodes) % 10 == 0:
+                log(f"scripted {exp.env.id}: {len(episodes)} episodes, {total:,} steps, "
+                    f"success rate {np.mean(successes):.2f}")
+    finally:
+        env.close()
+    return episodes, successes
+
+
+def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
+    """``collect.scripted``: Meta-World's scripted expert -> <out>/<task>/scripted (Minari)."""
+    from ncdpo_rllib.data import write_dataset
+
+    c = exp.collect
+    if exp.env.kind != "metaworld":
+        raise ConfigError("collect.scripted records Meta-World's scripted experts: set env.kind: metaworld")
+    from .train import check_env
+
+    check_env(exp)
+    path = Path(c.out) / exp.env.id / SCRIPTED
+    if path.exists():
+        raise ConfigError(f"dataset directory {path} already exists: remove it or set collect.out")
+    tracker = Tracker(exp, tags={"stage": "collect"})
+    status = "FAILED"
+    try:
+        episodes, successes = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
+        rets = np.array([ep.ret for ep in episodes])
+        meta = {"source": f"Meta-World scripted expert ({exp.env.id}, goal {exp.env.goal})",
+                "action_noise": c.action_noise, "failed_fraction": c.failed_fraction,
+                "success_rate": float(np.mean(successes)), "episode_success": successes}
+        write_dataset(path, episodes, exp.env.id, meta)
+        level = {"path": str(path.resolve()), "episodes": len(episodes), "steps": int(sum(len(e) for e in episodes)),
+                 "return_mean": float(rets.mean()), "return_std": float(rets.std()),
+                 "success_rate": float(np.mean(successes))}
+        log(f"wrote {SCRIPTED}: {path} ({level['episodes']} episodes, {level['steps']:,} steps, return "
+            f"{rets.mean():.1f} +- {rets.std():.1f}, success rate {level['success_rate']:.2f})")
+        tracker.log_metrics({f"dataset/{SCRIPTED}/{k}": v for k, v in level.items() if k != "path"}, step=0)
+        status = "FINISHED"
+        return {"datasets": {SCRIPTED: level}, "mlflow_run_id": tracker.run_id}
+    finally:
+        tracker.finish(status)

@@ -284,6 +284,14 @@ class CollectConfig:
     stochastic: bool = False
     """Record with the stochastic policy (explore=True), as D4RL did with SAC. Off by default:
     a PPO expert's sampled actions are far worse than its mean (Hopper: 238 vs 3080)."""
+    scripted: bool = False
+    """env.kind metaworld: record Meta-World's scripted expert (no PPO training) into one
+    dataset, <out>/<task>/scripted; ``steps_per_level`` env steps of whole episodes."""
+    action_noise: float = 0.0
+    """scripted: std of Gaussian noise added to the expert's actions (clipped to [-1, 1])."""
+    failed_fraction: float = 0.0
+    """scripted: share of episodes in which the expert gives up within its first 25 steps and
+    uniform random actions follow (they mostly fail): an imperfect dataset to fine-tune from."""
 
     def __post_init__(self):
         allowed = {"expert", "medium", "medium-replay", "medium-expert"}
@@ -292,6 +300,8 @@ class CollectConfig:
             raise ValueError(f"collect.levels: {bad or 'empty'}; choose from {sorted(allowed)}")
         if not 0 < self.medium_fraction < 1:
             raise ValueError("collect.medium_fraction must be in (0, 1)")
+        if self.action_noise < 0 or not 0 <= self.failed_fraction <= 1:
+            raise ValueError("collect: action_noise must be >= 0 and failed_fraction in [0, 1]")
         if min(self.checkpoint_every, self.steps_per_level, self.eval_episodes) < 1:
             raise ValueError("collect: checkpoint_every, steps_per_level and eval_episodes must be >= 1")
 

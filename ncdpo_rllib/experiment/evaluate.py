@@ -54,8 +54,11 @@ def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[d
 
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
     check_env(exp)
-    returns = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
-    return _summary(exp, ckpt, returns, trained_env_steps=0), exp, meta
+    returns, success_rate = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
+    summary = _summary(exp, ckpt, returns, trained_env_steps=0)
+    if success_rate is not None:
+        summary["success_rate"] = success_rate
+    return summary, exp, meta
 
 
 def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:

@@ -63,7 +63,12 @@ def _split(dataset, val_fraction: float, seed: int):
 def _check_dataset(dataset, exp: ExperimentConfig):
     import gymnasium as gym
 
-    base = gym.make(exp.env.id, **exp.env.kwargs)
+    if exp.env.kind == "metaworld":
+        from ncdpo_rllib.tasks.metaworld import make_metaworld_env
+
+        base = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
+    else:
+        base = gym.make(exp.env.id, **exp.env.kwargs)
     obs_dim, act_space = int(np.prod(base.observation_space.shape)), base.action_space
     base.close()
     if not isinstance(act_space, gym.spaces.Box):
@@ -111,8 +116,11 @@ def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, batch: int = 1024) -
     return total / n
 
 
-def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, seed: int = 12345) -> np.ndarray:
-    """Returns of ``episodes`` deterministic episodes of a module (state dict) on exp's env."""
+def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, seed: int = 12345):
+    """(returns, success rate or None) of ``episodes`` deterministic episodes of a module
+    (state dict) on exp's env; the success rate for envs reporting ``info["success"]``."""
+    from ncdpo_rllib.rl.callbacks import episode_success
+
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     from .build import build_algo_config
@@ -126,7 +134,10 @@ def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, se
         done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
     finally:
         runner.stop()
-    return np.array([ep.get_return() for ep in done if ep.is_done][:episodes], dtype=float)
+    finished = [ep for ep in done if ep.is_done][:episodes]
+    successes = [episode_success([ep]) for ep in finished]
+    success_rate = float(np.mean(successes)) if successes and None not in successes else None
+    return np.array([ep.get_return() for ep in finished], dtype=float), success_rate
 
 
 def _run_dir(exp: ExperimentConfig) -> Path:
@@ -146,8 +157,8 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     p, env = exp.pretrain, exp.env
     if exp.algorithm == "ppo":
         raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo)")
-    if exp.env.kind != "gymnasium":
-        raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium")
+    if exp.env.kind == "pettingzoo":
+        raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium or metaworld")
     if p.dataset is None:
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
     check_env(exp)
@@ -229,13 +240,15 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
         meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
         ckpt = _save(run_dir, module, exp, meta)  # saved before the evaluation: nothing to lose
         if p.eval_episodes:
-            returns = evaluate_module(exp, state, p.eval_episodes)
+            returns, success_rate = evaluate_module(exp, state, p.eval_episodes)
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
-                            "return_std": float(returns.std())}
+                            "return_std": float(returns.std()), "success_rate": success_rate}
             _write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
             tracker.log_metrics({"pretrain/eval_return_mean": float(returns.mean()),
-                                 "pretrain/eval_return_std": float(returns.std())}, step=p.gradient_steps)
-            log(f"pre-trained policy: return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+                                 "pretrain/eval_return_std": float(returns.std()),
+                                 "pretrain/eval_success_rate": success_rate}, step=p.gradient_steps)
+            log(f"pre-trained policy: return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes"
+                + (f", success rate {success_rate:.2f}" if success_rate is not None else ""))
         tracker.log_artifacts(ckpt, "pretrained")
         status = "FINISHED"
     finally:
