@@ -124,3 +124,15 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     assert ft.returncode == 0, ft.stderr[-3000:]
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
     assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics
+
+
+def test_evaluation_metrics_only_on_iterations_that_evaluated():
+    """RLlib repeats the last evaluation in the next iteration's result; the metrics must not."""
+    from ncdpo_rllib.experiment.train import iteration_metrics
+
+    evaluation = {"evaluation": {"env_runners": {"iter_return_mean": -900.0, "iter_success_rate": 0.5}}}
+    on = iteration_metrics({"training_iteration": 4, **evaluation}, eval_every=2)
+    stale = iteration_metrics({"training_iteration": 5, **evaluation}, eval_every=2)
+    assert on["eval_return_mean"] == -900.0 and on["eval_success_rate"] == 0.5
+    assert "eval_return_mean" not in stale and "eval_success_rate" not in stale
+    assert "eval_return_mean" not in iteration_metrics({"training_iteration": 4, **evaluation}, eval_every=0)

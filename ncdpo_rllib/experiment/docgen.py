@@ -58,7 +58,7 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `learner/<module>/kl_to_reference` | KL to the reference (pre-trained) policy, when `ppo.kl_to_reference` > 0 |
 | `agent_return_mean/<agent>`, `policy_return_mean/<policy>` | multi-agent: RLlib's per-agent and per-policy episode returns (smoothed over the last 100 episodes; `return_mean` is the team return, summed over agents, of this iteration's episodes) |
 | `success_rate`, `eval_success_rate` | Meta-World: share of this iteration's (evaluation) episodes in which `info["success"]` was set at any step |
-| `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), when `eval.every` > 0 |
+| `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), on the iterations that ran an evaluation (every `eval.every`) |
 
 With `env.action_chunk` > 1, `env_steps` counts the base env's steps (a chunk cut by the
 episode's end counts the steps it executed), not policy steps; `episode_len_mean` and

@@ -85,8 +85,11 @@ def _num(x: Any) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
-def iteration_metrics(result: dict) -> dict[str, float]:
-    """Flatten an ``algo.train()`` result into the stable MLflow metric names."""
+def iteration_metrics(result: dict, eval_every: int = 0) -> dict[str, float]:
+    """Flatten an ``algo.train()`` result into the stable MLflow metric names.
+
+    ``eval_every``: the evaluation interval. RLlib repeats the last evaluation's results in
+    the next iteration's result; evaluation metrics are kept only for iterations that ran one."""
     from ray.rllib.utils.metrics import (
         ALL_MODULES,
         ENV_RUNNER_RESULTS,
@@ -105,7 +108,8 @@ def iteration_metrics(result: dict) -> dict[str, float]:
     )
 
     runners = result.get(ENV_RUNNER_RESULTS, {})
-    evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {})
+    evaluated = bool(eval_every) and int(result.get("training_iteration", 0)) % eval_every == 0
+    evaluation = result.get("evaluation", {}).get(ENV_RUNNER_RESULTS, {}) if evaluated else {}
     faults = result.get("fault_tolerance", {})
     timers = result.get(TIMERS, {})
     out = {
@@ -333,7 +337,7 @@ def train(
             state.iteration += 1
             state.env_steps += sampled
             state.wall_s += iter_s
-            metrics = iteration_metrics(result)
+            metrics = iteration_metrics(result, exp.eval.every)
             ret = metrics.get("return_mean")
             if ret is not None:
                 state.last_return = ret
