@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from ncdpo_rllib.rl.callbacks import episode_success
+from ncdpo_rllib.rl.callbacks import finished_episode_stats
 
 from .build import build_algo_config
 from .checkpoints import load_checkpoint_meta, restore_failed
@@ -114,13 +114,11 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
         check_env(exp)
         runner = load_env_runner(ckpt, exp, seed=seed)
         done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-        finished = [ep for ep in done if ep.is_done][:episodes]
-        returns = np.array([ep.get_return() for ep in finished], dtype=float)  # multi-agent: summed over agents
         runner.stop()
+        finished, returns, success_rate = finished_episode_stats(done, episodes)
         summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
-        successes = [episode_success([ep]) for ep in finished]
-        if successes and None not in successes:  # Meta-World: share of episodes that succeeded
-            summary["success_rate"] = float(np.mean(successes))
+        if success_rate is not None:  # Meta-World: share of episodes that succeeded
+            summary["success_rate"] = success_rate
         if exp.env.kind == "pettingzoo":
             per_agent: dict[str, list[float]] = {}
             for ep in finished:

@@ -119,7 +119,7 @@ def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, batch: int = 1024) -
 def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, seed: int = 12345):
     """(returns, success rate or None) of ``episodes`` deterministic episodes of a module
     (state dict) on exp's env; the success rate for envs reporting ``info["success"]``."""
-    from ncdpo_rllib.rl.callbacks import episode_success
+    from ncdpo_rllib.rl.callbacks import finished_episode_stats
 
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
@@ -134,10 +134,8 @@ def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, se
         done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
     finally:
         runner.stop()
-    finished = [ep for ep in done if ep.is_done][:episodes]
-    successes = [episode_success([ep]) for ep in finished]
-    success_rate = float(np.mean(successes)) if successes and None not in successes else None
-    return np.array([ep.get_return() for ep in finished], dtype=float), success_rate
+    _, returns, success_rate = finished_episode_stats(done, episodes)
+    return returns, success_rate
 
 
 def _run_dir(exp: ExperimentConfig) -> Path:

@@ -27,6 +27,15 @@ def episode_success(chunks) -> float | None:
     return float(max(flags) > 0) if flags else None
 
 
+def finished_episode_stats(episodes, n: int):
+    """The first ``n`` finished episodes of a ``sample()`` call, their returns (multi-agent:
+    summed over agents) and success rate (None for envs without a success flag)."""
+    finished = [ep for ep in episodes if ep.is_done][:n]
+    successes = [episode_success([ep]) for ep in finished]
+    success_rate = float(np.mean(successes)) if successes and None not in successes else None
+    return finished, np.array([ep.get_return() for ep in finished], dtype=float), success_rate
+
+
 def episode_return_and_length(chunks) -> tuple[float, int]:
     """Return and length of an episode that arrived in chunks (one per ``sample()`` call);
     multi-agent: the sum over agents (RLlib's convention) and the env steps.
