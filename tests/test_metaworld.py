@@ -107,7 +107,7 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     """Scripted demos -> behaviour cloning -> NCDPO fine-tuning, tiny budgets, through the CLI."""
     config = (Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml").read_text()
     (tmp_path / "mw.yaml").write_text(config)
-    tiny = ["--set", "collect.steps_per_level=2500", "--set", "pretrain.gradient_steps=200",
+    tiny = ["--set", "collect.steps_per_level=500", "--set", "pretrain.gradient_steps=200",
             "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]"]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
     collected = run_cli(["collect", "mw.yaml", *tiny, "--json"], tmp_path, env)
@@ -119,8 +119,8 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     pretrained = last_json(pre.stdout)
     assert 0.0 <= pretrained["eval"]["success_rate"] <= 1.0
     ft = run_cli(["train", "mw.yaml", *tiny, "--set", f"init_from={pretrained['checkpoint']}",
-                  "--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=2000",
-                  "--set", "ppo.minibatch_size=500", "--json"], tmp_path, env)
+                  "--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=200",
+                  "--set", "ppo.minibatch_size=100", "--json"], tmp_path, env)
     assert ft.returncode == 0, ft.stderr[-3000:]
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
     assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics

@@ -21,12 +21,16 @@ LOG_STD_BOUNDS = (-5.0, 2.0)
 
 
 class _DenoisingChain(nn.Module):
-    """What both heads share: the denoiser, the noise-conditioned sampler, the noise draw."""
+    """What both heads share: the denoiser, the noise-conditioned sampler, the noise draw,
+    and an optional observation ``encoder`` (e.g. a CNN for pixels) applied to ``cond`` by
+    every public method, so that behaviour cloning and the PPO update train it through the
+    chain (``cond_dim`` is then its output width)."""
 
-    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int):
+    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int, encoder: Optional[nn.Module] = None):
         super().__init__()
         self.cfg = cfg
         self.action_dim = action_dim
+        self.encoder = encoder if encoder is not None else nn.Identity()
         denoiser = DenoiserMLP(
             action_dim, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
         )
@@ -39,13 +43,17 @@ class _DenoisingChain(nn.Module):
     def sample_noise(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return torch.randn((batch, *self.noise_shape), generator=generator, device=self.sampler.abar.device)
 
+    def encode(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is conditioned on: the encoder's features (identity for state)."""
+        return self.encoder(cond)
+
     def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
-        return self.sampler(cond, noise, keep_chain=True, **chain_kwargs)
+        return self.sampler(self.encode(cond), noise, keep_chain=True, **chain_kwargs)
 
 
 class DiffusionPolicy(_DenoisingChain):
-    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int):
-        super().__init__(cfg, action_dim, cond_dim)
+    def __init__(self, cfg: DiffusionConfig, action_dim: int, cond_dim: int, encoder: Optional[nn.Module] = None):
+        super().__init__(cfg, action_dim, cond_dim, encoder)
         log_std = torch.full((action_dim,), math.log(cfg.init_std))
         if cfg.std == "learned":
             self.log_std = nn.Parameter(log_std)
@@ -57,7 +65,7 @@ class DiffusionPolicy(_DenoisingChain):
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log_std) of the final step, each (B, D), from stored noise."""
-        mean = self.sampler(cond, noise, **chain_kwargs).mean
+        mean = self.sampler(self.encode(cond), noise, **chain_kwargs).mean
         return mean, self.final_log_std(mean.shape[0])
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor):
@@ -87,7 +95,7 @@ class DiffusionPolicy(_DenoisingChain):
         abar = sampler.abar[k - 1][:, None]
         x_k = torch.sqrt(abar) * actions + torch.sqrt(1 - abar) * eps
         target = actions if self.cfg.prediction == "x0" else eps
-        return ((sampler.denoiser(x_k, k, cond) - target) ** 2).mean()
+        return ((sampler.denoiser(x_k, k, self.encode(cond)) - target) ** 2).mean()
 
 
 class DiscreteDiffusionPolicy(_DenoisingChain):
@@ -99,8 +107,8 @@ class DiscreteDiffusionPolicy(_DenoisingChain):
     is no final-step Gaussian (no ``log_std``); ``x0_clip`` bounds the logits if set.
     """
 
-    def __init__(self, cfg: DiffusionConfig, num_actions: int, cond_dim: int):
-        super().__init__(cfg, num_actions, cond_dim)
+    def __init__(self, cfg: DiffusionConfig, num_actions: int, cond_dim: int, encoder: Optional[nn.Module] = None):
+        super().__init__(cfg, num_actions, cond_dim, encoder)
 
     @property
     def noise_shape(self) -> tuple[int, int]:
@@ -108,7 +116,7 @@ class DiscreteDiffusionPolicy(_DenoisingChain):
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
         """Logits (B, n) from stored noise."""
-        return self.sampler(cond, noise, **chain_kwargs).mean
+        return self.sampler(self.encode(cond), noise, **chain_kwargs).mean
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator] = None):
         """Exploration: a ~ Categorical(softmax(y)); returns (a, logp, logits)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -18,10 +19,19 @@ def env_config(exp: ExperimentConfig, record_dir: Optional[str] = None) -> dict:
     """What ``ncdpo_rllib.tasks.envs.make_env`` builds the env from."""
     e = exp.env
     out = {"kind": e.kind, "id": e.id, "kwargs": dict(e.kwargs), "goal": e.goal, "action_chunk": e.action_chunk,
-           "obs_history": e.obs_history}
+           "obs_history": e.obs_history, "max_episode_steps": e.max_episode_steps, "observation": e.observation,
+           "image_size": e.image_size, "camera": e.camera}
     if record_dir:
         out["record_dir"] = str(record_dir)
     return out
+
+
+def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
+    """The module's model_config["pixels"] (None for state observations)."""
+    if not exp.env.pixels:
+        return None
+    return {"image_size": exp.env.image_size, "frames": exp.env.obs_history,
+            "use_state": exp.env.observation == "pixels_state", **dataclasses.asdict(exp.encoder)}
 
 
 def build_algo_config(
@@ -33,13 +43,13 @@ def build_algo_config(
 
     p, r = exp.ppo, exp.resources
     pretrained = exp.init_from is not None if pretrained is None else pretrained
-    use_filter = exp.env.normalize_observations and not pretrained
+    use_filter = exp.env.normalize_observations and not pretrained and not exp.env.pixels
     if exp.algorithm in ("ncdpo", "dppo"):
         if exp.algorithm == "ncdpo":
             cfg = NCDPOConfig()
         else:
             cfg = DPPOConfig().training(gamma_denoise=p.gamma_denoise)
-        cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden)
+        cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden, pixels=pixel_model_config(exp))
         cfg.training(
             critic_lr=p.critic_lr,
             actor_grad_clip=p.actor_grad_clip,

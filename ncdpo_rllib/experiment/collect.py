@@ -93,6 +93,8 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     c = exp.collect
     if c.scripted:
         return collect_scripted(exp, log=log)
+    if exp.env.pixels:
+        raise ConfigError("pixel datasets are recorded from Meta-World's scripted experts: set collect.scripted: true")
     if exp.algorithm != "ppo":
         raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
     if exp.env.kind == "pettingzoo":
@@ -202,7 +204,10 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
     from ncdpo_rllib.tasks.metaworld import make_metaworld_env, scripted_policy
 
     c = exp.collect
-    env = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
+    from .build import env_config
+
+    env = make_metaworld_env(env_config(exp))  # with pixels: observations are [state, image]
+    state_dim = getattr(env, "state_dim", env.observation_space.shape[0])  # what the expert reads
     expert = scripted_policy(exp.env.id)
     episodes, successes, total = [], [], 0
     try:
@@ -214,7 +219,7 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
                 if give_up is not None and len(actions) >= give_up:
                     action = rng.uniform(-1, 1, env.action_space.shape)
                 else:
-                    action = expert.get_action(obs) + c.action_noise * rng.standard_normal(env.action_space.shape)
+                    action = expert.get_action(obs[:state_dim]) + c.action_noise * rng.standard_normal(env.action_space.shape)
                 action = np.clip(action, -1, 1).astype(np.float32)
                 obs, reward, terminated, truncated, info = env.step(action)
                 observations.append(obs)
@@ -234,6 +239,11 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
     return episodes, successes
 
 
+def scripted_level(exp: ExperimentConfig) -> str:
+    """scripted, or scripted-pixels<size> (observations [state, image]: for pixels and pixels_state)."""
+    return f"{SCRIPTED}-pixels{exp.env.image_size}" if exp.env.pixels else SCRIPTED
+
+
 def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
     """``collect.scripted``: Meta-World's scripted expert -> <out>/<task>/scripted (Minari)."""
     from ncdpo_rllib.data import write_dataset
@@ -244,7 +254,7 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
     from .train import check_env
 
     check_env(exp)
-    path = Path(c.out) / exp.env.id / SCRIPTED
+    path = Path(c.out) / exp.env.id / scripted_level(exp)
     if path.exists():
         raise ConfigError(f"dataset directory {path} already exists: remove it or set collect.out")
     tracker = Tracker(exp, tags={"stage": "collect"})
@@ -253,16 +263,18 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
         episodes, successes = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
         rets = np.array([ep.ret for ep in episodes])
         meta = {"source": f"Meta-World scripted expert ({exp.env.id}, goal {exp.env.goal})",
+                "observation": exp.env.observation, "image_size": exp.env.image_size if exp.env.pixels else None,
+                "camera": exp.env.camera if exp.env.pixels else None,
                 "action_noise": c.action_noise, "failed_fraction": c.failed_fraction,
                 "success_rate": float(np.mean(successes)), "episode_success": successes}
         write_dataset(path, episodes, exp.env.id, meta)
         level = {"path": str(path.resolve()), "episodes": len(episodes), "steps": int(sum(len(e) for e in episodes)),
                  "return_mean": float(rets.mean()), "return_std": float(rets.std()),
                  "success_rate": float(np.mean(successes))}
-        log(f"wrote {SCRIPTED}: {path} ({level['episodes']} episodes, {level['steps']:,} steps, return "
+        log(f"wrote {path.name}: {path} ({level['episodes']} episodes, {level['steps']:,} steps, return "
             f"{rets.mean():.1f} +- {rets.std():.1f}, success rate {level['success_rate']:.2f})")
-        tracker.log_metrics({f"dataset/{SCRIPTED}/{k}": v for k, v in level.items() if k != "path"}, step=0)
+        tracker.log_metrics({f"dataset/{path.name}/{k}": v for k, v in level.items() if k != "path"}, step=0)
         status = "FINISHED"
-        return {"datasets": {SCRIPTED: level}, "mlflow_run_id": tracker.run_id}
+        return {"datasets": {path.name: level}, "mlflow_run_id": tracker.run_id}
     finally:
         tracker.finish(status)

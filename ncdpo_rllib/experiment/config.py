@@ -45,13 +45,59 @@ class EnvConfig:
     action_chunk: int = 1
     """Ta: actions per policy step, executed in order with rewards summed (DPPO's act steps)."""
     obs_history: int = 1
-    """To: the policy sees the last To observations, concatenated."""
+    """To: the policy sees the last To observations, concatenated (with pixels: the last To
+    frames, stacked as channels)."""
+    max_episode_steps: Optional[int] = None
+    """Truncate episodes after this many env steps (null = the env's own limit; Meta-World: 500)."""
+    observation: Literal["state", "pixels", "pixels_state"] = "state"
+    """metaworld only: what the policy and critic see. pixels = a rendered camera image
+    (``image_size`` square, ``camera``), encoded by the ``encoder`` section; pixels_state =
+    the image and the state vector. Needs MuJoCo offscreen rendering (``MUJOCO_GL=egl``,
+    set by default on Linux without a display). RLlib's MeanStdFilter is not used with
+    pixels (``normalize_observations`` is ignored): images are scaled to [0, 1] in the encoder."""
+    image_size: int = 64
+    """Pixels: frame width and height (64 or 84 fit a CPU)."""
+    camera: str = "corner2"
+    """Pixels: the MuJoCo camera to render (Meta-World: corner, corner2, corner3, corner4,
+    topview, behindGripper, gripperPOV)."""
 
     def __post_init__(self):
         if self.action_chunk < 1 or self.obs_history < 1:
             raise ValueError("env: action_chunk and obs_history must be >= 1")
         if self.goal != "random" and self.kind != "metaworld":
             raise ValueError("env: goal is for kind: metaworld")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError("env: max_episode_steps must be >= 1 (or null)")
+        if self.observation != "state" and self.kind != "metaworld":
+            raise ValueError("env: observation: pixels is implemented for kind: metaworld")
+        if not 16 <= self.image_size <= 256:
+            raise ValueError("env: image_size must be between 16 and 256")
+
+    @property
+    def pixels(self) -> bool:
+        return self.observation != "state"
+
+
+@dataclass
+class EncoderConfig:
+    """Image encoder of the actor and (a separate one) of the critic, with ``env.observation: pixels``."""
+
+    type: Literal["cnn", "vit"] = "cnn"
+    """cnn = three strided convolutions (Nature-DQN shape: 8/4, 4/2, 3/1, 16-32-32 channels),
+    then Linear + LayerNorm + tanh (DrQ's trunk); vit = a small ViT (patches of image_size/8,
+    width 64, 2 pre-norm blocks of 4 heads, mean-pooled), as DPPO uses for images."""
+    feature_dim: int = 64
+    """Image feature width (the state vector, with pixels_state, is concatenated after it)."""
+    random_shift: int = 4
+    """DrQ's random-shift augmentation: pad by this many pixels (replicate) and crop back at a
+    random offset, per sample; used in behaviour cloning (0 = off)."""
+    shift_in_finetune: bool = False
+    """Also shift in the PPO update's forward passes (actor and critic). Off by default: the
+    rollout saw unshifted frames, so shifting makes the first minibatch's ratio differ from 1."""
+
+    def __post_init__(self):
+        if self.feature_dim < 1 or self.random_shift < 0:
+            raise ValueError("encoder: feature_dim must be >= 1 and random_shift >= 0")
 
 
 @dataclass
@@ -314,6 +360,7 @@ class ExperimentConfig:
     """ncdpo = the diffusion policy, PPO through the whole chain; dppo = the same module with
     DPPO's per-denoising-step likelihoods; ppo = RLlib's PPO with its default MLP module."""
     env: EnvConfig = field(default_factory=EnvConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     multi_agent: MultiAgentConfig = field(default_factory=MultiAgentConfig)
     seed: int = 0
     """Seeds envs, torch and the rollout noise (RLlib's ``debugging(seed=...)``)."""
@@ -335,6 +382,15 @@ class ExperimentConfig:
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
         if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.env.pixels and self.algorithm == "ppo":
+            raise ValueError("env.observation: pixels needs the diffusion policy's image encoder: use algorithm: "
+                             "ncdpo or dppo (the MLP PPO baseline is state-only)")
+        if self.encoder != EncoderConfig() and not self.env.pixels:
+            raise ValueError("the encoder section is for env.observation: pixels or pixels_state; remove it for state")
+        if self.env.pixels and self.encoder.type == "cnn" and self.env.image_size < 36:
+            raise ValueError("encoder.type: cnn needs env.image_size >= 36 (its strided convolutions shrink the image 9x)")
+        if self.env.pixels and self.encoder.type == "vit" and self.env.image_size % 8:
+            raise ValueError("encoder.type: vit cuts the image into 8 x 8 patches: env.image_size must be a multiple of 8")
         if self.env.kind == "pettingzoo":
             single_only = {"env.action_chunk": self.env.action_chunk != 1, "env.obs_history": self.env.obs_history != 1,
                            "init_from": self.init_from is not None, "eval.every": bool(self.eval.every),

@@ -17,6 +17,7 @@ from . import config as experiment_config
 SECTIONS = [
     ("(top level)", experiment_config, "ExperimentConfig"),
     ("env", experiment_config, "EnvConfig"),
+    ("encoder", experiment_config, "EncoderConfig"),
     ("multi_agent", experiment_config, "MultiAgentConfig"),
     ("stop", experiment_config, "StopConfig"),
     ("diffusion", diffusion_config, "DiffusionConfig"),
@@ -29,7 +30,7 @@ SECTIONS = [
     ("collect", experiment_config, "CollectConfig"),
 ]
 
-NESTED = {"env", "multi_agent", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
+NESTED = {"env", "encoder", "multi_agent", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
 
 METRICS = """\
 ## Metrics

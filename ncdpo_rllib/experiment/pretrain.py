@@ -66,7 +66,9 @@ def _check_dataset(dataset, exp: ExperimentConfig):
     if exp.env.kind == "metaworld":
         from ncdpo_rllib.tasks.metaworld import make_metaworld_env
 
-        base = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
+        from .build import env_config
+
+        base = make_metaworld_env(env_config(exp))  # with pixels: [state, image] per step
     else:
         base = gym.make(exp.env.id, **exp.env.kwargs)
     obs_dim, act_space = int(np.prod(base.observation_space.shape)), base.action_space
@@ -78,6 +80,12 @@ def _check_dataset(dataset, exp: ExperimentConfig):
         raise ConfigError(
             f"dataset {dataset.path} was recorded on {dataset.env_id}, the config's env.id is {exp.env.id}; "
             "use a dataset of this env"
+        )
+    if exp.env.pixels and dataset.obs_dim != obs_dim:
+        raise ConfigError(
+            f"dataset {dataset.path}: observations have {dataset.obs_dim} values per step, {exp.env.id} with "
+            f"env.observation: {exp.env.observation} and env.image_size: {exp.env.image_size} has {obs_dim}; "
+            "record the dataset with the same image_size (ncdpo collect with this env section)"
         )
     if dataset.obs_dim != obs_dim or dataset.action_dim != int(np.prod(act_space.shape)):
         raise ConfigError(
@@ -201,7 +209,8 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
         t0, running = time.perf_counter(), []
         for step in range(1, p.gradient_steps + 1):
             idx = torch.randint(0, len(cond_tr), (p.batch_size,), generator=gen)
-            loss = actor.bc_loss(cond_tr[idx], act_tr[idx], generator=gen)
+            with module.shifting():  # random-shift augmentation of images (no-op for state)
+                loss = actor.bc_loss(cond_tr[idx], act_tr[idx], generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -46,9 +46,15 @@ def check_env(exp: ExperimentConfig) -> None:
     if exp.env.kind == "metaworld":
         from ncdpo_rllib.tasks.metaworld import make_metaworld_env
 
-        env = make_metaworld_env({"id": exp.env.id, "goal": exp.env.goal, "kwargs": exp.env.kwargs})
-        obs_space, act_space = env.observation_space, env.action_space
-        env.close()
+        from .build import env_config
+
+        env = make_metaworld_env(env_config(exp))
+        try:
+            if exp.env.pixels:
+                env.reset(seed=0)  # renders a frame: fails here, with the MUJOCO_GL fix, not in a worker
+            obs_space, act_space = env.observation_space, env.action_space
+        finally:
+            env.close()
     else:
         obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, for_diffusion=exp.algorithm != "ppo")
     chunked = exp.env.action_chunk > 1 or exp.env.obs_history > 1
@@ -165,7 +171,7 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
 
 MODEL_KEYS = (
     "algorithm", "env.kind", "env.id", "env.kwargs", "env.normalize_observations", "env.action_chunk",
-    "env.obs_history", "multi_agent",
+    "env.obs_history", "env.observation", "env.image_size", "multi_agent", "encoder",
     "diffusion", "ppo.critic_hidden", "init_from",
     "ppo.kl_to_reference",  # turning it on later would take the fine-tuned actor as the reference
 )

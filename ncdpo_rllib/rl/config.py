@@ -78,6 +78,7 @@ class NCDPOConfig(PPOConfig):
         self.kl_to_reference: float = 0.0
         self.diffusion_config: DiffusionConfig = DiffusionConfig()
         self.critic_hidden: list[int] = list(DEFAULT_CRITIC_HIDDEN)
+        self.pixels: Optional[dict] = None
         # Sampling: 1 runner x 8 vector envs, observations normalised (MeanStdFilter).
         self.num_env_runners = 1
         self.num_envs_per_env_runner = 8
@@ -109,12 +110,16 @@ class NCDPOConfig(PPOConfig):
                 setattr(self, name, value)
         return self
 
-    def diffusion(self, config: Optional[DiffusionConfig] = None, *, critic_hidden=NotProvided, **overrides):
-        """Set the diffusion policy: a DiffusionConfig and/or field overrides."""
+    def diffusion(self, config: Optional[DiffusionConfig] = None, *, critic_hidden=NotProvided, pixels=NotProvided,
+                  **overrides):
+        """Set the diffusion policy: a DiffusionConfig and/or field overrides; ``pixels``: the
+        image encoders' settings (``DiffusionPolicyModule``'s model_config["pixels"]) or None."""
         base = config or self.diffusion_config
         self.diffusion_config = DiffusionConfig(**{**base.to_dict(), **overrides})
         if critic_hidden is not NotProvided:
             self.critic_hidden = list(critic_hidden)
+        if pixels is not NotProvided:
+            self.pixels = dict(pixels) if pixels else None
         return self
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -124,6 +129,7 @@ class NCDPOConfig(PPOConfig):
                 **self.diffusion_config.to_dict(),
                 "critic_hidden": self.critic_hidden,
                 "reference_policy": self.kl_to_reference > 0,
+                **({"pixels": self.pixels} if self.pixels else {}),
             },
         )
 

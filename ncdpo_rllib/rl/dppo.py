@@ -92,7 +92,7 @@ class DPPOModule(DiffusionPolicyModule):
         """New log-probs of the fine-tuned steps from the stored chain: one batched denoiser call."""
         self.grad_probe = {}  # no backprop through the chain: nothing to probe
         cond, chain, first = self._cond(batch), batch[DPPO_CHAIN], self.first_finetuned_step
-        means = self.actor.sampler.step_means(cond, chain, first)
+        means = self.actor.sampler.step_means(self.actor.encode(cond), chain, first)
         log_stds = self._step_log_stds(cond.shape[0], first)
         return {
             Columns.ACTION_DIST_INPUTS: torch.cat([means[:, -1], log_stds[:, -1]], dim=-1),
@@ -118,7 +118,7 @@ class DPPOTorchLearner(NCDPOTorchLearner):
         clip = config.clip_param
         surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - clip, 1 + clip))[mask]  # (n, S_ft)
 
-        values = module.compute_values(batch)
+        values = module.values_for_update(batch)
         vf_err = (values - batch[Postprocessing.VALUE_TARGETS]) ** 2
         vf_loss = (vf_err.clamp(max=config.vf_clip_param) if config.vf_clip_param else vf_err)[mask]
         dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])

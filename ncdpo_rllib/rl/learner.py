@@ -153,7 +153,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
         clip = config.clip_param
         surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - clip, 1 + clip))
 
-        values = module.compute_values(batch)
+        values = module.values_for_update(batch)
         vf_err = (values - batch[Postprocessing.VALUE_TARGETS]) ** 2
         vf_loss = vf_err.clamp(max=config.vf_clip_param) if config.vf_clip_param else vf_err
         entropy = dist.entropy()

@@ -15,6 +15,11 @@ Discrete action spaces select the logit-diffusion head (``DiscreteDiffusionPolic
 chain denoises a logit vector, ACTION_DIST_INPUTS are the logits (``TorchCategorical``),
 the stored noise is (S, n) and inference takes the argmax.
 
+Pixel observations (``model_config["pixels"]``, see ``ncdpo_rllib.rl.encoders``): the actor's
+chain and the critic each get their own ``ObservationEncoder`` (CNN or small ViT); the
+actor's sits inside ``actor`` (so behaviour cloning, the EMA, the reference copy and the PPO
+update all include it), and the train forward backpropagates through the chain into it.
+
 The critic V(s) is a separate MLP, not conditioned on the noise. With a centralised critic
 (``model_config["actor_obs_dim"]`` = d) the observation is [own obs (d), global state] as
 ``CentralCriticObservations`` builds it: the actor reads the first d entries, the critic all.
@@ -28,6 +33,7 @@ KL-to-reference regulariser.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import fields
 from typing import Any, Optional
@@ -67,9 +73,14 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str = "mish") 
     return nn.Sequential(*layers)
 
 
+PIXEL_KEYS = ("image_size", "frames", "use_state", "type", "feature_dim", "random_shift")
+
+
 class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
     """model_config: every ``DiffusionConfig`` field, plus ``critic_hidden`` (list of ints),
-    ``reference_policy`` (bool) and ``actor_obs_dim`` (int or None: the centralised critic)."""
+    ``reference_policy`` (bool), ``actor_obs_dim`` (int or None: the centralised critic) and
+    ``pixels`` (None, or a dict: image_size, frames, use_state, type, feature_dim,
+    random_shift, shift_in_finetune)."""
 
     def setup(self):
         self.discrete = isinstance(self.action_space, gym.spaces.Discrete)
@@ -80,13 +91,19 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         self.diffusion_config = diffusion_config_from_model_config(self.model_config)
         obs_dim = int(gym.spaces.flatdim(self.observation_space))
         self.actor_obs_dim = int((self.model_config or {}).get("actor_obs_dim") or obs_dim)
+        self.pixels: Optional[dict] = (self.model_config or {}).get("pixels")
+        encoder = self._encoder(self.actor_obs_dim)
+        cond_dim = encoder.out_dim if encoder is not None else self.actor_obs_dim
         if self.discrete:
-            self.actor = DiscreteDiffusionPolicy(self.diffusion_config, int(self.action_space.n), self.actor_obs_dim)
+            self.actor = DiscreteDiffusionPolicy(self.diffusion_config, int(self.action_space.n), cond_dim, encoder)
         else:
             action_dim = int(np.prod(self.action_space.shape))
-            self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim=self.actor_obs_dim)
+            self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim, encoder)
         critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULT_CRITIC_HIDDEN)
-        self.critic = mlp(obs_dim, list(critic_hidden), 1, self.diffusion_config.activation)
+        critic_encoder = self._encoder(obs_dim)
+        head = mlp(critic_encoder.out_dim if critic_encoder is not None else obs_dim, list(critic_hidden), 1,
+                   self.diffusion_config.activation)
+        self.critic = nn.Sequential(critic_encoder, head) if critic_encoder is not None else head
         self.register_buffer("obs_shift", torch.zeros(obs_dim))
         self.register_buffer("obs_scale", torch.ones(obs_dim))
         self.reference: Optional[DiffusionPolicy] = None
@@ -94,10 +111,46 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
             self.reference = copy.deepcopy(self.actor).requires_grad_(False)
         self.grad_probe: dict[int, torch.Tensor] = {}
 
+    def _encoder(self, obs_dim: int) -> Optional[nn.Module]:
+        if not self.pixels:
+            return None
+        from .encoders import ObservationEncoder
+
+        return ObservationEncoder(obs_dim, **{k: self.pixels[k] for k in PIXEL_KEYS})
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        """The image encoders (actor's, critic's; empty for state observations)."""
+        if not self.pixels:
+            return []
+        return [self.actor.encoder, self.critic[0]]
+
+    @contextlib.contextmanager
+    def shifting(self, on: bool = True):
+        """Random-shift augmentation on in the encoders for the duration (behaviour cloning,
+        and the PPO update with ``shift_in_finetune``)."""
+        for enc in self.encoders:
+            enc.shifting = on
+        try:
+            yield
+        finally:
+            for enc in self.encoders:
+                enc.shifting = False
+
     # --- state: pre-trained weights, the reference copy ---------------------------------
     def set_obs_normalizer(self, shift, scale) -> None:
-        self.obs_shift.copy_(torch.as_tensor(shift, dtype=torch.float32))
-        self.obs_scale.copy_(torch.as_tensor(scale, dtype=torch.float32).clamp(min=1e-6))
+        """Per-entry shift/scale of the observation; pixel entries stay (0, 1): the encoder
+        scales images itself."""
+        shift = torch.as_tensor(shift, dtype=torch.float32).clone()
+        scale = torch.as_tensor(scale, dtype=torch.float32).clamp(min=1e-6)
+        if self.pixels:
+            enc = self.actor.encoder
+            pixel = torch.ones(enc.frames, shift.numel() // enc.frames, dtype=torch.bool)
+            pixel[:, : enc.state_dim] = False
+            pixel = pixel.reshape(-1)
+            shift[pixel], scale[pixel] = 0.0, 1.0
+        self.obs_shift.copy_(shift)
+        self.obs_scale.copy_(scale)
 
     def set_state(self, state: dict) -> None:
         """RLlib's set_state; a state without ``reference.*`` (a pre-trained or older
@@ -174,10 +227,18 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         # A fresh probe per pass: the learner reads per-step gradient norms after backward.
         self.grad_probe = {}
-        return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(self._cond(batch), batch[NOISE], grad_probe=self.grad_probe)}
+        with self.shifting(bool(self.pixels and self.pixels.get("shift_in_finetune"))):
+            return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(self._cond(batch), batch[NOISE],
+                                                                  grad_probe=self.grad_probe)}
 
     def compute_values(self, batch: dict, embeddings: Optional[Any] = None) -> torch.Tensor:
         return self.critic(self._obs(batch)).squeeze(-1)
+
+    def values_for_update(self, batch: dict) -> torch.Tensor:
+        """V(s) in the PPO update's value loss: shifted frames with ``shift_in_finetune``
+        (GAE's value pass, ``compute_values``, never shifts)."""
+        with self.shifting(bool(self.pixels and self.pixels.get("shift_in_finetune"))):
+            return self.compute_values(batch)
 
     # --- parameter groups (separate optimizers in the learner) ------------------------
     def actor_parameters(self) -> list[nn.Parameter]:

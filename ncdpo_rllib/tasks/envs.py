@@ -17,8 +17,14 @@ ENV_NAME = "ncdpo_env"
 
 
 def make_env(env_config: dict):
-    """env_config: kind, id, kwargs, goal, action_chunk, obs_history, record_dir (optional)."""
+    """env_config: kind, id, kwargs, goal, max_episode_steps, observation, image_size, camera,
+    action_chunk, obs_history, record_dir (optional).
+
+    Pixels are rendered above the chunking when the policy sees one observation (To = 1):
+    one frame per policy step instead of one per env step (Ta times fewer renders)."""
     kind = env_config.get("kind", "gymnasium")
+    chunk, history = env_config.get("action_chunk", 1), env_config.get("obs_history", 1)
+    pixels_on_top = env_config.get("observation", "state") != "state" and history == 1
     if kind == "pettingzoo":
         from .multiagent import make_multi_agent_env
 
@@ -26,18 +32,22 @@ def make_env(env_config: dict):
     if kind == "metaworld":
         from .metaworld import make_metaworld_env
 
-        env = make_metaworld_env(env_config)
+        env = make_metaworld_env(env_config, pixels=not pixels_on_top)
     else:
-        env = gym.make(env_config["id"], **env_config.get("kwargs", {}))
+        limit = {"max_episode_steps": env_config["max_episode_steps"]} if env_config.get("max_episode_steps") else {}
+        env = gym.make(env_config["id"], **limit, **env_config.get("kwargs", {}))
     if env_config.get("record_dir"):
         from ncdpo_rllib.data import RecordingWrapper
 
         env = RecordingWrapper(env, env_config["record_dir"])
-    chunk, history = env_config.get("action_chunk", 1), env_config.get("obs_history", 1)
     if chunk > 1 or history > 1:
         from .wrappers import ActionChunkObsHistory
 
         env = ActionChunkObsHistory(env, chunk, history)
+    if pixels_on_top:
+        from .pixels import PixelObservations
+
+        env = PixelObservations(env, env_config.get("image_size", 64), env_config.get("camera", "corner2"))
     return env
 
 

@@ -34,10 +34,23 @@ class MetaWorldObservations(gym.ObservationWrapper):
         return np.asarray(observation, dtype=np.float32)
 
 
-def task_names() -> list[str]:
-    import metaworld
+def _import_metaworld():
+    """metaworld, or a one-line error: importing it imports mujoco, which loads the OpenGL
+    backend named by MUJOCO_GL and fails if that library is missing (e.g. osmesa)."""
+    try:
+        import metaworld
+    except (AttributeError, ImportError, OSError) as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "metaworld":
+            raise ConfigError("env.kind: metaworld needs the metaworld package (pip install metaworld==3.1.1)") from None
+        from .pixels import gl_hint
 
-    return sorted(metaworld.ALL_V3_ENVIRONMENTS)
+        raise ConfigError(f"mujoco could not load its OpenGL backend ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); {gl_hint()}") from None
+    return metaworld
+
+
+def task_names() -> list[str]:
+    return sorted(_import_metaworld().ALL_V3_ENVIRONMENTS)
 
 
 def check_task(name: str) -> None:
@@ -48,9 +61,11 @@ def check_task(name: str) -> None:
         raise ConfigError(f"env.id {name!r} is not a Meta-World task{hint}")
 
 
-def make_metaworld_env(env_config: dict) -> gym.Env:
-    """env_config: id (task name), goal (random | fixed), kwargs (passed to the task class)."""
-    import metaworld
+def make_metaworld_env(env_config: dict, pixels: bool = True) -> gym.Env:
+    """env_config: id (task name), goal (random | fixed), kwargs (passed to the task class),
+    max_episode_steps (default Meta-World's 500), observation / image_size / camera (pixels,
+    appended here unless ``pixels`` is false: ``make_env`` then adds them above the chunking)."""
+    metaworld = _import_metaworld()
     from metaworld.wrappers import RandomTaskSelectWrapper
 
     name = env_config["id"]
@@ -64,13 +79,22 @@ def make_metaworld_env(env_config: dict) -> gym.Env:
     if env_config.get("goal", "random") == "fixed":
         tasks = tasks[:1]
     env.set_task(tasks[0])
-    env = gym.wrappers.TimeLimit(env, env.max_path_length)
+    limit = env_config.get("max_episode_steps") or env.max_path_length
+    if limit > env.max_path_length:
+        raise ConfigError(f"env.max_episode_steps {limit} exceeds Meta-World's max_path_length {env.max_path_length}")
+    env = gym.wrappers.TimeLimit(env, limit)
     env = RandomTaskSelectWrapper(env, tasks)
-    return MetaWorldObservations(env)
+    env = MetaWorldObservations(env)
+    if pixels and env_config.get("observation", "state") != "state":
+        from .pixels import PixelObservations
+
+        env = PixelObservations(env, env_config.get("image_size", 64), env_config.get("camera", "corner2"))
+    return env
 
 
 def scripted_policy(name: str):
     """Meta-World's scripted expert for a task (``SawyerPickPlaceV3Policy`` for pick-place-v3)."""
+    _import_metaworld()
     import metaworld.policies as policies
 
     class_name = "Sawyer" + "".join(part.capitalize() for part in name.replace("-v3", "").split("-")) + "V3Policy"

@@ -1,0 +1,197 @@
+"""Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
+
+    python benchmarks/metaworld.py --tasks reach button_press --obs state pixels \
+        --algos ncdpo dppo --seeds 0 1 2 --steps 40000
+
+Per task and observation (``configs/metaworld_<task>[_pixels].yaml``; each stage is reused
+when its output exists, so an interrupted benchmark resumes):
+1. the degraded scripted dataset (``ncdpo collect``) into data/<task>/scripted[-pixels64];
+2. behaviour cloning (seed 0) and its deterministic success rate (``pretrain.eval_episodes``);
+3. per algorithm and seed, ``ncdpo train`` from that checkpoint for ``--steps`` env steps,
+   evaluating the deterministic policy every ``eval.every`` iterations. DPPO fine-tunes the
+   last ``--dppo-finetune-steps`` denoising steps (DPPO's practice), NCDPO all of them.
+
+Results go to benchmarks/results/metaworld.json; the table (success rates, wall-clock,
+sampling env steps/s with pixels vs state) and a PNG of evaluation success vs env steps
+go into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
+from ncdpo_rllib.experiment.config import load_config  # noqa: E402
+
+TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3"}
+RESULTS = ROOT / "benchmarks" / "results" / "metaworld.json"
+
+
+def config_path(task: str, obs: str) -> Path:
+    return ROOT / "configs" / f"metaworld_{task}{'_pixels' if obs == 'pixels' else ''}.yaml"
+
+
+def ensure_pretrained(task: str, obs: str) -> dict:
+    """Dataset, then the seed-0 pre-trained checkpoint; both reused when present."""
+    from ncdpo_rllib.experiment.collect import collect, scripted_level
+    from ncdpo_rllib.experiment.pretrain import pretrain
+
+    data = ROOT / "data"
+    exp = load_config(config_path(task, obs), [f"collect.out={data}"])
+    dataset = data / exp.env.id / scripted_level(exp)
+    if not dataset.is_dir():
+        print(f"[bench] collecting {dataset}", flush=True)
+        collect(exp)
+    meta_file = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}" / "pretrain" / "pretrained" / "pretrain.json"
+    if not meta_file.is_file():
+        shutil.rmtree(meta_file.parent.parent, ignore_errors=True)
+        print(f"[bench] pre-training {task} ({obs}) on {dataset}", flush=True)
+        pretrain(load_config(config_path(task, obs), [
+            f"pretrain.dataset={dataset}", f"checkpoint.dir={meta_file.parent.parent.parent}",
+            "tracking.run_name=pretrain", f"tracking.experiment=bench-metaworld-{task}-{obs}"]))
+    meta = json.loads(meta_file.read_text())
+    ds = meta["dataset_metadata"]
+    return {"checkpoint": str(meta_file.parent), "eval": meta["eval"], "bc_wall_s": meta["wall_s"],
+            "dataset_success": ds["success_rate"], "dataset_episodes": len(ds["episode_success"])}
+
+
+def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -> dict:
+    from ncdpo_rllib.experiment.train import train
+
+    root = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}"
+    name = f"{algo}-s{seed}"
+    shutil.rmtree(root / name, ignore_errors=True)
+    overrides = [f"algorithm={algo}", f"seed={seed}", f"init_from={pretrained['checkpoint']}",
+                 f"stop.env_steps={args.steps}", "stop.iterations=null", "checkpoint.every=0",
+                 f"checkpoint.dir={root}", f"tracking.run_name={name}",
+                 f"tracking.experiment=bench-metaworld-{task}-{obs}", *args.set]
+    if algo == "dppo":
+        overrides.append(f"diffusion.finetune_steps={args.dppo_finetune_steps}")
+    curve = {k: [] for k in ("env_steps", "wall_s", "success", "eval_success", "eval_return", "sampling_s", "learner_s")}
+
+    def record(state, m):
+        curve["env_steps"].append(state.env_steps)
+        curve["wall_s"].append(state.wall_s)
+        for key, metric in (("success", "success_rate"), ("eval_success", "eval_success_rate"),
+                            ("eval_return", "eval_return_mean"), ("sampling_s", "time_sampling_s"),
+                            ("learner_s", "time_learner_s")):
+            curve[key].append(m.get(metric, float("nan")))
+
+    summary = train(load_config(config_path(task, obs), overrides), on_iteration=record)
+    return {"task": task, "obs": obs, "algo": algo, "seed": seed, "steps": args.steps, "curve": curve,
+            "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def last_eval(run: dict) -> float:
+    vals = [v for v in run["curve"]["eval_success"] if not np.isnan(v)]
+    return float(vals[-1]) if vals else float("nan")
+
+
+def sampling_rate(runs: list[dict]) -> float:
+    """Env steps per second of sampling (rollouts only, no learner), over all iterations."""
+    steps = sum(r["curve"]["env_steps"][-1] for r in runs)
+    return steps / sum(np.nansum(r["curve"]["sampling_s"]) for r in runs)
+
+
+def fmt(vals) -> str:
+    vals = np.asarray(vals, dtype=float)
+    return f"{np.nanmean(vals):.2f} ± {np.nanstd(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
+
+
+def summarise(args, runs: list[dict], pretrained: dict) -> str:
+    header = ["task", "obs", "dataset success", "pre-trained success",
+              *[f"{a.upper()} success @ {args.steps // 1000}k" for a in args.algos],
+              "seeds", "wall s / run", "sampling env steps/s", "learner s / iter"]
+    rows = []
+    for (task, obs), pre in pretrained.items():
+        mine = [r for r in runs if r["task"] == task and r["obs"] == obs]
+        cells = []
+        for algo in args.algos:
+            ar = [r for r in mine if r["algo"] == algo]
+            cells.append(fmt([last_eval(r) for r in ar]) if ar else "-")
+        seeds = sorted({r["seed"] for r in mine})
+        wall = np.mean([r["curve"]["wall_s"][-1] for r in mine]) if mine else float("nan")
+        learner = np.nanmean([v for r in mine for v in r["curve"]["learner_s"]]) if mine else float("nan")
+        rows.append([TASKS[task], obs, f"{pre['dataset_success']:.2f} ({pre['dataset_episodes']} ep.)",
+                     f"{pre['eval']['success_rate']:.2f}", *cells, len(seeds), f"{wall:.0f}",
+                     f"{sampling_rate(mine):.0f}" if mine else "-", f"{learner:.2f}"])
+    return markdown_table(header, rows)
+
+
+def plot(args, runs: list[dict], pretrained: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(pretrained)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, (task, obs) in zip(axes[0], keys):
+        for algo in args.algos:
+            ar = [r for r in runs if r["task"] == task and r["obs"] == obs and r["algo"] == algo]
+            if not ar:
+                continue
+            n = min(len(r["curve"]["env_steps"]) for r in ar)
+            ev = np.array([r["curve"]["eval_success"][:n] for r in ar], dtype=float)
+            keep = ~np.isnan(ev).any(axis=0)
+            x = np.array(ar[0]["curve"]["env_steps"][:n])[keep]
+            ax.plot([0, *x], [pretrained[(task, obs)]["eval"]["success_rate"], *ev[:, keep].mean(0)],
+                    marker=".", label=f"{algo} ({len(ar)} seeds)")
+        ax.set_title(f"{TASKS[task]} ({obs})", fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("success rate (deterministic, 20 episodes)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / "metaworld.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
+    p.add_argument("--obs", nargs="+", choices=["state", "pixels"], default=["state", "pixels"])
+    p.add_argument("--algos", nargs="+", choices=["ncdpo", "dppo"], default=["ncdpo", "dppo"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=40_000, help="env-step budget of every fine-tuning run")
+    p.add_argument("--dppo-finetune-steps", type=int, default=5, help="DPPO: fine-tuned denoising steps (of 10)")
+    p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
+    p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    args = p.parse_args()
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    saved = [] if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
+    same = lambda r: r["steps"] == args.steps and r.get("set", []) == args.set  # noqa: E731
+    pretrained = {(t, o): ensure_pretrained(t, o) for t in args.tasks for o in args.obs}
+    for key, pre in pretrained.items():
+        print(f"[bench] pre-trained {key}: {pre['eval']} (dataset success {pre['dataset_success']:.2f})", flush=True)
+    for seed in args.seeds:
+        for task, obs in pretrained:
+            for algo in args.algos:
+                if any(same(r) and (r["task"], r["obs"], r["algo"], r["seed"]) == (task, obs, algo, seed) for r in saved):
+                    print(f"[bench] {task} {obs} {algo} seed {seed}: saved result reused", flush=True)
+                    continue
+                print(f"[bench] {task} {obs} {algo} seed {seed}: {args.steps:,} env steps", flush=True)
+                saved.append(run_one(args, task, obs, algo, seed, pretrained[(task, obs)]) | {"set": args.set})
+                RESULTS.write_text(json.dumps(saved))
+    runs = [r for r in saved if same(r) and r["task"] in args.tasks and r["obs"] in args.obs]
+    table = summarise(args, runs, pretrained)
+    print(table)
+    image = plot(args, runs, pretrained)
+    write_section("metaworld", "Meta-World from state and pixels: NCDPO vs DPPO fine-tuning",
+                  f"{table}\n\n![success vs env steps]({image.relative_to(ROOT / 'docs')})\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Pixel observations: a MuJoCo camera image appended to the state vector.
+
+``env.observation: pixels | pixels_state`` makes every observation the flat float32 vector
+``[state (k), image (H*W*3, uint8 values 0..255, row-major H, W, C)]``: one Box, so RLlib's
+episodes, the action-chunk / observation-history wrapper, recorded datasets and
+``make_windows`` handle it unchanged, and the policy's encoder
+(``ncdpo_rllib.rl.encoders.ObservationEncoder``) splits it again. ``pixels`` means the
+encoder ignores the state part (it stays in the vector for scripted experts and datasets).
+
+Rendering is MuJoCo's offscreen renderer. On a machine without a display it needs
+``MUJOCO_GL=egl`` (Mesa's EGL: Debian ``libegl1 libgl1-mesa-dri``; the CPU's llvmpipe is
+enough) or ``MUJOCO_GL=osmesa`` (Debian ``libosmesa6``). ``ncdpo_rllib.tasks`` sets
+``MUJOCO_GL=egl`` when it is unset on Linux without ``$DISPLAY``. Shadows, reflections and
+the skybox are switched off: on llvmpipe they cost ~4x the frame time (19 vs 76 frames/s at
+64x64, measured in this repo's ``benchmarks/pixels.py`` set-up).
+"""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+
+from ncdpo_rllib.experiment.errors import ConfigError
+
+CHANNELS = 3
+
+
+def gl_hint() -> str:
+    backend = os.environ.get("MUJOCO_GL", "<unset: glfw, which needs a display>")
+    return (f"MUJOCO_GL={backend}: on a machine without a display set MUJOCO_GL=egl (Debian packages libegl1 "
+            "libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6), and make sure that library is installed")
+
+
+def pixel_dim(image_size: int) -> int:
+    return image_size * image_size * CHANNELS
+
+
+class PixelObservations(gym.ObservationWrapper):
+    """Appends a rendered (image_size x image_size x 3) camera frame to the state observation.
+
+    The renderer is created at the first observation (building the env for its spaces opens
+    no GL context) and closed with the env.
+    """
+
+    def __init__(self, env: gym.Env, image_size: int, camera: str):
+        super().__init__(env)
+        model = env.unwrapped.model
+        names = [model.camera(i).name for i in range(model.ncam)]
+        if camera not in names:
+            raise ConfigError(f"env.camera {camera!r} is not a camera of this task; choose one of {', '.join(names)}")
+        self.image_size, self.camera = image_size, camera
+        state = env.observation_space
+        self.state_dim = int(np.prod(state.shape))
+        low = np.concatenate([np.full(self.state_dim, -np.inf), np.zeros(pixel_dim(image_size))]).astype(np.float32)
+        high = np.concatenate([np.full(self.state_dim, np.inf), np.full(pixel_dim(image_size), 255.0)]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
+        self._renderer = None
+
+    def render_frame(self) -> np.ndarray:
+        """(H, W, 3) uint8 from the configured camera."""
+        import mujoco
+
+        if self._renderer is None:
+            try:
+                self._renderer = mujoco.Renderer(self.env.unwrapped.model, self.image_size, self.image_size)
+            except Exception as e:  # mujoco raises FatalError / AttributeError without a GL context
+                raise ConfigError(f"MuJoCo offscreen rendering is unavailable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]}); {gl_hint()}") from None
+            flags = self._renderer.scene.flags
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                         mujoco.mjtRndFlag.mjRND_SKYBOX):
+                flags[flag] = 0
+        self._renderer.update_scene(self.env.unwrapped.data, camera=self.camera)
+        return self._renderer.render()[::-1]  # Meta-World's corner cameras render upside down
+
+    def observation(self, observation):
+        frame = self.render_frame().reshape(-1).astype(np.float32)
+        return np.concatenate([np.asarray(observation, dtype=np.float32).reshape(-1), frame])
+
+    def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+        super().close()
