@@ -1,7 +1,7 @@
 """Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
 
     python benchmarks/metaworld.py --tasks reach button_press --obs state pixels \
-        --algos ncdpo dppo --seeds 0 1 2 --steps 40000
+        --algos ncdpo dppo --seeds 0 1 2 --steps 100000
 
 Per task and observation (``configs/metaworld_<task>[_pixels].yaml``; each stage is reused
 when its output exists, so an interrupted benchmark resumes):
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--obs", nargs="+", choices=["state", "pixels"], default=["state", "pixels"])
     p.add_argument("--algos", nargs="+", choices=["ncdpo", "dppo"], default=["ncdpo", "dppo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=40_000, help="env-step budget of every fine-tuning run")
+    p.add_argument("--steps", type=int, default=100_000, help="env-step budget of every fine-tuning run")
     p.add_argument("--dppo-finetune-steps", type=int, default=5, help="DPPO: fine-tuned denoising steps (of 10)")
     p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")

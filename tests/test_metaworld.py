@@ -108,7 +108,8 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     config = (Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml").read_text()
     (tmp_path / "mw.yaml").write_text(config)
     tiny = ["--set", "collect.steps_per_level=500", "--set", "pretrain.gradient_steps=200",
-            "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]"]
+            "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]",
+            "--set", "resources.env_runners=0"]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
     collected = run_cli(["collect", "mw.yaml", *tiny, "--json"], tmp_path, env)
     assert collected.returncode == 0, collected.stderr[-3000:]
