@@ -207,6 +207,16 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     steps = [m.value for m in client.get_metric_history(run.info.run_id, "env_steps")]
     assert steps[-1] >= 2 * 2 * 400 - 2 * 2, steps
 
+    # With a remote EnvRunner the first iteration must already sample with the pre-trained
+    # weights (RLlib's weight sync is fire-and-forget): the frozen actor's ratio is exactly 1.
+    remote = run_cli(["train", "ft.yaml", "--set", f"init_from={pretrained}", "--set", "resources.env_runners=1",
+                      "--json"], tmp_path, env)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    remote_id = last_json(remote.stdout)["mlflow_run_id"]
+    kl = [m.value for m in client.get_metric_history(remote_id, "learner/default_policy/approx_kl")]
+    ratio = [m.value for m in client.get_metric_history(remote_id, "learner/default_policy/ratio_mean")]
+    assert max(kl) < 1e-6 and ratio == pytest.approx([1.0, 1.0], abs=1e-5), (kl, ratio)
+
     # A mismatching architecture is refused before anything is written.
     bad = run_cli(["train", "ft.yaml", "--set", f"init_from={pretrained}", "--set", "diffusion.hidden=[16]"],
                   tmp_path, env)

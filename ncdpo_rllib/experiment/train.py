@@ -207,7 +207,14 @@ def _start_from_pretrained(algo, state: dict) -> None:
     except Exception as e:  # a shape mismatch surfaces here (possibly wrapped by Ray)
         msg = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
         raise ConfigError(f"init_from: the pre-trained weights do not fit this model: {msg}") from None
-    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
+    # RLlib's sync_weights is fire-and-forget; measured with 2 remote EnvRunners, the first
+    # iteration still sampled with the initial weights (first ratio 0, approx KL 306). Set
+    # the state on every runner and wait for it.
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+
+    module_state = algo.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
+                                                inference_only=True)[COMPONENT_LEARNER]
+    algo.env_runner_group.foreach_env_runner(lambda runner: runner.set_state(module_state), local_env_runner=True)
 
 
 def _fit_gpus(exp: ExperimentConfig, log) -> ExperimentConfig:

@@ -1,6 +1,7 @@
 """Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
+(Not named metaworld.py: the script's directory is first on sys.path and would shadow the package.)
 
-    python benchmarks/metaworld.py --tasks reach button_press --obs state pixels \
+    python benchmarks/manipulation.py --tasks reach button_press --obs state pixels \
         --algos ncdpo dppo --seeds 0 1 2 --steps 100000
 
 Per task and observation (``configs/metaworld_<task>[_pixels].yaml``; each stage is reused
