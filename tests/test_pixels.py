@@ -170,6 +170,15 @@ def test_pixel_config_errors():
                                   "image_size": 60}, "encoder": {"type": "vit"}},
         "needs env.image_size >= 36": {"env": {"kind": "metaworld", "id": "reach-v3", "observation": "pixels",
                                                "image_size": 32}},
+        "image_size and camera are for observation: pixels": {"env": {"kind": "metaworld", "id": "reach-v3",
+                                                                      "camera": "topview"}},
+        "max_episode_steps is set twice": {"env": {"id": "Pendulum-v1", "max_episode_steps": 50,
+                                                   "kwargs": {"max_episode_steps": 60}}},
+        "the reference policy would see other shifts": {
+            "env": {"kind": "metaworld", "id": "reach-v3", "observation": "pixels"},
+            "encoder": {"shift_in_finetune": True}, "ppo": {"kl_to_reference": 0.1}},
+        "env.max_episode_steps is for single-agent envs": {
+            "env": {"kind": "pettingzoo", "id": "mpe2.simple_spread_v3", "max_episode_steps": 10}},
     }
     for message, data in cases.items():
         with pytest.raises(ConfigError, match=message):
@@ -234,4 +243,8 @@ def test_pixels_collect_pretrain_finetune_end_to_end(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     bad = run_cli(["pretrain", "pix.yaml", "--set", "env.image_size=48"], tmp_path, env)
     assert bad.returncode == 2 and "record the dataset with the same image_size" in bad.stderr, bad.stderr
+    bad = run_cli(["pretrain", "pix.yaml", "--set", "env.camera=corner3"], tmp_path, env)
+    assert bad.returncode == 2 and "rendered from camera 'corner2'" in bad.stderr, bad.stderr
+    bad = run_cli(["train", "pix.yaml", "--set", f"init_from={ckpt}", "--set", "env.camera=corner3"], tmp_path, env)
+    assert bad.returncode == 2 and "env.camera: 'corner2' there, 'corner3' here" in bad.stderr, bad.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs

@@ -72,6 +72,10 @@ class EnvConfig:
             raise ValueError("env: observation: pixels is implemented for kind: metaworld")
         if not 16 <= self.image_size <= 256:
             raise ValueError("env: image_size must be between 16 and 256")
+        if self.observation == "state" and (self.image_size != 64 or self.camera != "corner2"):
+            raise ValueError("env: image_size and camera are for observation: pixels or pixels_state")
+        if self.max_episode_steps is not None and "max_episode_steps" in self.kwargs:
+            raise ValueError("env: max_episode_steps is set twice (also in env.kwargs); keep env.max_episode_steps")
 
     @property
     def pixels(self) -> bool:
@@ -382,6 +386,9 @@ class ExperimentConfig:
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
         if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.env.pixels and self.encoder.shift_in_finetune and self.ppo.kl_to_reference:
+            raise ValueError("encoder.shift_in_finetune with ppo.kl_to_reference: the reference policy would see "
+                             "other shifts than the policy; turn one of them off")
         if self.env.pixels and self.algorithm == "ppo":
             raise ValueError("env.observation: pixels needs the diffusion policy's image encoder: use algorithm: "
                              "ncdpo or dppo (the MLP PPO baseline is state-only)")
@@ -393,6 +400,7 @@ class ExperimentConfig:
             raise ValueError("encoder.type: vit cuts the image into 8 x 8 patches: env.image_size must be a multiple of 8")
         if self.env.kind == "pettingzoo":
             single_only = {"env.action_chunk": self.env.action_chunk != 1, "env.obs_history": self.env.obs_history != 1,
+                           "env.max_episode_steps": self.env.max_episode_steps is not None,
                            "init_from": self.init_from is not None, "eval.every": bool(self.eval.every),
                            "ppo.kl_to_reference": bool(self.ppo.kl_to_reference)}
             for key, is_set in single_only.items():

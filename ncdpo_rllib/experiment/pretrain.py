@@ -87,6 +87,10 @@ def _check_dataset(dataset, exp: ExperimentConfig):
             f"env.observation: {exp.env.observation} and env.image_size: {exp.env.image_size} has {obs_dim}; "
             "record the dataset with the same image_size (ncdpo collect with this env section)"
         )
+    camera = dataset.metadata.get("camera")
+    if exp.env.pixels and camera and camera != exp.env.camera:
+        raise ConfigError(f"dataset {dataset.path} was rendered from camera {camera!r}, the config's env.camera is "
+                          f"{exp.env.camera!r}; make them equal")
     if dataset.obs_dim != obs_dim or dataset.action_dim != int(np.prod(act_space.shape)):
         raise ConfigError(
             f"dataset {dataset.path}: observation/action dims {dataset.obs_dim}/{dataset.action_dim} "
@@ -113,12 +117,12 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 @torch.no_grad()
-def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, batch: int = 1024) -> float:
+def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, norm, batch: int = 1024) -> float:
     """Mean BC loss over the whole split, with fixed noise (comparable across calls)."""
     gen = torch.Generator().manual_seed(0)
     total, n = 0.0, 0
     for i in range(0, len(cond), batch):
-        c, a = cond[i : i + batch], act[i : i + batch]
+        c, a = norm(cond[i : i + batch]), act[i : i + batch]
         total += float(actor.bc_loss(c, a, generator=gen)) * len(c)
         n += len(c)
     return total / n
@@ -177,15 +181,18 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     cond_tr, act_tr = make_windows(train_ds, env.obs_history, env.action_chunk)
     cond_va, act_va = make_windows(val_ds, env.obs_history, env.action_chunk)
     act_tr, act_va = (_to_unit(a, act_space, env.action_chunk) for a in (act_tr, act_va))
-    obs = np.concatenate([ep.observations[:-1] for ep in train_ds.episodes])
-    # Floor the scale: a near-constant dimension (e.g. a contact flag) must not amplify later
-    # deviations by orders of magnitude.
+    # Statistics over the training pairs' newest observation (every step of every training
+    # episode once). Floor the scale: a near-constant dimension (e.g. a contact flag) must not
+    # amplify later deviations by orders of magnitude. Pixel entries are left as they are by
+    # set_obs_normalizer.
+    obs = cond_tr[:, (env.obs_history - 1) * (cond_tr.shape[1] // env.obs_history) :]
     shift, scale = obs.mean(0), np.maximum(obs.std(0), 1e-2)
 
     module = module_spec(exp).build()
     module.set_obs_normalizer(np.tile(shift, env.obs_history), np.tile(scale, env.obs_history))
-    norm = lambda c: module._cond({"obs": torch.as_tensor(c)})
-    cond_tr, cond_va = norm(cond_tr), norm(cond_va)
+    # Normalised per minibatch: a pixel dataset is not copied whole.
+    norm = lambda c: module._cond({"obs": c})  # noqa: E731
+    cond_tr, cond_va = torch.as_tensor(cond_tr), torch.as_tensor(cond_va)
     act_tr, act_va = torch.as_tensor(act_tr), torch.as_tensor(act_va)
 
     actor = module.actor
@@ -203,14 +210,14 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             f"val episodes, {len(cond_tr):,} pairs, Ta={env.action_chunk}, To={env.obs_history}) | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id}" if tracker.enabled else "")
         )
-        first_val = _val_loss(ema, cond_va, act_va)
+        first_val = _val_loss(ema, cond_va, act_va, norm)
         history = [{"step": 0, "val_loss": first_val}]
         tracker.log_metrics({"pretrain/val_loss": first_val}, step=0)
         t0, running = time.perf_counter(), []
         for step in range(1, p.gradient_steps + 1):
             idx = torch.randint(0, len(cond_tr), (p.batch_size,), generator=gen)
             with module.shifting():  # random-shift augmentation of images (no-op for state)
-                loss = actor.bc_loss(cond_tr[idx], act_tr[idx], generator=gen)
+                loss = actor.bc_loss(norm(cond_tr[idx]), act_tr[idx], generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -218,7 +225,7 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             _ema_update(ema, actor, min(p.ema_decay, (1 + step) / (10 + step)))
             running.append(loss.item())
             if step % p.log_every == 0 or step == p.gradient_steps:
-                val = _val_loss(ema, cond_va, act_va)
+                val = _val_loss(ema, cond_va, act_va, norm)
                 train_loss = float(np.mean(running))
                 running = []
                 elapsed = time.perf_counter() - t0

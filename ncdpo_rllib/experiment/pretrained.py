@@ -28,7 +28,7 @@ CONFIG = "experiment.yaml"
 MODULE = "module"
 
 ARCH_KEYS = (
-    "env.id", "env.action_chunk", "env.obs_history", "env.observation", "env.image_size",
+    "env.id", "env.action_chunk", "env.obs_history", "env.observation", "env.image_size", "env.camera",
     "encoder.type", "encoder.feature_dim",
     "diffusion.denoising_steps", "diffusion.prediction", "diffusion.schedule", "diffusion.beta_min",
     "diffusion.beta_max", "diffusion.cosine_beta_clip", "diffusion.hidden", "diffusion.residual",

@@ -40,8 +40,9 @@ def _import_metaworld():
     try:
         import metaworld
     except (AttributeError, ImportError, OSError) as e:
-        if isinstance(e, ModuleNotFoundError) and e.name == "metaworld":
-            raise ConfigError("env.kind: metaworld needs the metaworld package (pip install metaworld==3.1.1)") from None
+        if isinstance(e, ModuleNotFoundError) and e.name not in ("OpenGL", None):
+            raise ConfigError(f"env.kind: metaworld needs the {e.name} package (pip install -e . installs "
+                              "metaworld 3.1.1 and mujoco 3.3.0)") from None
         from .pixels import gl_hint
 
         raise ConfigError(f"mujoco could not load its OpenGL backend ({type(e).__name__}: "

@@ -10,9 +10,10 @@ encoder ignores the state part (it stays in the vector for scripted experts and 
 Rendering is MuJoCo's offscreen renderer. On a machine without a display it needs
 ``MUJOCO_GL=egl`` (Mesa's EGL: Debian ``libegl1 libgl1-mesa-dri``; the CPU's llvmpipe is
 enough) or ``MUJOCO_GL=osmesa`` (Debian ``libosmesa6``). ``ncdpo_rllib.tasks`` sets
-``MUJOCO_GL=egl`` when it is unset on Linux without ``$DISPLAY``. Shadows, reflections and
-the skybox are switched off: on llvmpipe they cost ~4x the frame time (19 vs 76 frames/s at
-64x64, measured in this repo's ``benchmarks/pixels.py`` set-up).
+``MUJOCO_GL=egl`` when it is unset on Linux without ``$DISPLAY`` and libEGL is installed.
+Shadows, reflections and the skybox are switched off: on llvmpipe they cost ~4x the frame
+time (19 vs 76 frames/s for a 64x64 frame of reach-v3, one process, measured while writing
+this wrapper).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class PixelObservations(gym.ObservationWrapper):
                          mujoco.mjtRndFlag.mjRND_SKYBOX):
                 flags[flag] = 0
         self._renderer.update_scene(self.env.unwrapped.data, camera=self.camera)
-        return self._renderer.render()[::-1]  # Meta-World's corner cameras render upside down
+        # Flipped vertically: Meta-World's corner cameras (the useful ones) render upside down
+        # without it; the others (topview, gripperPOV, behindGripper) come out flipped instead.
+        return self._renderer.render()[::-1]
 
     def observation(self, observation):
         frame = self.render_frame().reshape(-1).astype(np.float32)
