@@ -20,7 +20,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     import logging
 
-    for name in ("ray", "ray.rllib", "ray.tune", "mlflow", "alembic"):
+    # ray.rllib resets its own logger's level when imported; its deprecation notes (e.g. the
+    # RLModuleConfig one every module construction logs) have a logger of their own.
+    for name in ("ray", "ray.rllib", "ray._common.deprecation", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
