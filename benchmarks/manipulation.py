@@ -1,5 +1,4 @@
 """Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
-(Not named metaworld.py: the script's directory is first on sys.path and would shadow the package.)
 
     python benchmarks/manipulation.py --tasks reach button_press --obs state pixels \
         --algos ncdpo dppo --seeds 0 1 2 --steps 100000
@@ -14,7 +13,8 @@ when its output exists, so an interrupted benchmark resumes):
 
 Results go to benchmarks/results/metaworld.json; the table (success rates, wall-clock,
 sampling env steps/s with pixels vs state) and a PNG of evaluation success vs env steps
-go into docs/benchmarks.md.
+go into docs/benchmarks.md. (Not named metaworld.py: the script's directory comes first on
+sys.path and would shadow the metaworld package.)
 """
 
 from __future__ import annotations
@@ -96,6 +96,12 @@ def last_eval(run: dict) -> float:
     return float(vals[-1]) if vals else float("nan")
 
 
+def last_eval_steps(runs: list[dict]) -> int:
+    """Env steps of the last evaluation (the budget is reached mid-way between evaluations)."""
+    c = runs[0]["curve"] if runs else {"env_steps": [0], "eval_success": [0.0]}
+    return max([s for s, v in zip(c["env_steps"], c["eval_success"]) if not np.isnan(v)], default=0)
+
+
 def sampling_rate(runs: list[dict]) -> float:
     """Env steps per second of sampling (rollouts only, no learner), over all iterations."""
     steps = sum(r["curve"]["env_steps"][-1] for r in runs)
@@ -109,7 +115,7 @@ def fmt(vals) -> str:
 
 def summarise(args, runs: list[dict], pretrained: dict) -> str:
     header = ["task", "obs", "dataset success", "pre-trained success",
-              *[f"{a.upper()} success @ {args.steps // 1000}k" for a in args.algos],
+              *[f"{a.upper()} success @ {last_eval_steps(runs) / 1000:.0f}k" for a in args.algos],
               "seeds", "wall s / run", "sampling env steps/s", "learner s / iter"]
     rows = []
     for (task, obs), pre in pretrained.items():
