@@ -33,7 +33,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# Full-size benchmarks (about 1.5 h on 2 cores); each script takes --help for smaller runs.
+# Full-size benchmarks (about 3 h on 2 cores; Meta-World alone ~80 min); each script takes --help for smaller runs.
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --env Pendulum-v1
 	$(PY) benchmarks/throughput.py --env HalfCheetah-v5
@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
 	$(PY) benchmarks/scaling.py --config configs/halfcheetah_ncdpo.yaml --runners 0 1 2 --learners 0 1 2
 	$(MAKE) bench-finetune
+	$(PY) benchmarks/manipulation.py --seeds 0 1 2 --steps 100000
 
 # Pre-train -> fine-tune on Hopper: collect (PPO expert), BC, then NCDPO vs DPPO vs MLP PPO,
 # 3 seeds, and the K sweep; learner cost of the fine-tuning architecture. Raise --steps on a

@@ -113,10 +113,14 @@ def fmt(vals) -> str:
     return f"{np.nanmean(vals):.2f} ± {np.nanstd(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
 
+def timed_note(args) -> str:
+    return f" (seeds {', '.join(map(str, args.timing_seeds))})" if args.timing_seeds else ""
+
+
 def summarise(args, runs: list[dict], pretrained: dict) -> str:
     header = ["task", "obs", "dataset success", "pre-trained success",
               *[f"{a.upper()} success @ {last_eval_steps(runs) / 1000:.0f}k" for a in args.algos],
-              "seeds", "wall s / run", "sampling env steps/s", "learner s / iter"]
+              "seeds", *[h + timed_note(args) for h in ("wall s / run", "sampling env steps/s", "learner s / iter")]]
     rows = []
     for (task, obs), pre in pretrained.items():
         mine = [r for r in runs if r["task"] == task and r["obs"] == obs]
@@ -125,11 +129,12 @@ def summarise(args, runs: list[dict], pretrained: dict) -> str:
             ar = [r for r in mine if r["algo"] == algo]
             cells.append(fmt([last_eval(r) for r in ar]) if ar else "-")
         seeds = sorted({r["seed"] for r in mine})
-        wall = np.mean([r["curve"]["wall_s"][-1] for r in mine]) if mine else float("nan")
-        learner = np.nanmean([v for r in mine for v in r["curve"]["learner_s"]]) if mine else float("nan")
+        timed = [r for r in mine if args.timing_seeds is None or r["seed"] in args.timing_seeds]
+        wall = np.mean([r["curve"]["wall_s"][-1] for r in timed]) if timed else float("nan")
+        learner = np.nanmean([v for r in timed for v in r["curve"]["learner_s"]]) if timed else float("nan")
         rows.append([TASKS[task], obs, f"{pre['dataset_success']:.2f} ({pre['dataset_episodes']} ep.)",
                      f"{pre['eval']['success_rate']:.2f}", *cells, len(seeds), f"{wall:.0f}",
-                     f"{sampling_rate(mine):.0f}" if mine else "-", f"{learner:.2f}"])
+                     f"{sampling_rate(timed):.0f}" if timed else "-", f"{learner:.2f}"])
     return markdown_table(header, rows)
 
 
@@ -175,6 +180,8 @@ def main() -> None:
     p.add_argument("--dppo-finetune-steps", type=int, default=5, help="DPPO: fine-tuned denoising steps (of 10)")
     p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    p.add_argument("--timing-seeds", type=int, nargs="+", help="seeds whose runs the time columns average "
+                   "(default: all; leave out runs that shared the CPU with other work)")
     args = p.parse_args()
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
