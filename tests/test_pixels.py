@@ -248,3 +248,22 @@ def test_pixels_collect_pretrain_finetune_end_to_end(tmp_path):
     bad = run_cli(["train", "pix.yaml", "--set", f"init_from={ckpt}", "--set", "env.camera=corner3"], tmp_path, env)
     assert bad.returncode == 2 and "env.camera: 'corner2' there, 'corner3' here" in bad.stderr, bad.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
+
+
+@pytest.mark.parametrize("algorithm", ["ncdpo", "dppo"])
+def test_shift_in_finetune_shifts_the_update_forwards_only(algorithm):
+    exp = pixel_exp()
+    exp = parse_config({**exp.to_dict(), "algorithm": algorithm,
+                        "encoder": {**exp.to_dict()["encoder"], "shift_in_finetune": True}})
+    module = module_spec(exp).build()
+    assert module.shift_in_update
+    torch.manual_seed(0)
+    obs = torch.cat([torch.randn(8, STATE), torch.randint(0, 256, (8, PIXELS)).float()], dim=1)
+    out = module.forward_exploration({Columns.OBS: obs})
+    batch = {Columns.OBS: obs, **{k: v for k, v in out.items() if k not in (Columns.OBS,)}}
+    train = module.forward_train(batch)[Columns.ACTION_DIST_INPUTS]
+    # (the untrained denoiser's outputs are ~1e-4: unshifted, the two are equal)
+    assert (train - out[Columns.ACTION_DIST_INPUTS]).abs().max() > 1e-6  # shifted frames in the update
+    values = module.values_for_update(batch)
+    assert not torch.allclose(values, module.compute_values(batch))  # GAE's pass is unshifted
+    assert not any(enc.shifting for enc in module.encoders)  # switched off again

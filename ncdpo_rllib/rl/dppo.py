@@ -92,7 +92,7 @@ class DPPOModule(DiffusionPolicyModule):
         """New log-probs of the fine-tuned steps from the stored chain: one batched denoiser call."""
         self.grad_probe = {}  # no backprop through the chain: nothing to probe
         cond, chain, first = self._cond(batch), batch[DPPO_CHAIN], self.first_finetuned_step
-        with self.shifting(bool(self.pixels and self.pixels.get("shift_in_finetune"))):
+        with self.shifting(self.shift_in_update):
             features = self.actor.encode(cond)
         means = self.actor.sampler.step_means(features, chain, first)
         log_stds = self._step_log_stds(cond.shape[0], first)

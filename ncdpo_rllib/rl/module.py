@@ -125,6 +125,11 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
             return []
         return [self.actor.encoder, self.critic[0]]
 
+    @property
+    def shift_in_update(self) -> bool:
+        """Random shift in the PPO update's forwards (``encoder.shift_in_finetune``)."""
+        return bool(self.pixels and self.pixels.get("shift_in_finetune"))
+
     @contextlib.contextmanager
     def shifting(self, on: bool = True):
         """Random-shift augmentation on in the encoders for the duration (behaviour cloning,
@@ -227,7 +232,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         # A fresh probe per pass: the learner reads per-step gradient norms after backward.
         self.grad_probe = {}
-        with self.shifting(bool(self.pixels and self.pixels.get("shift_in_finetune"))):
+        with self.shifting(self.shift_in_update):
             return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(self._cond(batch), batch[NOISE],
                                                                   grad_probe=self.grad_probe)}
 
@@ -237,7 +242,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
     def values_for_update(self, batch: dict) -> torch.Tensor:
         """V(s) in the PPO update's value loss: shifted frames with ``shift_in_finetune``
         (GAE's value pass, ``compute_values``, never shifts)."""
-        with self.shifting(bool(self.pixels and self.pixels.get("shift_in_finetune"))):
+        with self.shifting(self.shift_in_update):
             return self.compute_values(batch)
 
     # --- parameter groups (separate optimizers in the learner) ------------------------
