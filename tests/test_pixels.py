@@ -20,6 +20,7 @@ from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule
 from ncdpo_rllib.rl.encoders import ObservationEncoder, random_shift
 from ncdpo_rllib.tasks.envs import make_env
 from tests.conftest import last_json, run_cli
+from tests.test_rllib_links import RecordingModule
 
 SIZE = 40  # the smallest the CNN takes is 36; small frames keep the tests fast
 PIXELS = SIZE * SIZE * 3
@@ -122,26 +123,11 @@ def test_normaliser_leaves_pixels_alone():
     assert torch.all(module.obs_shift[STATE:] == 0.0) and torch.all(module.obs_scale[STATE:] == 1.0)
 
 
-class RecordingPixelModule(DiffusionPolicyModule):
-    first_train_call = None
-
-    def _forward_train(self, batch, **kwargs):
-        out = super()._forward_train(batch, **kwargs)
-        if RecordingPixelModule.first_train_call is None:
-            dist = self.get_train_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
-            RecordingPixelModule.first_train_call = {
-                "obs_shape": tuple(batch[Columns.OBS].shape), "noise_shape": tuple(batch[NOISE].shape),
-                "ratio": torch.exp(dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]).detach(),
-                "mask": batch[Columns.LOSS_MASK].clone(),
-            }
-        return out
-
-
 def test_image_batch_flows_from_env_runner_to_learner_with_the_stored_noise():
-    RecordingPixelModule.first_train_call = None
+    RecordingModule.first_train_call = None
     cfg = build_algo_config(pixel_exp("pixels_state"))
     spec = cfg.get_default_rl_module_spec()
-    cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=RecordingPixelModule, model_config=spec.model_config))
+    cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=RecordingModule, model_config=spec.model_config))
     runner = SingleAgentEnvRunner(config=cfg)
     try:
         learner = cfg.build_learner(env=runner.env)
@@ -151,7 +137,7 @@ def test_image_batch_flows_from_env_runner_to_learner_with_the_stored_noise():
         learner.update(episodes=episodes, num_epochs=1, minibatch_size=20, shuffle_batch_per_epoch=True)
     finally:
         runner.stop()
-    seen = RecordingPixelModule.first_train_call
+    seen = RecordingModule.first_train_call
     assert seen["obs_shape"][1] == STATE + PIXELS and seen["noise_shape"][1:] == (4, 8)
     ratio = seen["ratio"][seen["mask"]]
     assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4

@@ -29,6 +29,7 @@ class RecordingModule(DiffusionPolicyModule):
             dist = self.get_train_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS])
             RecordingModule.first_train_call = {
                 "noise_shape": tuple(batch[NOISE].shape),
+                "obs_shape": tuple(batch[Columns.OBS].shape),
                 "batch_size": batch[Columns.OBS].shape[0],
                 "ratio": torch.exp(dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]).detach(),
                 "mask": batch[Columns.LOSS_MASK].clone(),
