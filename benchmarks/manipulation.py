@@ -1,15 +1,18 @@
 """Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
 
-    python benchmarks/manipulation.py --tasks reach button_press --obs state pixels \
-        --algos ncdpo dppo --seeds 0 1 2 --steps 100000
+    python benchmarks/manipulation.py --tasks reach drawer_open door_open pick_place --obs state \
+        --algos ncdpo dppo --seeds 0 1 2 --steps 300000
+
+Each algorithm runs its recipe (``--recipe ALGO=PATH``; default ``configs/recipes/<algo>_*.yaml``:
+NCDPO's frozen defaults and DPPO as its reference does it) composed over the task file.
 
 Per task and observation (``configs/metaworld_<task>[_pixels].yaml``; each stage is reused
 when its output exists, so an interrupted benchmark resumes):
 1. the degraded scripted dataset (``ncdpo collect``) into data/<task>/scripted[-pixels64];
 2. behaviour cloning (seed 0) and its deterministic success rate (``pretrain.eval_episodes``);
 3. per algorithm and seed, ``ncdpo train`` from that checkpoint for ``--steps`` env steps,
-   evaluating the deterministic policy every ``eval.every`` iterations. DPPO fine-tunes the
-   last ``--dppo-finetune-steps`` denoising steps (DPPO's practice), NCDPO all of them.
+   evaluating the deterministic policy every ``eval.every`` iterations, with the algorithm's
+   recipe over the task file.
 
 Results go to benchmarks/results/metaworld.json; the table (success rates, wall-clock,
 sampling env steps/s with pixels vs state) and a PNG of evaluation success vs env steps
@@ -32,8 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
-TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3"}
-RESULTS = ROOT / "benchmarks" / "results" / "metaworld.json"
+TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
+         "door_open": "door-open-v3", "pick_place": "pick-place-v3"}
+RECIPES = {"ncdpo": ROOT / "configs" / "recipes" / "ncdpo_finetune.yaml",
+           "dppo": ROOT / "configs" / "recipes" / "dppo_reference.yaml"}
+RESULTS = ROOT / "benchmarks" / "results" / "metaworld_recipes.json"
 
 
 def config_path(task: str, obs: str) -> Path:
@@ -70,23 +76,25 @@ def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -
     root = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}"
     name = f"{algo}-s{seed}"
     shutil.rmtree(root / name, ignore_errors=True)
-    overrides = [f"algorithm={algo}", f"seed={seed}", f"init_from={pretrained['checkpoint']}",
+    overrides = [f"seed={seed}", f"init_from={pretrained['checkpoint']}",
                  f"stop.env_steps={args.steps}", "stop.iterations=null", "checkpoint.every=0",
                  f"checkpoint.dir={root}", f"tracking.run_name={name}",
                  f"tracking.experiment=bench-metaworld-{task}-{obs}", *args.set]
-    if algo == "dppo":
-        overrides.append(f"diffusion.finetune_steps={args.dppo_finetune_steps}")
-    curve = {k: [] for k in ("env_steps", "wall_s", "success", "eval_success", "eval_return", "sampling_s", "learner_s")}
+    curve = {k: [] for k in ("env_steps", "wall_s", "success", "eval_success", "eval_return", "sampling_s", "learner_s",
+                             "approx_kl", "kl_stop_fraction", "clip_fraction")}
 
     def record(state, m):
         curve["env_steps"].append(state.env_steps)
         curve["wall_s"].append(state.wall_s)
         for key, metric in (("success", "success_rate"), ("eval_success", "eval_success_rate"),
                             ("eval_return", "eval_return_mean"), ("sampling_s", "time_sampling_s"),
-                            ("learner_s", "time_learner_s")):
+                            ("learner_s", "time_learner_s"), ("approx_kl", "approx_kl"),
+                            ("kl_stop_fraction", "kl_stop_fraction"), ("clip_fraction", "clip_fraction")):
             curve[key].append(m.get(metric, float("nan")))
 
-    summary = train(load_config(config_path(task, obs), overrides), on_iteration=record)
+    exp = load_config([config_path(task, obs), args.recipes[algo]], overrides)
+    assert exp.algorithm == algo, f"{args.recipes[algo]} sets algorithm: {exp.algorithm}, not {algo}"
+    summary = train(exp, on_iteration=record)
     return {"task": task, "obs": obs, "algo": algo, "seed": seed, "steps": args.steps, "curve": curve,
             "mlflow_run_id": summary["mlflow_run_id"]}
 
@@ -177,16 +185,27 @@ def main() -> None:
     p.add_argument("--algos", nargs="+", choices=["ncdpo", "dppo"], default=["ncdpo", "dppo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=100_000, help="env-step budget of every fine-tuning run")
-    p.add_argument("--dppo-finetune-steps", type=int, default=5, help="DPPO: fine-tuned denoising steps (of 10)")
+    p.add_argument("--recipe", action="append", default=[], metavar="ALGO=PATH",
+                   help="the recipe composed over each task file for ALGO (default: " +
+                        ", ".join(f"{a}={v.relative_to(ROOT)}" for a, v in RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    p.add_argument("--section", default="metaworld-recipes", help="docs/benchmarks.md section to (re)write")
+    p.add_argument("--results", type=Path, default=RESULTS, help="run results JSON (resumable)")
     p.add_argument("--timing-seeds", type=int, nargs="+", help="seeds whose runs the time columns average "
                    "(default: all; leave out runs that shared the CPU with other work)")
     args = p.parse_args()
+    args.recipes = dict(RECIPES)
+    for item in args.recipe:
+        algo, _, path = item.partition("=")
+        args.recipes[algo] = Path(path).resolve()
+    recipe_text = {a: args.recipes[a].read_text() for a in args.algos}
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    saved = [] if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
-    same = lambda r: r["steps"] == args.steps and r.get("set", []) == args.set  # noqa: E731
+    results_path = args.results
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    saved = [] if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
+    same = lambda r: (r["steps"] == args.steps and r.get("set", []) == args.set  # noqa: E731
+                      and r.get("recipe") == recipe_text.get(r["algo"]))
     pretrained = {(t, o): ensure_pretrained(t, o) for t in args.tasks for o in args.obs}
     for key, pre in pretrained.items():
         print(f"[bench] pre-trained {key}: {pre['eval']} (dataset success {pre['dataset_success']:.2f})", flush=True)
@@ -197,13 +216,14 @@ def main() -> None:
                     print(f"[bench] {task} {obs} {algo} seed {seed}: saved result reused", flush=True)
                     continue
                 print(f"[bench] {task} {obs} {algo} seed {seed}: {args.steps:,} env steps", flush=True)
-                saved.append(run_one(args, task, obs, algo, seed, pretrained[(task, obs)]) | {"set": args.set})
-                RESULTS.write_text(json.dumps(saved))
-    runs = [r for r in saved if same(r) and r["task"] in args.tasks and r["obs"] in args.obs]
+                saved.append(run_one(args, task, obs, algo, seed, pretrained[(task, obs)])
+                             | {"set": args.set, "recipe": recipe_text[algo]})
+                results_path.write_text(json.dumps(saved))
+    runs = [r for r in saved if r["algo"] in args.algos and same(r) and r["task"] in args.tasks and r["obs"] in args.obs]
     table = summarise(args, runs, pretrained)
     print(table)
     image = plot(args, runs, pretrained)
-    write_section("metaworld", "Meta-World from state and pixels: NCDPO vs DPPO fine-tuning",
+    write_section(args.section, "Meta-World from state and pixels: NCDPO vs DPPO fine-tuning (recipes)",
                   f"{table}\n\n![success vs env steps]({image.relative_to(ROOT / 'docs')})\n")
 
 

@@ -31,9 +31,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.config import load_config
     from ncdpo_rllib.experiment.train import train
 
-    if args.config is None and args.resume is None:
+    if not args.config and args.resume is None:
         raise_user("train: give a CONFIG file, or --resume CHECKPOINT")
-    if args.config is not None:
+    if args.config:
         exp = load_config(args.config, args.set)
     else:  # resume with the checkpoint's own config (plus --set overrides)
         _, exp, _ = load_checkpoint_meta(args.resume, args.set)
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train NCDPO (or the MLP+PPO baseline) from a YAML experiment file")
-    t.add_argument("config", nargs="?", help="experiment YAML (optional with --resume)")
+    t.add_argument("config", nargs="*", help="experiment YAML; several are merged in order, later ones on top "
+                                             "(a task file, then a recipe); optional with --resume")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set diffusion.denoising_steps=10 (repeatable)")
     t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint or run directory")
@@ -180,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     pt = sub.add_parser("pretrain", help="behaviour-clone the diffusion policy on a dataset (pretrain: section)")
-    pt.add_argument("config", help="experiment YAML with pretrain.dataset set")
+    pt.add_argument("config", nargs="+", help="experiment YAML(s) with pretrain.dataset set (merged in order)")
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pt.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     pt.set_defaults(func=_cmd_pretrain)
 
     c = sub.add_parser("collect", help="train an MLP-PPO expert and record expert/medium/... datasets")
-    c.add_argument("config", help="experiment YAML (algorithm: ppo, collect: section)")
+    c.add_argument("config", nargs="+", help="experiment YAML(s) (algorithm: ppo, collect: section; merged in order)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     c.set_defaults(func=_cmd_collect)
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=_cmd_compare)
 
     sw = sub.add_parser("sweep", help="a grid (seeds x config keys) of train runs on Ray Tune, one MLflow parent run")
-    sw.add_argument("config", help="experiment YAML")
+    sw.add_argument("config", nargs="+", help="experiment YAML(s), merged in order")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="a config key and its values (parsed as YAML like --set; repeatable)")
     sw.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the config's seed)")

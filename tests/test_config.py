@@ -45,6 +45,11 @@ def test_shipped_configs_parse(path):
         ({"resources": {"envs_per_runner": 0}}, "envs_per_runner and cpus_per_runner must be >= 1"),
         ({"checkpoint": {"keep": 0}}, "keep >= 1"),
         ({"diffusion": {"init_std": 20.0}}, "init_std <= 7"),
+        ({"diffusion": {"frozen_base": True}}, "frozen_base needs finetune_steps"),
+        ({"ppo": {"clip_param_base": 0.001}}, "ppo.clip_param_base anneals DPPO's clip"),
+        ({"algorithm": "ppo", "ppo": {"logp_reduction": "mean", "reward_scale_running": True}},
+         "ppo.logp_reduction, ppo.reward_scale_running: for algorithm: ncdpo or dppo"),
+        ({"ppo": {"logp_reduction": "max"}}, "choose one of 'sum' | 'mean'"),
     ],
 )
 def test_bad_config_is_a_one_line_error_naming_the_key(data, expected):
@@ -144,3 +149,34 @@ def test_shipped_configs_parse_and_pretrain_finetune_pairs_match():
             ft = configs[f"{env}_finetune_{algo}"]
             assert ft.algorithm == algo and ft.init_from
             check_compatible(pre, ft, "test")  # raises on an architecture mismatch
+
+
+def test_include_composes_files_and_later_files_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 1\nppo: {lr: 0.001, num_epochs: 3}\ndiffusion: {denoising_steps: 4}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "task.yaml").write_text("include: ../base.yaml\nppo: {lr: 0.002}\n")
+    (tmp_path / "recipe.yaml").write_text("ppo: {num_epochs: 7}\n")
+    exp = load_config(tmp_path / "sub" / "task.yaml")
+    assert (exp.seed, exp.ppo.lr, exp.ppo.num_epochs, exp.diffusion.denoising_steps) == (1, 0.002, 3, 4)
+    both = load_config([tmp_path / "sub" / "task.yaml", tmp_path / "recipe.yaml"], ["seed=5"])
+    assert (both.seed, both.ppo.lr, both.ppo.num_epochs) == (5, 0.002, 7)
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: {x: 1}\n")
+    with pytest.raises(ConfigError, match="include must be a file path or a list"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "configs" / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_recipes_compose_with_the_metaworld_tasks_and_pass_rllib_validation(recipe):
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for task in ("button_press", "reach", "drawer_open", "door_open", "pick_place"):
+        exp = load_config([root / f"metaworld_{task}.yaml", recipe])
+        assert exp.env.kind == "metaworld"
+        build_algo_config(exp).validate()

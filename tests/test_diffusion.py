@@ -324,3 +324,19 @@ def test_discrete_sampling_follows_the_softmax():
     action, _, logits = policy.act(cond, noise, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(action, minlength=3).float() / 20000
     assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015)
+
+
+def test_evaluation_uses_its_own_floor_and_ddim_eta():
+    """eval_ddim_eta 0 and eval_sigma_min 0 (DPPO's evaluation): the action depends on x_K only;
+    exploration still injects every step's noise."""
+    from ncdpo_rllib.diffusion import DiffusionPolicy
+
+    cfg = DiffusionConfig(denoising_steps=6, sampler="ddim", ddim_steps=3, ddim_eta=1.0,
+                          eval_ddim_eta=0.0, eval_sigma_min=0.0, hidden=[16])
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, action_dim=2, cond_dim=3)
+    cond, a, b = torch.randn(4, 3), policy.sample_noise(4), policy.sample_noise(4)
+    b[:, 0] = a[:, 0]  # same start, different intermediate noise
+    with torch.no_grad():
+        assert torch.allclose(policy(cond, a, evaluation=True)[0], policy(cond, b, evaluation=True)[0])
+        assert not torch.allclose(policy(cond, a)[0], policy(cond, b)[0])

@@ -19,6 +19,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ncdpo_rllib.diffusion import DiffusionConfig, NoiseConditionedSampler
 from ncdpo_rllib.diffusion.denoiser import DenoiserMLP
 from ncdpo_rllib.rl.dppo import DPPO_CHAIN, DPPO_STEP_LOGP, DPPO, DPPOConfig, DPPOModule, DPPOTorchLearner
+from ncdpo_rllib.rl.dppo import clip_schedule as dppo_clip_schedule
 
 MODULE = "default_policy"
 OBS_DIM, ACT_DIM = 3, 2
@@ -36,7 +37,7 @@ def make_module(**diffusion) -> DPPOModule:
 
 
 def hand_step_log_probs(module: DPPOModule, obs: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
-    """(B, S) log-probs written out: mu_k from the denoiser and DDPM/DDIM coefficients
+    """(B, S, D) per-element log-probs written out: mu_k from the denoiser and DDPM/DDIM coefficients
     computed here in float64 from the linear betas, sigma floored, Gaussian by hand."""
     cfg, net = module.diffusion_config, module.actor.sampler.denoiser
     betas = torch.linspace(cfg.beta_min, cfg.beta_max, cfg.denoising_steps, dtype=torch.float64)
@@ -66,7 +67,7 @@ def hand_step_log_probs(module: DPPOModule, obs: torch.Tensor, chain: torch.Tens
             sigma = max(s, cfg.sigma_min)
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         z = (chain[:, i + 1].double() - mu) / sigma
-        out.append((-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1))
+        out.append(-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi))
     return torch.stack(out, dim=1)
 
 
@@ -104,23 +105,24 @@ def test_train_step_log_probs_equal_the_closed_form(diffusion):
     explore = module.forward_exploration({Columns.OBS: obs})
     chain, old = explore[DPPO_CHAIN], explore[DPPO_STEP_LOGP]
     S = module.num_sampler_steps
-    assert chain.shape == (6, S + 1, ACT_DIM) and old.shape == (6, S)
+    assert chain.shape == (6, S + 1, ACT_DIM) and old.shape == (6, S, ACT_DIM)
     new = module.forward_train({Columns.OBS: obs, DPPO_CHAIN: chain})[DPPO_STEP_LOGP]
     assert new.requires_grad
     with torch.no_grad():
         hand = hand_step_log_probs(module, obs, chain).float()
     assert torch.allclose(new, hand, atol=1e-4)
     assert torch.allclose(old, hand, atol=1e-4)  # what exploration stored: the same transitions
-    assert torch.allclose(explore[Columns.ACTION_LOGP], old.sum(-1))
+    assert torch.allclose(explore[Columns.ACTION_LOGP], old.sum((-1, -2)))
     assert torch.equal(explore[Columns.ACTIONS], chain[:, -1])
 
 
-def make_pair(module_class=DPPOModule, gamma_denoise=0.99, **diffusion):
+def make_pair(module_class=DPPOModule, gamma_denoise=0.99, env="Pendulum-v1", training=None, **diffusion):
     cfg = (
         DPPOConfig()
-        .environment("Pendulum-v1")
+        .environment(env)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
-        .training(train_batch_size_per_learner=400, minibatch_size=100, num_epochs=1, gamma_denoise=gamma_denoise)
+        .training(**{"train_batch_size_per_learner": 400, "minibatch_size": 100, "num_epochs": 1,
+                     "gamma_denoise": gamma_denoise, **(training or {})})
         .diffusion(hidden=[32, 32], critic_hidden=[32], **diffusion)
         .debugging(seed=0)
     )
@@ -145,7 +147,7 @@ class RecordingModule(DPPOModule):
                 "chain": tuple(batch[DPPO_CHAIN].shape),
                 "step_logp": tuple(batch[DPPO_STEP_LOGP].shape),
                 "batch_size": batch[Columns.OBS].shape[0],
-                "ratio": torch.exp(out[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP]).detach(),
+                "ratio": torch.exp((out[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP]).sum(-1)).detach(),
                 "mask": batch[Columns.LOSS_MASK].clone(),
             }
         return out
@@ -161,7 +163,7 @@ def test_columns_reach_the_learner_and_the_first_ratio_is_one(diffusion):
     results = learner.update(episodes=episodes, num_epochs=1, minibatch_size=100, shuffle_batch_per_epoch=True)
     seen, S = RecordingModule.first_train_call, learner.module[MODULE].num_sampler_steps
     assert seen["chain"] == (seen["batch_size"], S + 1, 1)  # Pendulum: 1 action dim
-    assert seen["step_logp"] == (seen["batch_size"], S)
+    assert seen["step_logp"] == (seen["batch_size"], S, 1)
     ratio = seen["ratio"][seen["mask"]]
     assert ratio.numel() == seen["mask"].sum() * S and (ratio - 1).abs().max() < 1e-5
     stats = {k: v.peek() for k, v in results[MODULE].items() if hasattr(v, "peek")}
@@ -172,7 +174,7 @@ def test_columns_reach_the_learner_and_the_first_ratio_is_one(diffusion):
 
 def synthetic_batch(module: DPPOModule, B: int = 32) -> dict:
     torch.manual_seed(0)
-    obs = torch.randn(B, 3)
+    obs = torch.randn(B, module.observation_space.shape[0])
     out = module.forward_exploration({Columns.OBS: obs})
     return {
         Columns.OBS: obs,
@@ -199,7 +201,7 @@ def test_only_the_last_finetune_steps_enter_the_loss():
 
     def loss(b):
         fwd = module.forward_train(b)
-        assert fwd[DPPO_STEP_LOGP].shape == (32, K_ft)
+        assert fwd[DPPO_STEP_LOGP].shape == (32, K_ft, 1)
         return learner.compute_loss_for_module(module_id=MODULE, config=learner.config, batch=b, fwd_out=fwd)
 
     chain = batch[DPPO_CHAIN].clone().requires_grad_(True)
@@ -229,7 +231,7 @@ def test_policy_loss_is_the_discounted_clipped_surrogate_over_steps_and_masked()
     with torch.no_grad():
         fwd = module.forward_train(batch)
         total = learner.compute_loss_for_module(module_id=MODULE, config=cfg, batch=batch, fwd_out=fwd)
-        ratio = torch.exp(fwd[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP])
+        ratio = torch.exp((fwd[DPPO_STEP_LOGP] - batch[DPPO_STEP_LOGP]).sum(-1))
         adv = batch["advantages"][:, None] * torch.tensor([gamma_denoise**2, gamma_denoise, 1.0])
         surr = torch.min(adv * ratio, adv * ratio.clamp(1 - cfg.clip_param, 1 + cfg.clip_param))
         assert total.item() == pytest.approx(-surr[batch[Columns.LOSS_MASK]].mean().item(), rel=1e-5)
@@ -246,12 +248,10 @@ def test_config_wires_dppo_and_validates_gamma_denoise():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="gamma_denoise"):
             DPPOConfig().environment("Pendulum-v1").training(gamma_denoise=bad).validate()
-    if hasattr(DPPOConfig(), "kl_to_reference"):  # NCDPO's regulariser: no DPPO counterpart
-        with pytest.raises(ValueError, match="kl_to_reference"):
-            DPPOConfig().environment("Pendulum-v1").training(kl_to_reference=0.1).validate()
-    if hasattr(DPPOConfig(), "kl_to_reference"):  # NCDPO's regulariser: no DPPO counterpart
-        with pytest.raises(ValueError, match="kl_to_reference"):
-            DPPOConfig().environment("Pendulum-v1").training(kl_to_reference=0.1).validate()
+    with pytest.raises(ValueError, match="kl_to_reference"):  # NCDPO's regulariser: no DPPO counterpart
+        DPPOConfig().environment("Pendulum-v1").training(kl_to_reference=0.1).validate()
+    with pytest.raises(ValueError, match="clip_param_base"):
+        DPPOConfig().environment("Pendulum-v1").training(clip_param=0.01, clip_param_base=0.1).validate()
     with pytest.raises(ValueError, match="sigma_min"):
         DPPOConfig().environment("Pendulum-v1").diffusion(sigma_min=0.0).validate()
 
@@ -274,3 +274,93 @@ def test_two_training_iterations_report_finite_metrics():
     assert results[-1]["env_runners"]["num_env_steps_sampled_lifetime"] >= 400
     for key in ("ratio_mean", "approx_kl", "clip_fraction", "policy_loss", "vf_loss", "final_std", "entropy"):
         assert np.isfinite(learner[key]), key
+
+
+def test_loss_equals_the_reference_formula():
+    """DPPO's reference loss written out independently (numpy quantiles, a loop over the
+    fine-tuned steps): per-element log-probs clamped to [-5, 2] and averaged over the action
+    dims, advantages standardised per minibatch and clipped to their 5th..95th percentiles,
+    then discounted by gamma_denoise^(S_ft-1-i), and the clip annealed from the base at the
+    earliest fine-tuned step to clip_param at the last."""
+    S, S_ft, g, clip, base, rate = 5, 3, 0.9, 0.1, 0.02, 3.0
+    dppo = dict(logp_reduction="mean", logp_clamp=(-5.0, 2.0), advantage_normalization="minibatch",
+                advantage_clip_quantiles=(0.05, 0.95), clip_param=clip, clip_param_base=base,
+                clip_param_rate=rate, vf_loss_coeff=0.0, entropy_coeff=0.0)
+    cfg, _, learner = make_pair(env="Hopper-v5", gamma_denoise=g, training=dppo, denoising_steps=S, finetune_steps=S_ft)
+    module = learner.module[MODULE]
+    batch = synthetic_batch(module, B=48)
+    old = batch[DPPO_STEP_LOGP].clone()
+    old[::5, -1, 0] = -8.0  # below the clamp
+    batch[DPPO_STEP_LOGP] = old
+    batch["advantages"] = batch["advantages"] * 3 + 1  # not standardised yet
+    learner.before_gradient_based_update(timesteps={})
+    with torch.no_grad():
+        fwd = module.forward_train(batch)
+        total = learner.compute_loss_for_module(module_id=MODULE, config=learner.config, batch=batch, fwd_out=fwd)
+
+        m = batch[Columns.LOSS_MASK].numpy()
+        new = fwd[DPPO_STEP_LOGP].double().numpy()[m]  # (n, S_ft, D)
+        ref_old = old[:, S - S_ft :].double().numpy()[m]
+        new_l = np.clip(new, -5, 2).mean(-1)
+        old_l = np.clip(ref_old, -5, 2).mean(-1)
+        adv = batch["advantages"].double().numpy()[m]
+        adv = (adv - adv.mean()) / (adv.std(ddof=1) + 1e-8)
+        adv = np.clip(adv, np.quantile(adv, 0.05), np.quantile(adv, 0.95))
+        losses = []
+        for i in range(S_ft):
+            a = adv * g ** (S_ft - i - 1)
+            c = base + (clip - base) * (math.exp(rate * i / (S_ft - 1)) - 1) / (math.exp(rate) - 1)
+            r = np.exp(new_l[:, i] - old_l[:, i])
+            losses.append(np.maximum(-a * r, -a * np.clip(r, 1 - c, 1 + c)))
+        expected = np.stack(losses, 1).mean()
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+    # Every part of the formula matters on this batch.
+    for change in (dict(logp_clamp=None), dict(logp_reduction="sum"), dict(advantage_clip_quantiles=None),
+                   dict(advantage_normalization="batch"), dict(clip_param_base=None)):
+        other = learner.config.copy(copy_frozen=False).training(**change)
+        with torch.no_grad():
+            again = learner.compute_loss_for_module(module_id=MODULE, config=other, batch=batch, fwd_out=fwd)
+        assert again.item() != pytest.approx(total.item(), rel=1e-4), change
+
+
+def test_clip_schedule_runs_from_the_base_to_the_full_clip():
+    cfg = DPPOConfig().training(clip_param=0.01, clip_param_base=0.001, clip_param_rate=3.0)
+    clips = dppo_clip_schedule(cfg, 10)
+    assert clips[0].item() == pytest.approx(0.001) and clips[-1].item() == pytest.approx(0.01)
+    assert bool((clips.diff() > 0).all())
+    assert torch.equal(dppo_clip_schedule(DPPOConfig().training(clip_param=0.05), 4), torch.full((4,), 0.05))
+    assert dppo_clip_schedule(cfg, 1).tolist() == [pytest.approx(0.01)]  # one step: the full clip
+
+
+def test_frozen_base_runs_the_early_steps_and_never_changes():
+    S, S_ft = 4, 2
+    _, runner, learner = make_pair(denoising_steps=S, finetune_steps=S_ft, frozen_base=True,
+                                   training=dict(num_epochs=3, lr=1e-2))
+    module = learner.module[MODULE]
+    sampler = module.actor.sampler
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    assert not any(p.requires_grad for p in sampler.base_denoiser.parameters())
+    assert all(p is not q for p in module.actor_parameters() for q in sampler.base_denoiser.parameters())
+    learner.update(episodes=runner.sample(num_timesteps=400, random_actions=False), num_epochs=3, minibatch_size=100)
+    after = module.state_dict()
+    changed = lambda prefix: any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
+    assert not changed("actor.sampler.base_denoiser.") and changed("actor.sampler.denoiser.")
+
+    # The early steps of a rollout run the base, the fine-tuned ones the updated denoiser.
+    torch.manual_seed(0)
+    cond, noise = torch.randn(8, 3), torch.randn(8, S + 1, 1)
+    with torch.no_grad():
+        states = module.actor.chain(cond, noise).states
+        x = states[0]
+        for i, k in enumerate(sampler.timesteps[: S - S_ft]):
+            _, mean, std = sampler._step(x, k, sampler.timesteps[i + 1], cond, sampler.base_denoiser)
+            x = mean + std * noise[:, i + 1]
+            assert torch.allclose(states[i + 1], x, atol=1e-6)
+            _, fine, _ = sampler._step(states[i], k, sampler.timesteps[i + 1], cond)
+            assert not torch.allclose(mean, fine, atol=1e-4)  # the updated weights would differ
+
+    # A state without the base (a pre-trained module) fills it with that state's denoiser.
+    state = {k: v.clone() for k, v in before.items() if "base_denoiser" not in k}
+    state["actor.sampler.denoiser.out.weight"] += 1.0
+    module.set_state(state)
+    assert torch.equal(sampler.base_denoiser.out.weight, sampler.denoiser.out.weight)

@@ -37,12 +37,12 @@ class RecordingModule(DiffusionPolicyModule):
         return out
 
 
-def make_pair(module_class=DiffusionPolicyModule, env="Pendulum-v1", **diffusion):
+def make_pair(module_class=DiffusionPolicyModule, env="Pendulum-v1", training=None, **diffusion):
     cfg = (
         NCDPOConfig()
         .environment(env)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
-        .training(train_batch_size_per_learner=400, minibatch_size=100, num_epochs=2)
+        .training(**{"train_batch_size_per_learner": 400, "minibatch_size": 100, "num_epochs": 2, **(training or {})})
         .diffusion(**diffusion)
         .debugging(seed=0)
     )
@@ -272,3 +272,78 @@ def test_kl_to_reference_and_critic_warmup():
     assert results[MODULE]["actor_frozen"].peek() == 1.0
     assert all(torch.equal(a, b) for a, b in zip(actor0, learner_w.module[MODULE].actor_parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(critic0, learner_w.module[MODULE].critic_parameters()))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_logp_reduction_mean_divides_the_log_ratio_by_the_action_dims(reduction):
+    """``logp_reduction: mean`` is the summed log-ratio / (chunk x action dims); the first
+    minibatch's ratio is 1 either way (one minibatch of the whole batch: no step before it)."""
+    _, runner, learner = make_pair(env="Hopper-v5", training=dict(logp_reduction=reduction), denoising_steps=3)
+    module = learner.module[MODULE]
+    D = module.actor.action_dim
+    torch.manual_seed(0)
+    B = 16
+    obs = torch.randn(B, module.observation_space.shape[0])
+    out = module.forward_exploration({Columns.OBS: obs})
+    old_inputs = out[Columns.ACTION_DIST_INPUTS] + 0.05 * torch.randn_like(out[Columns.ACTION_DIST_INPUTS])
+    old_mean, old_log_std = old_inputs.chunk(2, dim=-1)
+    batch = {Columns.OBS: obs, NOISE: out[NOISE], Columns.ACTIONS: out[Columns.ACTIONS],
+             Columns.ACTION_DIST_INPUTS: old_inputs,
+             Columns.ACTION_LOGP: gaussian_log_prob(out[Columns.ACTIONS], old_mean, old_log_std)}
+    with torch.no_grad():
+        fwd = module.forward_train(batch)
+        dist = module.get_train_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
+        log_ratio = learner._final_log_ratio(module, learner.config, batch, fwd, dist)
+    summed = gaussian_log_prob(out[Columns.ACTIONS], *fwd[Columns.ACTION_DIST_INPUTS].chunk(2, -1)) - batch[Columns.ACTION_LOGP]
+    expected = summed / D if reduction == "mean" else summed
+    assert D == 3 and summed.abs().min() > 1e-3
+    assert torch.allclose(log_ratio, expected, atol=1e-5)
+
+    results = learner.update(episodes=runner.sample(num_timesteps=400, random_actions=False),
+                             num_epochs=1, minibatch_size=10_000)
+    stats = {k: v.peek() for k, v in results[MODULE].items() if hasattr(v, "peek")}
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and abs(stats["approx_kl"]) < 1e-8
+
+
+def test_logp_clamp_bounds_each_elements_log_prob():
+    _, _, learner = make_pair(env="Hopper-v5", training=dict(logp_reduction="mean", logp_clamp=(-5.0, 2.0)),
+                              denoising_steps=2)
+    module = learner.module[MODULE]
+    obs = torch.randn(4, module.observation_space.shape[0])
+    out = module.forward_exploration({Columns.OBS: obs})
+    far = out[Columns.ACTIONS] + 10.0  # every element's log-prob far below -5 under both Gaussians
+    batch = {Columns.OBS: obs, NOISE: out[NOISE], Columns.ACTIONS: far,
+             Columns.ACTION_DIST_INPUTS: out[Columns.ACTION_DIST_INPUTS] + 0.1, Columns.ACTION_LOGP: torch.zeros(4)}
+    with torch.no_grad():
+        fwd = module.forward_train(batch)
+        dist = module.get_train_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
+        assert torch.equal(learner._final_log_ratio(module, learner.config, batch, fwd, dist), torch.zeros(4))
+
+
+def test_running_reward_scaling_divides_by_the_running_return_std():
+    from ray.rllib.connectors.learner import GeneralAdvantageEstimation
+
+    from ncdpo_rllib.rl.reward_scaling import RunningRewardScaling
+
+    cfg, runner, learner = make_pair(training=dict(reward_scale_running=True, gamma=0.9), denoising_steps=2)
+    names = [type(c).__name__ for c in learner._learner_connector.connectors]
+    assert names.index("RunningRewardScaling") == names.index(GeneralAdvantageEstimation.__name__) - 1
+    episodes = runner.sample(num_timesteps=200, random_actions=False)
+    rewards = [np.asarray(e.get_rewards(), dtype=np.float64) for e in episodes]
+    piece = RunningRewardScaling(gamma=0.9)
+    batch = {MODULE: {Columns.REWARDS: torch.as_tensor(np.concatenate(rewards), dtype=torch.float32)}}
+    scaled = piece(rl_module=None, episodes=episodes, batch=batch)[MODULE][Columns.REWARDS].numpy()
+    returns = []  # by hand: discounted returns from each chunk's start, last row left out
+    for r in rewards:
+        ret = np.zeros(len(r))
+        for t in range(len(r)):
+            ret[t] = 0.9 * (ret[t - 1] if t else 0.0) + r[t]
+        returns.append(ret[:-1])
+    x = np.concatenate(returns)
+    n, c = x.size, 1e-4  # RunningStat starts at mean 0, var 1, count 1e-4
+    var = (1.0 * c + x.var() * n + x.mean() ** 2 * c * n / (c + n)) / (c + n)
+    expected = np.clip(np.concatenate(rewards) / np.sqrt(var + 1e-8), -10, 10)
+    assert np.allclose(scaled, expected, rtol=1e-5) and np.abs(scaled).max() < np.abs(np.concatenate(rewards)).max()
+    results = learner.update(episodes=runner.sample(num_timesteps=400, random_actions=False),
+                             num_epochs=1, minibatch_size=100)
+    assert np.isfinite(results[MODULE]["vf_loss"].peek())

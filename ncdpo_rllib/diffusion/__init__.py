@@ -2,7 +2,8 @@
 
 from .config import DiffusionConfig
 from .denoiser import DenoiserMLP
-from .policy import DiffusionPolicy, DiscreteDiffusionPolicy, categorical_log_prob, gaussian_log_prob
+from .policy import (DiffusionPolicy, DiscreteDiffusionPolicy, categorical_log_prob, gaussian_log_prob,
+                     gaussian_log_prob_elements, reduce_log_prob)
 from .sampler import Chain, NoiseConditionedSampler, sampler_timesteps
 from .schedules import NoiseSchedule, cosine_betas, linear_betas
 
@@ -17,6 +18,8 @@ __all__ = [
     "categorical_log_prob",
     "cosine_betas",
     "gaussian_log_prob",
+    "gaussian_log_prob_elements",
+    "reduce_log_prob",
     "linear_betas",
     "sampler_timesteps",
 ]

@@ -42,10 +42,24 @@ class DiffusionConfig:
     noise_clip: Optional[float] = 3.0
     """Clip the initial noise x_K to [-c, c]; None = no clip."""
     sigma_min: float = 0.1
-    """Floor on the std of the intermediate denoising steps (DPPO's 0.1)."""
+    """Floor on the std of the intermediate denoising steps when sampling (DPPO's
+    ``min_sampling_denoising_std``, 0.1)."""
+    logprob_sigma_min: Optional[float] = None
+    """DPPO: floor on each denoising step's std when scoring its log-prob (the reference's
+    ``min_logprob_denoising_std``); null = sigma_min."""
+    eval_sigma_min: Optional[float] = None
+    """Floor on the intermediate steps' std at evaluation (``explore=False``); null = sigma_min.
+    DPPO's reference evaluates DDPM chains with 0.001 (the schedule's own variance)."""
+    eval_ddim_eta: Optional[float] = None
+    """DDIM: eta at evaluation; null = ddim_eta. DPPO's reference trains with eta 1 and
+    evaluates with 0."""
     finetune_steps: Optional[int] = None
     """Backpropagate only through the last N sampler steps (earlier ones run without
     grad); None = all steps, which is NCDPO proper."""
+    frozen_base: bool = False
+    """With ``finetune_steps``: the sampler steps before the fine-tuned ones run a frozen copy
+    of the initial (pre-trained) denoiser and encoder, as DPPO's reference does; false = they
+    run the fine-tuned weights (without grad) and drift with them."""
     grad_checkpointing: bool = False
     """Recompute each denoiser call in the backward pass: less memory, ~1 more forward."""
     # --- denoiser network ------------------------------------------------------------
@@ -76,14 +90,22 @@ class DiffusionConfig:
             problems.append("ddim_steps needs sampler: ddim")
         if self.finetune_steps is not None and self.finetune_steps < 1:
             problems.append("finetune_steps must be >= 1 (or null for all steps)")
+        if self.frozen_base and self.finetune_steps is None:
+            problems.append("frozen_base needs finetune_steps (the steps before them run the frozen copy)")
         if not 0 < self.beta_min <= self.beta_max < 1:
             problems.append("need 0 < beta_min <= beta_max < 1")
         if self.sigma_min < 0 or not 0 < self.init_std <= 7.0:
             problems.append("sigma_min must be >= 0 and 0 < init_std <= 7 (the log-std is clamped to [-5, 2])")
         if not 0 < self.cosine_beta_clip < 1:
             problems.append("cosine_beta_clip must be in (0, 1)")
-        if not 0.0 <= self.ddim_eta <= 1.0:
-            problems.append("ddim_eta must be in [0, 1]")
+        for name in ("ddim_eta", "eval_ddim_eta"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
+        for name in ("logprob_sigma_min", "eval_sigma_min"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"{name} must be >= 0 or null")
         for name in ("x0_clip", "noise_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -92,6 +114,11 @@ class DiffusionConfig:
             problems.append("hidden must be a non-empty list of positive layer sizes")
         if problems:
             raise ValueError("diffusion: " + "; ".join(problems))
+
+    @property
+    def scoring_sigma_min(self) -> float:
+        """The std floor of a denoising step's log-prob (DPPO)."""
+        return self.sigma_min if self.logprob_sigma_min is None else self.logprob_sigma_min
 
     @property
     def sampler_steps(self) -> int:

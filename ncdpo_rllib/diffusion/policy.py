@@ -7,6 +7,7 @@ Actions are in normalised units ([-1, 1] is the env's range after RLlib's unsqua
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -35,6 +36,8 @@ class _DenoisingChain(nn.Module):
             action_dim, cond_dim, cfg.hidden, cfg.step_embed_dim, cfg.residual, cfg.activation
         )
         self.sampler = NoiseConditionedSampler(cfg, denoiser)
+        # ``frozen_base``: the early steps see a frozen copy of the encoder's features too.
+        self.base_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if cfg.frozen_base else None
 
     @property
     def noise_shape(self) -> tuple[int, int]:
@@ -47,8 +50,19 @@ class _DenoisingChain(nn.Module):
         """What the denoiser is conditioned on: the encoder's features (identity for state)."""
         return self.encoder(cond)
 
+    def run(self, cond: torch.Tensor, noise: torch.Tensor, *, evaluation: bool = False, **chain_kwargs) -> Chain:
+        """The sampler on the encoded observation (and the frozen base's, with ``frozen_base``);
+        ``evaluation``: the evaluation std floor and DDIM eta (``eval_sigma_min``, ``eval_ddim_eta``)."""
+        if self.base_encoder is not None and self.sampler.first_finetuned_step > 0:
+            with torch.no_grad():
+                chain_kwargs["base_cond"] = self.base_encoder(cond)
+        if evaluation:
+            chain_kwargs.setdefault("floor", self.cfg.eval_sigma_min)
+            chain_kwargs.setdefault("eta", self.cfg.eval_ddim_eta)
+        return self.sampler(self.encode(cond), noise, **chain_kwargs)
+
     def chain(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> Chain:
-        return self.sampler(self.encode(cond), noise, keep_chain=True, **chain_kwargs)
+        return self.run(cond, noise, keep_chain=True, **chain_kwargs)
 
 
 class DiffusionPolicy(_DenoisingChain):
@@ -65,7 +79,7 @@ class DiffusionPolicy(_DenoisingChain):
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log_std) of the final step, each (B, D), from stored noise."""
-        mean = self.sampler(self.encode(cond), noise, **chain_kwargs).mean
+        mean = self.run(cond, noise, **chain_kwargs).mean
         return mean, self.final_log_std(mean.shape[0])
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor):
@@ -116,7 +130,7 @@ class DiscreteDiffusionPolicy(_DenoisingChain):
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
         """Logits (B, n) from stored noise."""
-        return self.sampler(self.encode(cond), noise, **chain_kwargs).mean
+        return self.run(cond, noise, **chain_kwargs).mean
 
     def act(self, cond: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator] = None):
         """Exploration: a ~ Categorical(softmax(y)); returns (a, logp, logits)."""
@@ -133,7 +147,21 @@ def categorical_log_prob(action: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return torch.log_softmax(logits, -1).gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim of log N(x; mean, exp(log_std)^2): the closed form."""
+def gaussian_log_prob_elements(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Per-element log N(x; mean, exp(log_std)^2), same shape as x: the closed form."""
     z = (x - mean) * torch.exp(-log_std)
-    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return -0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of log N(x; mean, exp(log_std)^2)."""
+    return gaussian_log_prob_elements(x, mean, log_std).sum(-1)
+
+
+def reduce_log_prob(elements: torch.Tensor, reduction: str = "sum", clamp: Optional[tuple[float, float]] = None):
+    """Per-element log-probs (..., D) -> (...): optionally clamped element-wise (DPPO's [-5, 2]),
+    then summed (the likelihood of the whole action chunk) or averaged over the D = chunk x
+    action dims (DPPO's convention: a log-ratio and KL per action dimension)."""
+    if clamp is not None:
+        elements = elements.clamp(*clamp)
+    return elements.mean(-1) if reduction == "mean" else elements.sum(-1)

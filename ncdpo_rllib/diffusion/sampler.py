@@ -12,6 +12,7 @@ deterministic, differentiable function of (cond, zeta, theta).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -51,6 +52,8 @@ class NoiseConditionedSampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.denoiser = denoiser
+        # ``frozen_base``: the steps before the fine-tuned ones run this frozen copy.
+        self.base_denoiser = copy.deepcopy(denoiser).requires_grad_(False) if cfg.frozen_base else None
         sched = NoiseSchedule.make(
             cfg.schedule, cfg.denoising_steps, cfg.beta_min, cfg.beta_max, cfg.cosine_beta_clip
         )
@@ -75,36 +78,52 @@ class NoiseConditionedSampler(nn.Module):
         return (self.num_steps + 1, action_dim)
 
     # --- one step ------------------------------------------------------------------
-    def _x0_and_eps(self, x: torch.Tensor, k: int, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
-        pred = self.denoiser(x, steps, cond)
-        abar = self.abar[k - 1]
+    def _x0(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor, denoiser: Optional[nn.Module] = None):
+        """x0_hat for a batch of states x at steps k (a (N,) tensor), the x0 clip applied."""
+        pred = (denoiser or self.denoiser)(x, k, cond)
         if self.cfg.prediction == "x0":
             x0 = pred
         else:
+            abar = self.abar[k - 1][:, None]
             x0 = (x - torch.sqrt(1 - abar) * pred) / torch.sqrt(abar)
         c = self.cfg.x0_clip
         if c is not None:
             x0 = x0.clamp(-c, c) if self.cfg.x0_clip_mode == "hard" else c * torch.tanh(x0 / c)
-        # Epsilon consistent with the (possibly clipped) x0, as DDIM needs it.
-        eps = (x - torch.sqrt(abar) * x0) / torch.sqrt(1 - abar)
-        return x0, eps
+        return x0
 
-    def _step(self, x: torch.Tensor, k: int, k_prev: int, cond: torch.Tensor):
-        """Returns (x0_hat, mean of x_{k_prev}, std of x_{k_prev}); k_prev = 0 is the end."""
-        x0, eps = self._x0_and_eps(x, k, cond)
-        if k_prev == 0:
-            return x0, x0, None
+    def _mean(self, x: torch.Tensor, x0: torch.Tensor, k: torch.Tensor, k_prev: torch.Tensor, eta: float):
+        """Mean of x_{k_prev} given x_k and x0_hat (DDPM posterior or DDIM), rows with k_prev = 0
+        are x0_hat itself; k, k_prev: (N,) tensors. The one place of the reverse-step math."""
         if self.cfg.sampler == "ddpm":
-            mean = self.c_x0[k - 1] * x0 + self.c_xk[k - 1] * x
-            sigma = torch.sqrt(self.post_var[k - 1])
+            mean = self.c_x0[k - 1][:, None] * x0 + self.c_xk[k - 1][:, None] * x
         else:
-            abar_t, abar_p = self.abar[k - 1], self.abar[k_prev - 1]
-            sigma = self.cfg.ddim_eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
+            abar = self.abar[k - 1][:, None]
+            # Epsilon consistent with the (possibly clipped) x0, as DDIM needs it.
+            eps = (x - torch.sqrt(abar) * x0) / torch.sqrt(1 - abar)
+            sigma, abar_p = self._sigma_at(k, k_prev, eta)[:, None], self._abar_at(k_prev)[:, None]
             mean = torch.sqrt(abar_p) * x0 + torch.sqrt((1 - abar_p - sigma**2).clamp(min=0)) * eps
-        return x0, mean, sigma.clamp(min=self.cfg.sigma_min)
+        return torch.where((k_prev == 0)[:, None], x0, mean)
+
+    def _step(self, x: torch.Tensor, k: int, k_prev: int, cond: torch.Tensor, denoiser=None,
+              floor: Optional[float] = None, eta: Optional[float] = None):
+        """Returns (x0_hat, mean of x_{k_prev}, std of x_{k_prev}); k_prev = 0 is the end (std None)."""
+        eta = self.cfg.ddim_eta if eta is None else eta
+        ks = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+        ks_prev = torch.full_like(ks, k_prev)
+        x0 = self._x0(x, ks, cond, denoiser)
+        mean = self._mean(x, x0, ks, ks_prev, eta)
+        if k_prev == 0:
+            return x0, mean, None
+        sigma = self._sigma_at(ks[:1], ks_prev[:1], eta)[0]
+        return x0, mean, sigma.clamp(min=self.cfg.sigma_min if floor is None else floor)
 
     # --- the chain -----------------------------------------------------------------
+    @property
+    def first_finetuned_step(self) -> int:
+        """Index of the first sampler step that is fine-tuned (0 unless ``finetune_steps``)."""
+        ft = self.cfg.finetune_steps
+        return 0 if ft is None else max(self.num_steps - ft, 0)
+
     def forward(
         self,
         cond: torch.Tensor,
@@ -112,26 +131,36 @@ class NoiseConditionedSampler(nn.Module):
         *,
         keep_chain: bool = False,
         grad_probe: Optional[dict[int, torch.Tensor]] = None,
+        base_cond: Optional[torch.Tensor] = None,
+        floor: Optional[float] = None,
+        eta: Optional[float] = None,
     ) -> Chain:
         """Final-step mean from explicit noise (B, S+1, D); row S is not read here.
 
         grad_probe: if a dict, the norm of d(loss)/d(output of sampler step i) is stored
         under i during the backward pass (i = 0 is the first denoising step, at x_K).
+        base_cond: the frozen base's conditioning (``frozen_base``; default: cond).
+        floor, eta: the intermediate steps' std floor and DDIM eta (default: the config's
+        sampling values; evaluation passes its own).
         """
         S = self.num_steps
         x = noise[:, 0]
         if self.cfg.noise_clip is not None:
             x = x.clamp(-self.cfg.noise_clip, self.cfg.noise_clip)
         chain = Chain(mean=x, states=[x] if keep_chain else [])
-        first_grad_step = 0 if self.cfg.finetune_steps is None else max(S - self.cfg.finetune_steps, 0)
+        first_grad_step = self.first_finetuned_step
+        base = self.base_denoiser
         grad_on = torch.is_grad_enabled()
         for i, k in enumerate(self.timesteps):
             k_prev = self.timesteps[i + 1] if i + 1 < S else 0
+            frozen = base is not None and i < first_grad_step
+            denoiser, c = (base, cond if base_cond is None else base_cond) if frozen else (self.denoiser, cond)
             with torch.set_grad_enabled(grad_on and i >= first_grad_step):
+                args = (x, k, k_prev, c, denoiser, floor, eta)
                 if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                    x0, mean, std = checkpoint(self._step, x, k, k_prev, cond, use_reentrant=False)
+                    x0, mean, std = checkpoint(self._step, *args, use_reentrant=False)
                 else:
-                    x0, mean, std = self._step(x, k, k_prev, cond)
+                    x0, mean, std = self._step(*args)
                 x = mean if std is None else mean + std * noise[:, i + 1]
             if grad_probe is not None and x.requires_grad:
                 x.register_hook(lambda g, i=i: grad_probe.__setitem__(i, g.detach().norm()))
@@ -146,12 +175,13 @@ class NoiseConditionedSampler(nn.Module):
         """abar_k for a tensor of steps, with abar_0 = 1 (a clean action)."""
         return torch.where(k > 0, self.abar[(k - 1).clamp(min=0)], torch.ones_like(self.abar[0]))
 
-    def _sigma_at(self, k: torch.Tensor, k_prev: torch.Tensor) -> torch.Tensor:
+    def _sigma_at(self, k: torch.Tensor, k_prev: torch.Tensor, eta: Optional[float] = None) -> torch.Tensor:
         """``_step``'s std (before the floor) for tensors of steps k -> k_prev (k_prev > 0)."""
         if self.cfg.sampler == "ddpm":
             return torch.sqrt(self.post_var[k - 1])
+        eta = self.cfg.ddim_eta if eta is None else eta
         abar_t, abar_p = self.abar[k - 1], self._abar_at(k_prev)
-        return self.cfg.ddim_eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
+        return eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
 
     def _step_pairs(self, first: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, k_prev) of sampler steps first..S-1; the last k_prev is 0."""
@@ -159,37 +189,26 @@ class NoiseConditionedSampler(nn.Module):
         k_prev = torch.tensor([*self.timesteps[first + 1 :], 0], device=device, dtype=torch.long)
         return k, k_prev
 
-    def transition_stds(self) -> torch.Tensor:
-        """(S-1,) floored std of each intermediate step, exactly as ``_step`` draws it.
+    def transition_stds(self, floor: Optional[float] = None) -> torch.Tensor:
+        """(S-1,) floored std of each intermediate step (floor: default the sampling floor,
+        ``sigma_min``, exactly as ``_step`` draws it; DPPO scores with its own floor).
 
         It depends on the schedule only, so a step's log-prob needs no denoiser call for
         it. The last step has none here: its Gaussian is the policy's final one.
         """
         k, k_prev = self._step_pairs(0, self.abar.device)
-        return self._sigma_at(k[:-1], k_prev[:-1]).clamp(min=self.cfg.sigma_min)
+        return self._sigma_at(k[:-1], k_prev[:-1]).clamp(min=self.cfg.sigma_min if floor is None else floor)
 
     def step_means(self, cond: torch.Tensor, states: torch.Tensor, first: int = 0) -> torch.Tensor:
         """Mean of sampler steps first..S-1 given stored chain states, (B, S - first, D).
 
         states: (B, S+1, D), x_K first, then the state after each step. Each step's mean
         depends on theta only through its own denoiser call on a *stored* input, so the
-        S - first calls run as one batch of B * (S - first), with grad. Same math as
-        ``_step`` (DDPM / DDIM, prediction mode, x0 clip); the last step's mean is its
-        x0_hat, i.e. m_theta.
+        S - first calls run as one batch of B * (S - first), with grad, through the same
+        ``_x0``/``_mean`` as the chain; the last step's mean is its x0_hat, i.e. m_theta.
         """
         B, n = states.shape[0], self.num_steps - first
         x = states[:, first : self.num_steps].reshape(B * n, -1)
         k, k_prev = (t.repeat(B) for t in self._step_pairs(first, x.device))
-        pred = self.denoiser(x, k, cond.repeat_interleave(n, dim=0))
-        abar = self.abar[k - 1][:, None]
-        x0 = pred if self.cfg.prediction == "x0" else (x - torch.sqrt(1 - abar) * pred) / torch.sqrt(abar)
-        c = self.cfg.x0_clip
-        if c is not None:
-            x0 = x0.clamp(-c, c) if self.cfg.x0_clip_mode == "hard" else c * torch.tanh(x0 / c)
-        if self.cfg.sampler == "ddpm":
-            mean = self.c_x0[k - 1][:, None] * x0 + self.c_xk[k - 1][:, None] * x
-        else:
-            eps = (x - torch.sqrt(abar) * x0) / torch.sqrt(1 - abar)
-            sigma, abar_p = self._sigma_at(k, k_prev)[:, None], self._abar_at(k_prev)[:, None]
-            mean = torch.sqrt(abar_p) * x0 + torch.sqrt((1 - abar_p - sigma**2).clamp(min=0)) * eps
-        return torch.where((k_prev == 0)[:, None], x0, mean).view(B, n, -1)
+        x0 = self._x0(x, k, cond.repeat_interleave(n, dim=0))
+        return self._mean(x, x0, k, k_prev, self.cfg.ddim_eta).view(B, n, -1)

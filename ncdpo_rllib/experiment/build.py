@@ -48,7 +48,8 @@ def build_algo_config(
         if exp.algorithm == "ncdpo":
             cfg = NCDPOConfig()
         else:
-            cfg = DPPOConfig().training(gamma_denoise=p.gamma_denoise)
+            cfg = DPPOConfig().training(gamma_denoise=p.gamma_denoise, clip_param_base=p.clip_param_base,
+                                        clip_param_rate=p.clip_param_rate)
         cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden, pixels=pixel_model_config(exp))
         cfg.training(
             critic_lr=p.critic_lr,
@@ -57,6 +58,12 @@ def build_algo_config(
             target_kl=p.target_kl,
             critic_warmup_iters=p.critic_warmup_iters,
             kl_to_reference=p.kl_to_reference,
+            logp_reduction=p.logp_reduction,
+            logp_clamp=tuple(p.logp_clamp) if p.logp_clamp is not None else None,
+            advantage_normalization=p.advantage_normalization,
+            advantage_clip_quantiles=(tuple(p.advantage_clip_quantiles)
+                                      if p.advantage_clip_quantiles is not None else None),
+            reward_scale_running=p.reward_scale_running,
         )
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)

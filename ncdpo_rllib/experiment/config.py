@@ -194,6 +194,28 @@ class PPOSection:
     and the initial (e.g. pre-trained) one, same stored noise and current std (ncdpo)."""
     gamma_denoise: float = 0.99
     """DPPO: advantage discount per denoising step, gamma_denoise^(S-1-i) (dppo)."""
+    clip_param_base: Optional[float] = None
+    """DPPO: the clip at the earliest fine-tuned denoising step; clip_param at the last, exponential
+    in between (the reference's clip_ploss_coef_base: 0.001 Robomimic, = clip Gym); null = clip_param
+    throughout (dppo)."""
+    clip_param_rate: float = 3.0
+    """DPPO: rate of that exponential (the reference's clip_ploss_coef_rate) (dppo)."""
+    logp_reduction: Literal["sum", "mean"] = "sum"
+    """How an action's log-prob is formed from its per-element ones: sum = the likelihood of the
+    whole action chunk; mean = averaged over chunk x action dims, so the log-ratio and approx KL
+    are per action dimension (DPPO's reference) (ncdpo, dppo)."""
+    logp_clamp: Optional[list[float]] = None
+    """Clamp each element's log-prob to [low, high] before the reduction (DPPO's reference:
+    [-5, 2]); null = no clamp (ncdpo, dppo)."""
+    advantage_normalization: Literal["batch", "minibatch"] = "batch"
+    """batch = RLlib's GAE standardises the advantages over the iteration's batch; minibatch =
+    standardised again per minibatch, as DPPO's reference does (ncdpo, dppo)."""
+    advantage_clip_quantiles: Optional[list[float]] = None
+    """Clip each minibatch's advantages to their [low, high] quantiles (after the
+    standardisation), e.g. [0.05, 0.95]; null = no clip (DPPO's shipped configs: none) (ncdpo, dppo)."""
+    reward_scale_running: bool = False
+    """Divide rewards by the running std of the discounted return before GAE, clipped to +-10
+    (the reference's reward_scale_running); reported returns stay unscaled (ncdpo, dppo)."""
 
     def __post_init__(self):
         if self.minibatch_size > self.train_batch_size:
@@ -386,6 +408,15 @@ class ExperimentConfig:
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
         if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.ppo.clip_param_base is not None and self.algorithm != "dppo":
+            raise ValueError("ppo.clip_param_base anneals DPPO's clip over denoising steps: it is for algorithm: dppo")
+        diffusion_only = {"logp_reduction": self.ppo.logp_reduction != "sum", "logp_clamp": self.ppo.logp_clamp,
+                          "advantage_normalization": self.ppo.advantage_normalization != "batch",
+                          "advantage_clip_quantiles": self.ppo.advantage_clip_quantiles,
+                          "reward_scale_running": self.ppo.reward_scale_running}
+        used = [f"ppo.{k}" for k, v in diffusion_only.items() if v]
+        if used and self.algorithm == "ppo":
+            raise ValueError(f"{', '.join(used)}: for algorithm: ncdpo or dppo (the MLP PPO baseline is RLlib's own PPO)")
         if self.env.pixels and self.encoder.shift_in_finetune and self.ppo.kl_to_reference:
             raise ValueError("encoder.shift_in_finetune with ppo.kl_to_reference: the reference policy would see "
                              "other shifts than the policy; turn one of them off")
@@ -534,19 +565,56 @@ def parse_config(data: Any, overrides: Optional[list[str]] = None) -> Experiment
     return _build(ExperimentConfig, data, "")
 
 
-def load_config(path: Union[str, Path, None], overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Read and validate a YAML experiment file (None: all defaults)."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_data(path: Union[str, Path], _seen: tuple = ()) -> dict:
+    """One YAML file as a mapping, with its ``include:`` resolved: the included files (a path or
+    a list, relative to this file, each with its own includes) merged in order, then this
+    file's keys on top. Composes a task file with an algorithm recipe without copying either."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(p.name for p in (*_seen, path))})")
+    data = _read_yaml(path)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include must be a file path or a list of them")
+    merged: dict = {}
+    for inc in includes:
+        merged = deep_merge(merged, read_config_data(path.parent / inc, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def load_config(path: Union[str, Path, list, None], overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Read and validate a YAML experiment file (None: all defaults; a list: the files merged in
+    order, later ones on top, as ``include:`` does)."""
+    paths = [] if path is None else list(path) if isinstance(path, (list, tuple)) else [path]
+    data: dict = {}
+    for p in paths:
+        data = deep_merge(data, read_config_data(p))
     return parse_config(data, overrides)
 
 

@@ -88,7 +88,7 @@ def _fmt_value(raw: str) -> str:
     return text
 
 
-def build_points(config: Union[str, Path], grid: dict[str, list[str]], seeds: Sequence[int],
+def build_points(config: Union[str, Path, list], grid: dict[str, list[str]], seeds: Sequence[int],
                  overrides: Sequence[str], sweep_name: str, ckpt_root: Path, uri: str) -> list[Point]:
     """Every point's validated ExperimentConfig (any bad key or value fails here, before anything runs)."""
     keys = list(grid)
@@ -191,7 +191,7 @@ def _make_trainable(points: list[Point], parent_id: str, sweep_name: str):
 
 
 def sweep(
-    config: Union[str, Path],
+    config: Union[str, Path, list],
     grid_items: Sequence[str],
     seeds: Optional[Sequence[int]] = None,
     overrides: Sequence[str] = (),
@@ -251,7 +251,7 @@ def sweep(
                 "stage": SWEEP_STAGE, "algorithm": base.algorithm, "env": base.env.id})
             parent_id = run.info.run_id
             params = {f"grid.{k}": ",".join(v) for k, v in grid.items()}
-            params |= {"grid.seeds": ",".join(map(str, seeds)), "config": str(Path(config).resolve()),
+            params |= {"grid.seeds": ",".join(map(str, seeds)), "config": ",".join(str(Path(c).resolve()) for c in (config if isinstance(config, (list, tuple)) else [config])),
                        "overrides": " ".join(overrides) or "-", "points": str(len(points))}
             client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
             todo = points

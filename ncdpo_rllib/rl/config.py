@@ -76,6 +76,11 @@ class NCDPOConfig(PPOConfig):
         self.target_kl: Optional[float] = None
         self.critic_warmup_iters: int = 0
         self.kl_to_reference: float = 0.0
+        self.logp_reduction: str = "sum"
+        self.logp_clamp: Optional[tuple[float, float]] = None
+        self.advantage_normalization: str = "batch"
+        self.advantage_clip_quantiles: Optional[tuple[float, float]] = None
+        self.reward_scale_running: bool = False
         self.diffusion_config: DiffusionConfig = DiffusionConfig()
         self.critic_hidden: list[int] = list(DEFAULT_CRITIC_HIDDEN)
         self.pixels: Optional[dict] = None
@@ -93,12 +98,24 @@ class NCDPOConfig(PPOConfig):
         target_kl: Optional[float] = NotProvided,
         critic_warmup_iters: int = NotProvided,
         kl_to_reference: float = NotProvided,
+        logp_reduction: str = NotProvided,
+        logp_clamp: Optional[tuple[float, float]] = NotProvided,
+        advantage_normalization: str = NotProvided,
+        advantage_clip_quantiles: Optional[tuple[float, float]] = NotProvided,
+        reward_scale_running: bool = NotProvided,
         **kwargs,
     ) -> "NCDPOConfig":
         """PPOConfig.training(...) plus NCDPO's critic_lr, per-optimizer clips, target_kl,
-        critic warm-up iterations (actor frozen) and the KL-to-reference weight."""
+        critic warm-up iterations (actor frozen), the KL-to-reference weight, the log-prob
+        reduction (``sum`` | ``mean``) and clamp, the advantage treatment (``batch`` |
+        ``minibatch`` standardisation, quantile clip) and running reward scaling."""
         super().training(**kwargs)
         for name, value in (
+            ("logp_reduction", logp_reduction),
+            ("logp_clamp", logp_clamp),
+            ("advantage_normalization", advantage_normalization),
+            ("advantage_clip_quantiles", advantage_clip_quantiles),
+            ("reward_scale_running", reward_scale_running),
             ("critic_lr", critic_lr),
             ("actor_grad_clip", actor_grad_clip),
             ("critic_grad_clip", critic_grad_clip),
@@ -144,6 +161,15 @@ class NCDPOConfig(PPOConfig):
             self._value_error("`critic_warmup_iters` and `kl_to_reference` must be >= 0")
         if self.use_kl_loss:
             self._value_error("NCDPO has no KL penalty term: set use_kl_loss=False (use target_kl to bound updates)")
+        if self.logp_reduction not in ("sum", "mean"):
+            self._value_error("`logp_reduction` must be 'sum' or 'mean'")
+        if self.logp_clamp is not None and not (len(self.logp_clamp) == 2 and self.logp_clamp[0] < self.logp_clamp[1]):
+            self._value_error("`logp_clamp` must be [low, high] with low < high, or None")
+        if self.advantage_normalization not in ("batch", "minibatch"):
+            self._value_error("`advantage_normalization` must be 'batch' or 'minibatch'")
+        q = self.advantage_clip_quantiles
+        if q is not None and not (len(q) == 2 and 0 <= q[0] < q[1] <= 1):
+            self._value_error("`advantage_clip_quantiles` must be [low, high] with 0 <= low < high <= 1, or None")
         if self.torch_compile_learner:
             self._value_error("torch_compile_learner is not supported by NCDPOTorchLearner (gradient hooks, early stop)")
 

@@ -10,6 +10,10 @@ What it changes in RLlib's ``PPOTorchLearner``:
   optimizer steps for that module in this ``update()`` call;
 - critic warm-up: for the first ``critic_warmup_iters`` iterations only the critic steps
   (a pre-trained actor is not moved by advantages from an untrained critic);
+- the log-ratio of the whole action chunk (``logp_reduction: sum``) or per action dimension
+  (``mean``, DPPO's convention), optionally from per-element log-probs clamped (``logp_clamp``);
+- advantages optionally re-standardised and quantile-clipped per minibatch (DPPO's reference);
+- optional running reward scaling before GAE (``reward_scale_running``);
 - an optional KL-to-reference term (``kl_to_reference``): the KL between the current and
   the reference (initial / pre-trained) policy's final Gaussians, same stored noise;
 - a NaN/inf guard: a minibatch step with non-finite gradients is skipped and counted
@@ -24,15 +28,44 @@ from typing import Any
 import torch
 
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.torch_utils import explained_variance
 
+from ncdpo_rllib.diffusion import gaussian_log_prob_elements, reduce_log_prob
+
 from .module import NOISE
+from .reward_scaling import RunningRewardScaling
 
 ACTOR, CRITIC = "actor", "critic"
+
+
+def policy_advantages(config, adv: torch.Tensor) -> torch.Tensor:
+    """The advantages the policy loss sees (valid rows of a minibatch). RLlib's GAE connector
+    already standardised them over the whole batch; ``advantage_normalization: minibatch``
+    standardises them again per minibatch, and ``advantage_clip_quantiles: [lo, hi]`` clips
+    them to their own lo..hi quantiles (DPPO's reference does both, in that order)."""
+    if config.advantage_normalization == "minibatch" and adv.numel() > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    if config.advantage_clip_quantiles is not None and adv.numel() > 0:
+        lo, hi = config.advantage_clip_quantiles
+        adv = adv.clamp(torch.quantile(adv, lo), torch.quantile(adv, hi))
+    return adv
+
+
+def clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, clip) -> torch.Tensor:
+    """PPO's clipped surrogate min(A r, A clip(r, 1 - eps, 1 + eps)), elementwise; ``clip`` a
+    number or a tensor broadcasting against ``ratio`` (DPPO's per-step clips)."""
+    return torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+
+
+def value_loss(values: torch.Tensor, targets: torch.Tensor, vf_clip_param) -> torch.Tensor:
+    """Squared value error, clipped at ``vf_clip_param`` (RLlib's convention; None = no clip)."""
+    err = (values - targets) ** 2
+    return err.clamp(max=vf_clip_param) if vf_clip_param else err
 
 
 class NonFiniteParametersError(RuntimeError):
@@ -40,6 +73,14 @@ class NonFiniteParametersError(RuntimeError):
 
 
 class NCDPOTorchLearner(PPOTorchLearner):
+    def build(self) -> None:
+        """PPO's build; with ``reward_scale_running``, the reward scaler right before GAE."""
+        super().build()
+        if getattr(self.config, "reward_scale_running", False) and self._learner_connector is not None:
+            self._learner_connector.insert_before(
+                GeneralAdvantageEstimation, RunningRewardScaling(gamma=self.config.gamma)
+            )
+
     # --- optimizers -------------------------------------------------------------------
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id].unwrapped()
@@ -143,42 +184,53 @@ class NCDPOTorchLearner(PPOTorchLearner):
         if mask is None:
             mask = torch.ones_like(batch[Columns.ACTION_LOGP], dtype=torch.bool)
 
-        def masked_mean(x: torch.Tensor) -> torch.Tensor:
-            return x[mask].mean()
-
         dist = module.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
-        log_ratio = dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]
+        log_ratio = self._final_log_ratio(module, config, batch, fwd_out, dist)[mask]
         ratio = torch.exp(log_ratio)
-        adv = batch[Postprocessing.ADVANTAGES]
-        clip = config.clip_param
-        surrogate = torch.min(adv * ratio, adv * ratio.clamp(1 - clip, 1 + clip))
+        adv = policy_advantages(config, batch[Postprocessing.ADVANTAGES][mask])
+        surrogate = clipped_surrogate(adv, ratio, config.clip_param)
 
-        values = module.values_for_update(batch)
-        vf_err = (values - batch[Postprocessing.VALUE_TARGETS]) ** 2
-        vf_loss = vf_err.clamp(max=config.vf_clip_param) if config.vf_clip_param else vf_err
-        entropy = dist.entropy()
+        values = module.values_for_update(batch)[mask]
+        value_targets = batch[Postprocessing.VALUE_TARGETS][mask]
+        vf_loss = value_loss(values, value_targets, config.vf_clip_param)
+        entropy = dist.entropy()[mask]
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
 
-        total = masked_mean(-surrogate + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy)
-        kl_ref = self._kl_to_reference(module, batch, fwd_out) if config.kl_to_reference else None
+        total = (-surrogate + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy).mean()
+        kl_ref = self._kl_to_reference(module, batch, fwd_out)[mask] if config.kl_to_reference else None
         if kl_ref is not None:
-            total = total + config.kl_to_reference * masked_mean(kl_ref)
+            total = total + config.kl_to_reference * kl_ref.mean()
 
         with torch.no_grad():
             self._log_diagnostics(
                 module_id, config, fwd_out,
-                surrogate=surrogate[mask], vf_loss=vf_loss[mask], entropy=entropy[mask],
-                ratio=ratio[mask], log_ratio=log_ratio[mask],
-                values=values[mask], value_targets=batch[Postprocessing.VALUE_TARGETS][mask],
+                surrogate=surrogate, vf_loss=vf_loss, entropy=entropy, ratio=ratio, log_ratio=log_ratio,
+                values=values, value_targets=value_targets, clip=config.clip_param,
             )
             if kl_ref is not None:
-                self.metrics.log_value((module_id, "kl_to_reference"), masked_mean(kl_ref), reduce="mean")
+                self.metrics.log_value((module_id, "kl_to_reference"), kl_ref.mean(), reduce="mean")
         return total
 
+    @staticmethod
+    def _final_log_ratio(module, config, batch, fwd_out, dist) -> torch.Tensor:
+        """log pi_new(a | s, zeta) - log pi_old(a | s, zeta), per row. With ``logp_reduction:
+        sum`` and no clamp, the exact Gaussian (or categorical) log-probs; otherwise each
+        element's log-prob (new: this forward's mean/std, old: the rollout's, stored as
+        ACTION_DIST_INPUTS) is clamped and summed or averaged over the chunk x action dims."""
+        if module.discrete or (config.logp_reduction == "sum" and config.logp_clamp is None):
+            return dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]
+        clamp = tuple(config.logp_clamp) if config.logp_clamp is not None else None
+        action = batch[Columns.ACTIONS]
+        new, old = (
+            reduce_log_prob(gaussian_log_prob_elements(action, *inputs.chunk(2, dim=-1)), config.logp_reduction, clamp)
+            for inputs in (fwd_out[Columns.ACTION_DIST_INPUTS], batch[Columns.ACTION_DIST_INPUTS])
+        )
+        return new - old
+
     def _log_diagnostics(self, module_id, config, fwd_out, *, surrogate, vf_loss, entropy, ratio, log_ratio,
-                         values, value_targets) -> None:
+                         values, value_targets, clip) -> None:
         """The target-KL stop and the diagnostics NCDPO and DPPO share; inputs: valid rows only
-        (DPPO's ratios: every (env step, denoising step) pair)."""
+        (DPPO's ratios: every (env step, denoising step) pair, ``clip`` one per step)."""
         approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's k3 estimator
         self._maybe_stop_on_kl(module_id, config, approx_kl)
         self.metrics.log_dict(
@@ -188,7 +240,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
                 ENTROPY_KEY: entropy.mean(),
                 "vf_explained_var": explained_variance(value_targets, values),
                 "ratio_mean": ratio.mean(),
-                "clip_fraction": ((ratio - 1).abs() > config.clip_param).float().mean(),
+                "clip_fraction": ((ratio - 1).abs() > clip).float().mean(),
                 "approx_kl": approx_kl,
                 "kl_stop_fraction": float(module_id in self._kl_stopped),
             },

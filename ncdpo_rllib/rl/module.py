@@ -123,7 +123,8 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         """The image encoders (actor's, critic's; empty for state observations)."""
         if not self.pixels:
             return []
-        return [self.actor.encoder, self.critic[0]]
+        base = [self.actor.base_encoder] if self.actor.base_encoder is not None else []
+        return [self.actor.encoder, *base, self.critic[0]]
 
     @property
     def shift_in_update(self) -> bool:
@@ -157,25 +158,40 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         self.obs_shift.copy_(shift)
         self.obs_scale.copy_(scale)
 
+    # Frozen copies and what fills them when a state lacks them: (copy's prefix, source's prefix).
+    FROZEN_COPIES = (
+        ("actor.sampler.base_denoiser.", "actor.sampler.denoiser."),  # frozen_base
+        ("actor.base_encoder.", "actor.encoder."),
+        ("reference.", "actor."),  # kl_to_reference
+    )
+
+    def _fill_frozen_copies(self, state: dict) -> dict:
+        """A state without a frozen copy (a pre-trained or older checkpoint, a config that
+        just turned it on) fills it with the weights it copies, from that same state."""
+        own = self.state_dict()
+        for copy_prefix, source in self.FROZEN_COPIES:
+            if any(k.startswith(copy_prefix) for k in own) and not any(k.startswith(copy_prefix) for k in state):
+                state = {**state, **{copy_prefix + k[len(source):]: v for k, v in state.items()
+                                     if k.startswith(source) and copy_prefix + k[len(source):] in own}}
+        return state
+
     def set_state(self, state: dict) -> None:
-        """RLlib's set_state; a state without ``reference.*`` (a pre-trained or older
-        checkpoint) fills the reference with the actor's weights from that state."""
-        if self.reference is not None and not any(k.startswith("reference.") for k in state):
-            state = {**state, **{"reference." + k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")}}
-        super().set_state(state)
+        """RLlib's set_state, with missing frozen copies (base, reference) filled from the state."""
+        super().set_state(self._fill_frozen_copies(state))
 
     def load_pretrained(self, state: dict) -> None:
         """Start from a pre-trained module's state: actor, observation normaliser and the
         reference; the critic stays fresh and the final std keeps this config's init_std
         (behaviour cloning never trains it)."""
         own = self.state_dict()
+        copies = tuple(prefix for prefix, _ in self.FROZEN_COPIES)
         keep = {"actor.log_std"} | {k for k in own if k.startswith("critic.")}
-        merged = {k: v for k, v in state.items() if k in own and k not in keep and not k.startswith("reference.")}
-        missing = [k for k in own if k not in merged and k not in keep and not k.startswith("reference.")]
+        merged = {k: v for k, v in state.items() if k in own and k not in keep and not k.startswith(copies)}
+        missing = [k for k in own if k not in merged and k not in keep and not k.startswith(copies)]
         if missing:
             raise ValueError(f"the pre-trained state lacks {missing[:3]}")
         new = {**own, **{k: torch.as_tensor(v) for k, v in merged.items()}}
-        self.set_state({k: v for k, v in new.items() if not k.startswith("reference.")})
+        self.set_state({k: v for k, v in new.items() if not k.startswith(copies)})
 
     # --- distributions: the final step is a diagonal Gaussian (or a categorical) -------
     def _dist_cls(self):
@@ -227,7 +243,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
             noise = self.actor.sample_noise(cond.shape[0])
             if self.diffusion_config.inference_noise == "zero":
                 noise = torch.zeros_like(noise)
-            return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(cond, noise)}
+            return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(cond, noise, evaluation=True)}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         # A fresh probe per pass: the learner reads per-step gradient norms after backward.
