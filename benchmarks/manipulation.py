@@ -146,6 +146,31 @@ def summarise(args, runs: list[dict], pretrained: dict) -> str:
     return markdown_table(header, rows)
 
 
+def aggregate_section(args, runs: list[dict], pretrained: dict) -> str:
+    """rliable's IQM / probability of improvement over the test tasks x seeds (``--dev-task`` left
+    out: the defaults were chosen on it), per observation kind; the pre-trained policy as the floor."""
+    from ncdpo_rllib.experiment.aggregate import aggregate_markdown, aggregate_scores, plot_aggregate, score_matrix
+
+    parts = []
+    for obs in args.obs:
+        tasks = [t for (t, o) in pretrained if o == obs and t != args.dev_task]
+        scores = {"pre-trained": {t: [pretrained[(t, obs)]["eval"]["success_rate"]] for t in tasks}}
+        for algo in args.algos:
+            scores[algo] = {t: [last_eval(r) for r in runs if (r["task"], r["obs"], r["algo"]) == (t, obs, algo)]
+                            for t in tasks}
+        if not tasks or any(not v for algo in args.algos for v in scores[algo].values()):
+            continue
+        matrices = {name: score_matrix(by_task)[0] for name, by_task in scores.items()}
+        agg = aggregate_scores(matrices)
+        image = IMAGES / f"metaworld_aggregate_{obs}.png"
+        plot_aggregate(agg, "final success rate", image)
+        parts.append(f"**Aggregate, {obs}** (test tasks: {', '.join(TASKS[t] for t in tasks)}; final deterministic "
+                     f"success rate; pre-trained: one behaviour-cloning run per task)\n\n"
+                     f"{aggregate_markdown(agg, 'final success')}\n\n"
+                     f"![aggregate]({image.relative_to(ROOT / 'docs')})\n")
+    return "\n".join(parts)
+
+
 def plot(args, runs: list[dict], pretrained: dict) -> Path:
     import matplotlib
 
@@ -153,8 +178,8 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
     import matplotlib.pyplot as plt
 
     keys = list(pretrained)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, (task, obs) in zip(axes[0], keys):
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.8), squeeze=False)
+    for col, (task, obs) in enumerate(keys):
         for algo in args.algos:
             ar = [r for r in runs if r["task"] == task and r["obs"] == obs and r["algo"] == algo]
             if not ar:
@@ -162,18 +187,25 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
             n = min(len(r["curve"]["env_steps"]) for r in ar)
             ev = np.array([r["curve"]["eval_success"][:n] for r in ar], dtype=float)
             keep = ~np.isnan(ev).any(axis=0)
-            x = np.array(ar[0]["curve"]["env_steps"][:n])[keep]
-            ax.plot([0, *x], [pretrained[(task, obs)]["eval"]["success_rate"], *ev[:, keep].mean(0)],
-                    marker=".", label=f"{algo} ({len(ar)} seeds)")
-        ax.set_title(f"{TASKS[task]} ({obs})", fontsize=9)
-        ax.set_xlabel("env steps")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("success rate (deterministic, 20 episodes)")
+            mean, lo, hi = ev[:, keep].mean(0), ev[:, keep].min(0), ev[:, keep].max(0)
+            start = pretrained[(task, obs)]["eval"]["success_rate"]
+            for row, xkey in enumerate(("env_steps", "wall_s")):
+                x = np.array([r["curve"][xkey][:n] for r in ar], dtype=float).mean(0)[keep]
+                ax = axes[row][col]
+                line, = ax.plot([0, *x], [start, *mean], marker=".", label=f"{algo} ({len(ar)} seeds)")
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        for row, xlabel in enumerate(("env steps", "wall-clock s (mean over seeds)")):
+            ax = axes[row][col]
+            ax.set_title(f"{TASKS[task]} ({obs})", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+    for row in range(2):
+        axes[row][0].set_ylabel("success (deterministic, 20 ep.; band: min..max)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / "metaworld.png"
+    out = IMAGES / f"{args.section}.png"
     fig.savefig(out, dpi=110)
     return out
 
@@ -190,6 +222,8 @@ def main() -> None:
                         ", ".join(f"{a}={v.relative_to(ROOT)}" for a, v in RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    p.add_argument("--dev-task", default="button_press", help="the task the defaults were tuned on: "
+                   "left out of the aggregate")
     p.add_argument("--section", default="metaworld-recipes", help="docs/benchmarks.md section to (re)write")
     p.add_argument("--results", type=Path, default=RESULTS, help="run results JSON (resumable)")
     p.add_argument("--timing-seeds", type=int, nargs="+", help="seeds whose runs the time columns average "
@@ -223,8 +257,12 @@ def main() -> None:
     table = summarise(args, runs, pretrained)
     print(table)
     image = plot(args, runs, pretrained)
+    agg = aggregate_section(args, runs, pretrained)
+    print(agg)
+    recipes = ", ".join(f"{a}: `{args.recipes[a].relative_to(ROOT)}`" for a in args.algos)
     write_section(args.section, "Meta-World from state and pixels: NCDPO vs DPPO fine-tuning (recipes)",
-                  f"{table}\n\n![success vs env steps]({image.relative_to(ROOT / 'docs')})\n")
+                  f"Recipes over each task file: {recipes}.\n\n{table}\n\n{agg}\n\n"
+                  f"![success vs env steps and wall-clock]({image.relative_to(ROOT / 'docs')})\n")
 
 
 if __name__ == "__main__":

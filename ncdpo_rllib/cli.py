@@ -118,6 +118,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.experiment, args.out, filter_string=args.filter, run_ids=args.runs or (),
         group_by=args.group_by or DEFAULT_GROUP_BY, metric=args.metric, threshold=args.threshold,
         tracking_uri=args.tracking_uri, command="ncdpo " + shlex.join(sys.argv[1:]),
+        aggregate_over=args.aggregate, task_key=args.task_key, score=args.score,
+        score_ranges=_score_ranges(args.score_range),
     )
     for note in result["notes"]:
         print(f"  note: {note}", file=sys.stderr)
@@ -127,9 +129,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         f"  MLflow comparison run: {result['mlflow_run_id']} ({result['mlflow_uri']})",
         file=sys.stderr, flush=True,
     )
+    if result["aggregate"]:
+        print(open(result["files"]["aggregate_md"]).read(), file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "bands"}), flush=True)
     return 0
+
+
+def _score_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
+    """``TASK=LOW:HIGH`` strings -> {task: (low, high)}."""
+    out = {}
+    for item in items or []:
+        task, _, rng = item.partition("=")
+        try:
+            low, high = (float(v) for v in rng.split(":"))
+        except ValueError:
+            raise_user(f"--score-range {item!r}: expected TASK=LOW:HIGH, e.g. Hopper-v5=0:3080")
+        if high <= low:
+            raise_user(f"--score-range {item!r}: HIGH must be above LOW")
+        out[task] = (low, high)
+    return out
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -201,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--metric", default="return_mean", help="metric to plot and tabulate (default: return_mean)")
     cp.add_argument("--threshold", type=float, help="report env steps and wall-clock to reach this metric value")
     cp.add_argument("--out", default="comparison", help="output directory (default: ./comparison)")
+    cp.add_argument("--aggregate", choices=["iqm"],
+                    help="rliable statistics over tasks x runs: IQM and mean with 95%% stratified-bootstrap "
+                         "intervals, probability of improvement between groups, performance profiles")
+    cp.add_argument("--task-key", metavar="KEY", help="with --aggregate: the tag or param that tells tasks apart (e.g. env)")
+    cp.add_argument("--score", choices=["final", "best"], default="final",
+                    help="with --aggregate: each run's score, the metric's final or best value (default: final)")
+    cp.add_argument("--score-range", action="append", default=[], metavar="TASK=LOW:HIGH",
+                    help="with --aggregate: normalise TASK's scores to (score - LOW) / (HIGH - LOW) (repeatable)")
     cp.add_argument("--tracking-uri", metavar="URI",
                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlflow.db)")
     cp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")

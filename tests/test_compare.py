@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import trim_mean
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -279,3 +280,64 @@ def test_compare_against_mlflow_server(mlflow_server, tmp_path):
     assert crun.data.tags["stage"] == "compare" and crun.info.experiment_id == client.get_run(run_ids[0]).info.experiment_id
     arts = {Path(a.path).name for a in client.list_artifacts(res["mlflow_run_id"], "comparison")}
     assert "report.html" in arts and "curves_env_steps.png" in arts
+
+
+# ---------------------------------------------------------------- aggregate over tasks (rliable)
+
+
+def test_iqm_and_probability_of_improvement_by_hand():
+    from ncdpo_rllib.experiment.aggregate import aggregate_scores, score_matrix
+
+    # 8 scores: the middle 50% are 3, 4, 5, 6 -> IQM 4.5 (mean 4.5 too; make it differ)
+    a = np.array([[1.0, 2, 3, 4], [5, 6, 7, 100]])
+    b = a - 0.5  # worse on every (run, task) pair, by a margin smaller than the spread
+    agg = aggregate_scores({"a": a, "b": b}, reps=300)
+    assert agg["algorithms"]["a"]["iqm"] == pytest.approx(4.5) and agg["algorithms"]["a"]["mean"] == pytest.approx(16)
+    lo, hi = agg["algorithms"]["a"]["iqm_ci"]
+    assert lo <= 4.5 <= hi
+    # P(a > b): per task, a's 2 runs vs b's 2 runs; e.g. task 0: a {1, 5} vs b {0.5, 4.5} -> 3/4
+    by_hand = np.mean([np.mean([[x > y for y in b[:, t]] for x in a[:, t]]) for t in range(4)])
+    assert agg["probability_of_improvement"]["a > b"]["p"] == pytest.approx(by_hand)
+    assert agg["probability_of_improvement"]["b > a"]["p"] == pytest.approx(1 - by_hand)
+    assert agg["profiles"]["fraction_above"]["a"][0] == 1.0  # every score above the lowest tau (0)
+    m, tasks, note = score_matrix({"t1": [1, 2, 3], "t0": [4, 5]})
+    assert tasks == ["t0", "t1"] and m.tolist() == [[4, 1], [5, 2]] and "first 2" in note
+
+
+def test_compare_aggregate_over_tasks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("agg", artifact_location=(tmp_path / "artifacts").as_uri())
+    rng = np.random.default_rng(0)
+    finals, ids = {}, {}
+    for algo, shift in (("ncdpo", 0.2), ("dppo", 0.0)):
+        for task in ("reach", "door", "drawer"):
+            for seed in range(3):
+                final = float(np.clip(rng.uniform(0.2, 0.7) + shift, 0, 1))
+                finals.setdefault(algo, []).append(final)
+                ids[(algo, task, seed)] = _log_run(client, exp_id, {"algorithm": algo, "env": task, "seed": str(seed)},
+                                                   [(0, 0.1), (100, final)], 0.1)
+    res = compare("agg", tmp_path / "out", tracking_uri=uri, group_by=["algorithm"], aggregate_over="iqm",
+                  task_key="env", reps=300, log_to_mlflow=False)
+    agg = res["aggregate"]
+    assert agg["tasks"] == ["door", "drawer", "reach"]
+    for algo in ("ncdpo", "dppo"):
+        stats = agg["algorithms"][f"algorithm={algo}"]
+        v = np.sort(finals[algo])  # 9 scores: rliable's IQM is scipy's 25% trimmed mean
+        assert stats["runs"] == 3 and stats["tasks"] == 3
+        assert stats["iqm"] == pytest.approx(trim_mean(v, 0.25), rel=1e-9)
+        assert stats["iqm_ci"][0] <= stats["iqm"] <= stats["iqm_ci"][1]
+    p = agg["probability_of_improvement"]["algorithm=ncdpo > algorithm=dppo"]["p"]
+    assert p + agg["probability_of_improvement"]["algorithm=dppo > algorithm=ncdpo"]["p"] == pytest.approx(1)
+    assert p > 0.5
+    assert Path(res["files"]["aggregate_png"]).stat().st_size > 0
+    assert "IQM of final return_mean" in Path(res["files"]["summary_md"]).read_text()
+    html = Path(res["files"]["report"]).read_text()
+    assert html.count("data:image/png;base64,") == 3
+    with pytest.raises(Exception, match="needs --task-key"):
+        compare("agg", tmp_path / "o2", tracking_uri=uri, aggregate_over="iqm", log_to_mlflow=False)
+    some = [rid for (algo, task, _), rid in ids.items() if algo == "dppo" or task == "reach"]
+    with pytest.raises(Exception, match="has no runs on door, drawer"):
+        compare("agg", tmp_path / "o3", tracking_uri=uri, run_ids=some, group_by=["algorithm"],
+                aggregate_over="iqm", task_key="env", log_to_mlflow=False)

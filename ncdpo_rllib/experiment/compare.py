@@ -23,6 +23,7 @@ import base64
 import csv
 import difflib
 import html
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Group:
     env_curves: list[Series] = field(default_factory=list)
     wall_curves: list[Series] = field(default_factory=list)
     stats: list[RunStats] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # per run: its value of --task-key (aggregates)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -404,7 +406,7 @@ def fetch_series(client, run_id: str, key: str) -> Series:
 
 
 def collect_groups(client, runs: Sequence, group_by: Sequence[str], metric: str,
-                   threshold: Optional[float]) -> tuple[dict[str, Group], list[str]]:
+                   threshold: Optional[float], task_key: Optional[str] = None) -> tuple[dict[str, Group], list[str]]:
     """Fetch histories, group the runs, compute per-run stats; notes list the runs skipped."""
     groups: dict[str, Group] = {}
     notes: list[str] = []
@@ -426,6 +428,7 @@ def collect_groups(client, runs: Sequence, group_by: Sequence[str], metric: str,
         if len(wall.x):
             g.wall_curves.append(wall)
         g.stats.append(run_stats(rid, env, wall, tput, threshold))
+        g.tasks.append(group_value(run.data.tags, run.data.params, task_key) if task_key else "-")
     if not groups:
         have = sorted({k for r in runs for k in r.data.metrics})
         shown = ", ".join(have[:15]) + (", ..." if len(have) > 15 else "")
@@ -449,17 +452,34 @@ def compare(
     tracking_uri: Optional[str] = None,
     command: str = "",
     log_to_mlflow: bool = True,
+    aggregate_over: Optional[str] = None,
+    task_key: Optional[str] = None,
+    score: str = "final",
+    score_ranges: Optional[dict[str, tuple[float, float]]] = None,
+    reps: int = 2000,
 ) -> dict[str, Any]:
     """Select, group, aggregate, write the report into ``out``, log it as a comparison run.
 
     Returns the plotted labels per figure, the aggregated bands, the table rows and paths,
-    so callers (and tests) can check what was drawn without parsing images."""
+    so callers (and tests) can check what was drawn without parsing images.
+
+    ``aggregate_over="iqm"``: also the rliable statistics over tasks x runs (``task_key`` names
+    the tag/param that tells tasks apart; ``score``: each run's final or best metric value,
+    optionally normalised per task by ``score_ranges``): IQM and mean with 95% stratified-
+    bootstrap intervals, probability of improvement for every pair of groups, performance
+    profiles (``aggregate.md``, ``aggregate.png``, ``aggregate.json``)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if experiment is None and not run_ids:
         raise UserError("give --experiment NAME and/or --runs ID ...")
+    if aggregate_over not in (None, "iqm"):
+        raise UserError(f"--aggregate {aggregate_over!r}: the aggregate is iqm")
+    if aggregate_over and not task_key:
+        raise UserError("--aggregate iqm needs --task-key KEY: the tag or param that tells tasks apart (e.g. env)")
+    if score not in ("final", "best"):
+        raise UserError(f"--score {score!r}: choose final or best")
     group_by = list(group_by) or list(DEFAULT_GROUP_BY)
     uri = resolve_tracking_uri(tracking_uri)
     check_store_exists(uri)
@@ -467,7 +487,7 @@ def compare(
     try:
         exp = find_experiment(client, experiment) if experiment is not None else None
         runs = select_runs(client, exp.experiment_id if exp else None, filter_string, run_ids)
-        groups, notes = collect_groups(client, runs, group_by, metric, threshold)
+        groups, notes = collect_groups(client, runs, group_by, metric, threshold, task_key)
     except MlflowException as e:
         raise UserError(f"MLflow at {uri}: {_one_line(e)}") from None
 
@@ -506,11 +526,16 @@ def compare(
     except MlflowException as e:
         raise UserError(f"MLflow at {uri}: {_one_line(e)}") from None
     profile_md = "".join(f"\n## Latency and memory vs K\n\n{t}\n" for t in profiles)
+    agg = None
+    if aggregate_over:
+        agg, agg_md = aggregate_groups(groups, metric, score, score_ranges or {}, reps, out, files)
+        notes += agg.pop("notes")
+        profile_md += f"\n## Aggregate over tasks x runs (rliable)\n\n{agg_md}\n"
     files["summary_md"].write_text(
         f"# Comparison: {experiment or 'selected runs'}\n\n{table_md}\n{profile_md}```\n{selection}\n```\n")
     title = f"Comparison: {experiment or 'selected runs'} ({metric})"
     files["report"].write_text(render_html(
-        title, [files["curves_env_steps"], files["curves_wall_clock"]], table_md, rows,
+        title, [files[k] for k in ("curves_env_steps", "curves_wall_clock", "aggregate_png") if k in files], table_md, rows,
         selection, command or "-", notes, profiles))
 
     run_id = None
@@ -530,7 +555,39 @@ def compare(
         "files": {k: str(v) for k, v in files.items()},
         "mlflow_run_id": run_id,
         "mlflow_uri": uri,
+        "aggregate": agg,
     }
+
+
+def aggregate_groups(groups: dict[str, Group], metric: str, score: str, ranges: dict, reps: int,
+                     out: Path, files: dict) -> tuple[dict, str]:
+    """The rliable aggregate of each group's per-run scores, by task; writes its files."""
+    from .aggregate import aggregate_markdown, aggregate_scores, normalize, plot_aggregate, score_matrix
+
+    matrices, notes, all_tasks = {}, [], set()
+    for g in groups.values():
+        by_task: dict[str, list[float]] = {}
+        for task, st in zip(g.tasks, g.stats):
+            by_task.setdefault(task, []).append(st.final if score == "final" else st.best)
+        matrices[g.label], _, note = score_matrix(normalize(by_task, ranges) if ranges else by_task)
+        all_tasks |= set(by_task)
+        if note:
+            notes.append(f"{g.label}: {note}")
+    for g in groups.values():
+        missing = all_tasks - set(g.tasks)
+        if missing:
+            raise UserError(f"--aggregate: group {g.label!r} has no runs on {', '.join(sorted(missing))}; "
+                            "every group needs every task (narrow the selection with --filter)")
+    name = f"{score} {metric}" + (" (normalised)" if ranges else "")
+    agg = aggregate_scores(matrices, reps=reps)
+    agg["tasks"], agg["score"] = sorted(all_tasks), name
+    files["aggregate_md"], files["aggregate_png"], files["aggregate_json"] = (
+        out / "aggregate.md", out / "aggregate.png", out / "aggregate.json")
+    md = aggregate_markdown(agg, name) + f"\n\nTasks: {', '.join(sorted(all_tasks))}."
+    files["aggregate_md"].write_text(md + "\n")
+    plot_aggregate(agg, name, files["aggregate_png"])
+    files["aggregate_json"].write_text(json.dumps(agg, indent=1))
+    return {**agg, "notes": notes}, md
 
 
 def profile_tables(client, experiment_id: str) -> list[str]:
