@@ -5,7 +5,8 @@
 Reads the sweeps' child runs from MLflow (``sqlite:///mlflow.db``); per grid point (over its
 seeds): the final evaluation success rate (the decision), the mean of the last three
 evaluations (the tie-break), the median per-iteration approx KL, the fraction of iterations
-whose epochs the target-KL stop cut, and the clip fraction. Writes docs/benchmarks.md, section
+whose epochs the target-KL stop cut, and the clip fraction (iterations after the critic-only
+warm-up). Writes docs/benchmarks.md, section
 dev-sweep:<experiment>.
 """
 
@@ -24,6 +25,13 @@ from benchmarks.common import ROOT, markdown_table, write_section  # noqa: E402
 
 def history(client, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def learner(client, run_id: str, key: str) -> list[float]:
+    """A learner metric's history over the iterations in which the actor trained (no warm-up)."""
+    values = history(client, run_id, f"learner/default_policy/{key}")
+    frozen = history(client, run_id, "learner/default_policy/actor_frozen")
+    return [v for v, f in zip(values, frozen) if not f] or [float("nan")]
 
 
 def main() -> None:
@@ -53,9 +61,9 @@ def main() -> None:
             ev = [[v for v in history(client, r.info.run_id, "eval_success_rate")] for r in rs]
             final = [e[-1] for e in ev if e]
             last3 = [np.mean(e[-3:]) for e in ev if e]
-            kl = [np.median(history(client, r.info.run_id, "approx_kl")) for r in rs]
-            stop = [np.mean(history(client, r.info.run_id, "kl_stop_fraction")) for r in rs]
-            clipf = [np.mean(history(client, r.info.run_id, "clip_fraction")) for r in rs]
+            kl = [np.median(learner(client, r.info.run_id, "approx_kl")) for r in rs]
+            stop = [np.mean(learner(client, r.info.run_id, "kl_stop_fraction")) for r in rs]
+            clipf = [np.mean(learner(client, r.info.run_id, "clip_fraction")) for r in rs]
             scores[label] = (np.mean(final), np.mean(last3))
             rows.append([label, len(rs), f"{np.mean(final):.2f} ({', '.join(f'{v:.2f}' for v in final)})",
                          f"{np.mean(last3):.2f}", f"{np.mean(kl):.3g}", f"{np.mean(stop):.2f}", f"{np.mean(clipf):.2f}"])

@@ -40,6 +40,7 @@ TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer
 RECIPES = {"ncdpo": ROOT / "configs" / "recipes" / "ncdpo_finetune.yaml",
            "dppo": ROOT / "configs" / "recipes" / "dppo_reference.yaml"}
 RESULTS = ROOT / "benchmarks" / "results" / "metaworld_recipes.json"
+LEARNER = "learner/default_policy/"  # the learner's metrics, as train() names them
 
 
 def config_path(task: str, obs: str) -> Path:
@@ -81,15 +82,16 @@ def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -
                  f"checkpoint.dir={root}", f"tracking.run_name={name}",
                  f"tracking.experiment=bench-metaworld-{task}-{obs}", *args.set]
     curve = {k: [] for k in ("env_steps", "wall_s", "success", "eval_success", "eval_return", "sampling_s", "learner_s",
-                             "approx_kl", "kl_stop_fraction", "clip_fraction")}
+                             "approx_kl", "kl_stop_fraction", "clip_fraction", "actor_frozen")}
 
     def record(state, m):
         curve["env_steps"].append(state.env_steps)
         curve["wall_s"].append(state.wall_s)
         for key, metric in (("success", "success_rate"), ("eval_success", "eval_success_rate"),
                             ("eval_return", "eval_return_mean"), ("sampling_s", "time_sampling_s"),
-                            ("learner_s", "time_learner_s"), ("approx_kl", "approx_kl"),
-                            ("kl_stop_fraction", "kl_stop_fraction"), ("clip_fraction", "clip_fraction")):
+                            ("learner_s", "time_learner_s"), ("approx_kl", f"{LEARNER}approx_kl"),
+                            ("kl_stop_fraction", f"{LEARNER}kl_stop_fraction"),
+                            ("clip_fraction", f"{LEARNER}clip_fraction"), ("actor_frozen", f"{LEARNER}actor_frozen")):
             curve[key].append(m.get(metric, float("nan")))
 
     exp = load_config([config_path(task, obs), args.recipes[algo]], overrides)

@@ -364,3 +364,16 @@ def test_frozen_base_runs_the_early_steps_and_never_changes():
     state["actor.sampler.denoiser.out.weight"] += 1.0
     module.set_state(state)
     assert torch.equal(sampler.base_denoiser.out.weight, sampler.denoiser.out.weight)
+
+
+def test_a_fixed_std_module_starts_from_a_learned_std_pretrained_state():
+    """The DPPO recipe's std: fixed fine-tunes a policy pre-trained with a learned std: the chain's
+    weights load, the final std is the recipe's own."""
+    learned = make_module(denoising_steps=3, std="learned", init_std=1.0)
+    fixed = make_module(denoising_steps=3, std="fixed", init_std=0.1, finetune_steps=2, frozen_base=True)
+    nn.init.normal_(learned.actor.sampler.denoiser.out.weight, std=1.0)
+    fixed.load_pretrained(learned.get_state())
+    assert torch.equal(fixed.actor.sampler.denoiser.out.weight, learned.actor.sampler.denoiser.out.weight)
+    assert torch.equal(fixed.actor.sampler.base_denoiser.out.weight, learned.actor.sampler.denoiser.out.weight)
+    assert torch.allclose(fixed.actor.log_std.exp(), torch.full((ACT_DIM,), 0.1))
+    assert not fixed.actor.log_std.requires_grad

@@ -32,10 +32,12 @@ ARCH_KEYS = (
     "encoder.type", "encoder.feature_dim",
     "diffusion.denoising_steps", "diffusion.prediction", "diffusion.schedule", "diffusion.beta_min",
     "diffusion.beta_max", "diffusion.cosine_beta_clip", "diffusion.hidden", "diffusion.residual",
-    "diffusion.activation", "diffusion.step_embed_dim", "diffusion.std",
+    "diffusion.activation", "diffusion.step_embed_dim",
 )
 """Keys a fine-tuning config must share with the pre-training one (they fix the weights'
-shapes and meaning); sampler knobs (DDIM, clips, sigma_min, init_std, finetune_steps) may differ."""
+shapes and meaning); sampler knobs (DDIM, clips, sigma_min, finetune_steps, frozen_base) and the
+final std (``std``, ``init_std``: behaviour cloning never trains it, fine-tuning starts its own)
+may differ."""
 
 
 def resolve_pretrained(path: str | Path) -> Path:
