@@ -38,7 +38,7 @@ from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
          "door_open": "door-open-v3", "pick_place": "pick-place-v3"}
 RECIPES = {"ncdpo": ROOT / "configs" / "recipes" / "ncdpo_finetune.yaml",
-           "dppo": ROOT / "configs" / "recipes" / "dppo_reference.yaml"}
+           "dppo": ROOT / "configs" / "recipes" / "dppo_finetune.yaml"}
 RESULTS = ROOT / "benchmarks" / "results" / "metaworld_recipes.json"
 LEARNER = "learner/default_policy/"  # the learner's metrics, as train() names them
 
