@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NCDPO=${NCDPO:-.venv/bin/ncdpo}
-PRE=${PRE:-runs/bench/metaworld-button_press-state/pretrain/pretrained}
+PRE=${PRE:-benchmarks/results/pretrained/metaworld-button_press-state}
 STEPS=${STEPS:-100000}
 COMMON=(--seeds 0 1 --set "init_from=$PRE" --set "stop.env_steps=$STEPS" --set resources.env_runners=0
         --set resources.envs_per_runner=4 --set tracking.experiment=dev-sweep-button-press

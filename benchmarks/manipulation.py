@@ -47,11 +47,20 @@ def config_path(task: str, obs: str) -> Path:
     return ROOT / "configs" / f"metaworld_{task}{'_pixels' if obs == 'pixels' else ''}.yaml"
 
 
+PINNED = ROOT / "benchmarks" / "results" / "pretrained"
+"""Committed pre-trained checkpoints (the benchmark's starting policies): a benchmark resumed on
+another machine or day starts every seed from the same policy. Delete one to pre-train anew."""
+
+
 def ensure_pretrained(task: str, obs: str) -> dict:
-    """Dataset, then the seed-0 pre-trained checkpoint; both reused when present."""
+    """Dataset, then the seed-0 pre-trained checkpoint; both reused when present (the pinned
+    checkpoint in benchmarks/results/pretrained/ first)."""
     from ncdpo_rllib.experiment.collect import collect, scripted_level
     from ncdpo_rllib.experiment.pretrain import pretrain
 
+    pinned = PINNED / f"metaworld-{task}-{obs}" / "pretrain.json"
+    if pinned.is_file():
+        return _pretrained_summary(pinned)
     data = ROOT / "data"
     exp = load_config(config_path(task, obs), [f"collect.out={data}"])
     dataset = data / exp.env.id / scripted_level(exp)
@@ -65,6 +74,10 @@ def ensure_pretrained(task: str, obs: str) -> dict:
         pretrain(load_config(config_path(task, obs), [
             f"pretrain.dataset={dataset}", f"checkpoint.dir={meta_file.parent.parent.parent}",
             "tracking.run_name=pretrain", f"tracking.experiment=bench-metaworld-{task}-{obs}"]))
+    return _pretrained_summary(meta_file)
+
+
+def _pretrained_summary(meta_file: Path) -> dict:
     meta = json.loads(meta_file.read_text())
     ds = meta["dataset_metadata"]
     return {"checkpoint": str(meta_file.parent), "eval": meta["eval"], "bc_wall_s": meta["wall_s"],
@@ -166,8 +179,11 @@ def aggregate_section(args, runs: list[dict], pretrained: dict) -> str:
         agg = aggregate_scores(matrices)
         image = IMAGES / f"metaworld_aggregate_{obs}.png"
         plot_aggregate(agg, "final success rate", image)
+        one_seed = " With one run per task the stratified bootstrap has nothing to resample: the intervals are points." \
+            if all(m.shape[0] == 1 for m in matrices.values()) else ""
         parts.append(f"**Aggregate, {obs}** (test tasks: {', '.join(TASKS[t] for t in tasks)}; final deterministic "
-                     f"success rate; pre-trained: one behaviour-cloning run per task)\n\n"
+                     f"success rate; pre-trained: one behaviour-cloning run per task; bands in the plot: min..max "
+                     f"over seeds.{one_seed})\n\n"
                      f"{aggregate_markdown(agg, 'final success')}\n\n"
                      f"![aggregate]({image.relative_to(ROOT / 'docs')})\n")
     return "\n".join(parts)
@@ -203,7 +219,7 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
             ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
     for row in range(2):
-        axes[row][0].set_ylabel("success (deterministic, 20 ep.; band: min..max)")
+        axes[row][0].set_ylabel("eval success (20 ep.)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     IMAGES.mkdir(parents=True, exist_ok=True)
