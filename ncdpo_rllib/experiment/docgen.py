@@ -117,6 +117,10 @@ def render() -> str:
         "An experiment is one YAML file; every key is optional. `ncdpo train FILE --set a.b=value`",
         "overrides any key. Unknown keys and wrong types are one-line errors.",
         "",
+        "Files compose: `include: other.yaml` (or a list; paths relative to the including file) merges",
+        "the included files in order and this file's keys on top, section by section; `ncdpo train A.yaml",
+        "B.yaml` does the same with the files given (a task file, then a recipe from `configs/recipes/`).",
+        "",
     ]
     for section, module, class_name in SECTIONS:
         lines += [f"## `{section}`" if section in NESTED else f"## {section}", ""]
