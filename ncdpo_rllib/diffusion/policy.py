@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
     return gaussian_log_prob_elements(x, mean, log_std).sum(-1)
 
 
-def reduce_log_prob(elements: torch.Tensor, reduction: str = "sum", clamp: Optional[tuple[float, float]] = None):
+def reduce_log_prob(elements: torch.Tensor, reduction: str = "sum", clamp: Optional[Sequence[float]] = None):
     """Per-element log-probs (..., D) -> (...): optionally clamped element-wise (DPPO's [-5, 2]),
     then summed (the likelihood of the whole action chunk) or averaged over the D = chunk x
     action dims (DPPO's convention: a log-ratio and KL per action dimension)."""

@@ -135,9 +135,8 @@ class DPPOTorchLearner(NCDPOTorchLearner):
         mask = batch.get(Columns.LOSS_MASK)
         mask = torch.ones(B, dtype=torch.bool, device=new_elements.device) if mask is None else mask
 
-        clamp = tuple(config.logp_clamp) if config.logp_clamp is not None else None
         new_logp, old_logp = (
-            reduce_log_prob(x[mask], config.logp_reduction, clamp)
+            reduce_log_prob(x[mask], config.logp_reduction, config.logp_clamp)
             for x in (new_elements, batch[DPPO_STEP_LOGP][:, S - S_ft :])
         )  # (n, S_ft)
         log_ratio = new_logp - old_logp

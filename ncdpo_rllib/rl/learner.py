@@ -219,10 +219,10 @@ class NCDPOTorchLearner(PPOTorchLearner):
         ACTION_DIST_INPUTS) is clamped and summed or averaged over the chunk x action dims."""
         if module.discrete or (config.logp_reduction == "sum" and config.logp_clamp is None):
             return dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP]
-        clamp = tuple(config.logp_clamp) if config.logp_clamp is not None else None
         action = batch[Columns.ACTIONS]
         new, old = (
-            reduce_log_prob(gaussian_log_prob_elements(action, *inputs.chunk(2, dim=-1)), config.logp_reduction, clamp)
+            reduce_log_prob(gaussian_log_prob_elements(action, *inputs.chunk(2, dim=-1)),
+                            config.logp_reduction, config.logp_clamp)
             for inputs in (fwd_out[Columns.ACTION_DIST_INPUTS], batch[Columns.ACTION_DIST_INPUTS])
         )
         return new - old
