@@ -88,16 +88,57 @@ def learner_cost(learner, episodes, minibatch: int, warmup_episodes) -> tuple[fl
     return update_s, saved["bytes"]
 
 
-def train_with_curve(exp) -> tuple[dict, dict]:
-    """``ncdpo train``'s code path for one config; returns (summary, curve) with the curve's
-    per-iteration env steps, wall-clock seconds and mean episode return."""
+def train_with_curve(exp, metrics: dict[str, str] | None = None) -> tuple[dict, dict]:
+    """``ncdpo train``'s code path for one config; returns (summary, curve): the curve has the
+    per-iteration env steps and wall-clock seconds, and one list per entry of ``metrics`` (curve
+    key -> the metric name train() reports; default: the mean episode return as ``return``).
+    A metric missing in an iteration (evaluation every few iterations) is NaN there."""
     from ncdpo_rllib.experiment.train import train
 
-    curve = {"env_steps": [], "wall_s": [], "return": []}
+    metrics = metrics or {"return": "return_mean"}
+    curve: dict[str, list] = {"env_steps": [], "wall_s": [], **{key: [] for key in metrics}}
 
-    def record(state, metrics):
+    def record(state, reported):
         curve["env_steps"].append(state.env_steps)
         curve["wall_s"].append(state.wall_s)
-        curve["return"].append(metrics.get("return_mean", float("nan")))
+        for key, name in metrics.items():
+            curve[key].append(reported.get(name, float("nan")))
 
     return train(exp, on_iteration=record), curve
+
+
+PINNED = ROOT / "benchmarks" / "results" / "pretrained"
+"""Committed pre-trained checkpoints that benchmarks start from: a benchmark resumed on another day
+or machine starts every seed from the same policy. Delete one to pre-train it anew."""
+
+
+def pinned_pretrained(name: str, make) -> Path:
+    """The directory of the pre-trained checkpoint ``name`` (its ``pretrain.json`` inside):
+    ``benchmarks/results/pretrained/<name>`` when it is there, else ``make()`` (which pre-trains and
+    returns the checkpoint directory), copied there first so that later runs find it."""
+    import shutil
+
+    pinned = PINNED / name
+    if (pinned / "pretrain.json").is_file():
+        return pinned
+    made = Path(make())
+    tmp = pinned.with_name(f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(made, tmp)
+    shutil.rmtree(pinned, ignore_errors=True)
+    tmp.rename(pinned)
+    return pinned
+
+
+def plot_seed_band(ax, x, ys, label: str, start: float | None = None):
+    """Mean over seeds with a min..max band; ``ys`` is seeds x points (NaN columns dropped);
+    ``start`` (the pre-trained score) is drawn at x = 0."""
+    import numpy as np
+
+    ys = np.asarray(ys, dtype=float)
+    keep = ~np.isnan(ys).any(axis=0)
+    x, ys = np.asarray(x, dtype=float)[keep], ys[:, keep]
+    lead_x, lead_y = ([0.0], [start]) if start is not None else ([], [])
+    line, = ax.plot([*lead_x, *x], [*lead_y, *ys.mean(0)], marker=".", label=label)
+    ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    return line

@@ -1,19 +1,22 @@
-"""Fine-tuning from demonstrations: pre-trained policy, then NCDPO vs DPPO vs MLP-PPO from scratch.
+"""Fine-tuning from demonstrations on MuJoCo locomotion: pre-trained policy, then NCDPO vs DPPO vs MLP-PPO.
 
-    python benchmarks/finetune.py --env hopper --steps 100000 --seeds 0 1 2 \
-        --variants ncdpo:10 dppo:10 ppo
+    python benchmarks/finetune.py --envs hopper walker2d halfcheetah --steps 1000000 --seeds 0 1 2
 
-Pipeline (each stage reused when its output exists, so an interrupted benchmark resumes):
+Pipeline per env (each stage reused when its output exists, so an interrupted benchmark resumes):
 1. the ``medium`` dataset: ``ncdpo collect configs/<env>_collect.yaml`` when data/<id>/medium
    is missing (trains the PPO expert: the long part);
-2. per K, behaviour cloning with ``configs/<env>_pretrain.yaml`` (K overridden), evaluated;
-3. per variant and seed, a real ``ncdpo train`` run: ``ncdpo:K`` / ``dppo:K`` fine-tune the
-   K-step pre-trained policy (``configs/<env>_finetune_<alg>.yaml``; DPPO fine-tunes the last
-   K/2 steps), ``ppo`` trains RLlib's MLP PPO from scratch (``configs/<env>_ppo.yaml``).
-   Every run evaluates the deterministic policy every ``--eval-every`` iterations.
+2. behaviour cloning with ``configs/<env>_pretrain.yaml``, evaluated, pinned in
+   benchmarks/results/pretrained/locomotion-<env>-k<K>/ (later seeds and sessions start from it);
+3. per variant and seed, a real ``ncdpo train`` run. ``ncdpo`` / ``dppo`` fine-tune the pre-trained
+   policy with ``configs/<env>_finetune_<algo>.yaml`` (the task, the shared locomotion settings and
+   the algorithm's frozen recipe from configs/recipes/); ``ncdpo:K`` / ``dppo:K`` at K denoising
+   steps instead of the file's; ``ppo`` trains RLlib's MLP PPO from scratch (``configs/<env>_ppo.yaml``).
+   Every run evaluates the deterministic policy every ``eval.every`` iterations.
 
-Results (curves per run) go to benchmarks/results/finetune_<id>.json; the table and a PNG of
-evaluation return vs env steps and vs wall-clock go into docs/benchmarks.md.
+Results (curves per run, keyed by the variant's resolved config so that a changed recipe reruns)
+go to benchmarks/results/locomotion.json; the table, the aggregate over envs (rliable IQM of
+D4RL-normalised returns, probability of improvement) and PNGs of evaluation return vs env steps
+and vs wall-clock go into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,72 +31,77 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
-from ncdpo_rllib.experiment.config import load_config  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, train_with_curve, write_section)
+from ncdpo_rllib.experiment.config import load_config, read_config_data  # noqa: E402
 
 ENVS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
+D4RL_RANGE = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0)}
+"""D4RL's reference (random, expert) returns of the -v2 tasks, the usual normaliser: 100 x (R - random) /
+(expert - random). The -v5 tasks have the same dynamics and reward terms."""
+RESULTS = ROOT / "benchmarks" / "results" / "locomotion.json"
+LEARNER = "learner/default_policy/"
+CURVE_METRICS = {"return": "return_mean", "eval_return": "eval_return_mean",
+                 **{key: f"{LEARNER}{key}" for key in ("approx_kl", "kl_stop_fraction", "clip_fraction")}}
 
 
-def ensure_dataset(args) -> Path:
-    from ncdpo_rllib.experiment.collect import collect
-
-    dataset = ROOT / "data" / args.env_id / "medium"
-    if not dataset.is_dir():
-        print(f"[bench] {dataset} missing: running ncdpo collect configs/{args.env}_collect.yaml", flush=True)
-        collect(load_config(ROOT / "configs" / f"{args.env}_collect.yaml", [f"collect.out={ROOT / 'data'}"]))
-    return dataset
+def variant_files(env: str, variant: str) -> list[Path]:
+    algo = variant.partition(":")[0]
+    name = f"{env}_ppo.yaml" if algo == "ppo" else f"{env}_finetune_{algo}.yaml"
+    return [ROOT / "configs" / name]
 
 
-def ensure_pretrained(args, k: int, dataset: Path) -> dict:
-    """The K-step pre-trained checkpoint (trained once, then reused) and its evaluation."""
-    from ncdpo_rllib.experiment.pretrain import pretrain
-
-    run_dir = ROOT / "runs" / "bench" / f"finetune-{args.env_id}" / f"pretrain-k{k}"
-    meta_file = run_dir / "pretrained" / "pretrain.json"
-    if not meta_file.is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"[bench] pre-training K={k} on {dataset}", flush=True)
-        exp = load_config(
-            ROOT / "configs" / f"{args.env}_pretrain.yaml",
-            [f"diffusion.denoising_steps={k}", f"pretrain.dataset={dataset}", f"checkpoint.dir={run_dir.parent}",
-             f"tracking.run_name={run_dir.name}", f"tracking.experiment=bench-finetune-{args.env_id}",
-             f"pretrain.eval_episodes={args.eval_episodes}", *args.pretrain_set],
-        )
-        pretrain(exp)
-    meta = json.loads(meta_file.read_text())
-    return {"checkpoint": str(meta_file.parent), "eval": meta.get("eval"), "wall_s": meta.get("wall_s")}
-
-
-def run_one(args, variant: str, seed: int, pretrained: dict) -> dict:
-    from ncdpo_rllib.experiment.train import train
-
+def variant_k(env: str, variant: str) -> int | None:
+    """The variant's denoising steps (None for MLP PPO)."""
     algo, _, k = variant.partition(":")
-    run_root = ROOT / "runs" / "bench" / f"finetune-{args.env_id}"
+    if algo == "ppo":
+        return None
+    return int(k) if k else load_config(variant_files(env, variant)).diffusion.denoising_steps
+
+
+def ensure_pretrained(env: str, k: int, eval_episodes: int) -> dict:
+    """The K-step pre-trained checkpoint (collected and pre-trained once, then pinned) and its evaluation."""
+
+    def make() -> Path:
+        from ncdpo_rllib.experiment.collect import collect
+        from ncdpo_rllib.experiment.pretrain import pretrain
+
+        env_id = ENVS[env]
+        dataset = ROOT / "data" / env_id / "medium"
+        if not dataset.is_dir():
+            print(f"[bench] {dataset} missing: running ncdpo collect configs/{env}_collect.yaml", flush=True)
+            collect(load_config(ROOT / "configs" / f"{env}_collect.yaml", [f"collect.out={ROOT / 'data'}"]))
+        run_dir = ROOT / "runs" / "bench" / f"finetune-{env_id}" / f"pretrain-k{k}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"[bench] pre-training {env} K={k} on {dataset}", flush=True)
+        pretrain(load_config(ROOT / "configs" / f"{env}_pretrain.yaml", [
+            f"diffusion.denoising_steps={k}", f"pretrain.dataset={dataset}", f"checkpoint.dir={run_dir.parent}",
+            f"tracking.run_name={run_dir.name}", f"tracking.experiment=bench-finetune-{env_id}",
+            f"pretrain.eval_episodes={eval_episodes}"]))
+        return run_dir / "pretrained"
+
+    pinned = pinned_pretrained(f"locomotion-{env}-k{k}", make)
+    meta = json.loads((pinned / "pretrain.json").read_text())
+    return {"checkpoint": str(pinned), "eval": meta.get("eval"), "wall_s": meta.get("wall_s")}
+
+
+def run_one(args, env: str, variant: str, seed: int, pretrained: dict | None) -> dict:
+    env_id = ENVS[env]
+    run_root = ROOT / "runs" / "bench" / f"finetune-{env_id}"
     run_name = f"{variant.replace(':', '-k')}-s{seed}"
     shutil.rmtree(run_root / run_name, ignore_errors=True)
-    common = [
-        f"seed={seed}", f"stop.env_steps={args.steps}", "stop.iterations=null",
-        f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}",
-        f"tracking.experiment=bench-finetune-{args.env_id}", f"tracking.run_name={run_name}",
-        "checkpoint.every=0", f"checkpoint.dir={run_root}", *args.set,
-    ]
-    if algo == "ppo":
-        exp = load_config(ROOT / "configs" / f"{args.env}_ppo.yaml", common)
-    else:
-        extra = [f"diffusion.denoising_steps={k}", f"init_from={pretrained[int(k)]['checkpoint']}"]
-        if algo == "dppo":
-            extra.append(f"diffusion.finetune_steps={max(int(k) // 2, 1)}")
-        exp = load_config(ROOT / "configs" / f"{args.env}_finetune_{algo}.yaml", extra + common)
-    curve = {"env_steps": [], "wall_s": [], "return": [], "eval_return": []}
-
-    def record(state, metrics):
-        curve["env_steps"].append(state.env_steps)
-        curve["wall_s"].append(state.wall_s)
-        curve["return"].append(metrics.get("return_mean", float("nan")))
-        curve["eval_return"].append(metrics.get("eval_return_mean", float("nan")))
-
-    summary = train(exp, on_iteration=record)
-    return {"variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
+    overrides = [f"seed={seed}", f"stop.env_steps={args.steps}", "stop.iterations=null",
+                 f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}",
+                 f"tracking.experiment=bench-finetune-{env_id}", f"tracking.run_name={run_name}",
+                 "checkpoint.every=0", f"checkpoint.dir={run_root}", *args.set]
+    if pretrained is not None:
+        k = variant_k(env, variant)
+        overrides = [f"diffusion.denoising_steps={k}", f"init_from={pretrained['checkpoint']}",
+                     f"diffusion.finetune_steps={max(k // 2, 1)}" if variant.startswith("dppo") else None,
+                     *overrides]
+    exp = load_config(variant_files(env, variant), [o for o in overrides if o])
+    summary, curve = train_with_curve(exp, CURVE_METRICS)
+    return {"env": env, "variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
 
 
 def eval_at(run: dict, steps: float) -> float:
@@ -103,115 +111,155 @@ def eval_at(run: dict, steps: float) -> float:
     return float(vals[-1]) if vals else float("nan")
 
 
-def summarise(runs, variants, budgets, pretrained) -> str:
-    header = ["variant", "seeds"] + [f"eval return @ {b:,}" for b in budgets] + ["wall s (mean)"]
+def normalised(env: str, value: float) -> float:
+    low, high = D4RL_RANGE[env]
+    return 100.0 * (value - low) / (high - low)
+
+
+def summarise(args, runs, budgets, pretrained) -> str:
+    header = ["env", "variant", "seeds"] + [f"eval return @ {b:,}" for b in budgets] + ["best eval", "KL-stopped", "wall s"]
     rows = []
-    for k, pre in sorted(pretrained.items()):
-        ev = pre["eval"] or {}
-        rows.append([f"pre-trained K={k} (no fine-tuning)", "-",
-                     *[f"{ev.get('return_mean', float('nan')):.1f} ± {ev.get('return_std', float('nan')):.1f}"] * len(budgets),
-                     f"{pre['wall_s']:.0f} (BC)"])
-    for v in variants:
-        vr = [r for r in runs if r["variant"] == v]
-        if not vr:
-            continue
-        cells = []
-        for b in budgets:
-            vals = np.array([eval_at(r, b) for r in vr])
-            cells.append(f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}")
-        wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
-        rows.append([v, len(vr), *cells, f"{wall:.0f}"])
+    for env in args.envs:
+        for k, pre in sorted(pretrained.get(env, {}).items()):
+            ev = pre["eval"] or {}
+            cell = f"{ev.get('return_mean', float('nan')):.0f} ± {ev.get('return_std', float('nan')):.0f}"
+            rows.append([ENVS[env], f"pre-trained K={k}", "-", *[cell] * len(budgets), "-", "-", f"{pre['wall_s']:.0f} (BC)"])
+        for v in args.variants:
+            vr = [r for r in runs if r["env"] == env and r["variant"] == v]
+            if not vr:
+                continue
+            cells = [f"{np.nanmean(x):.0f} ± {np.nanstd(x):.0f}" for x in ([eval_at(r, b) for r in vr] for b in budgets)]
+            best = [np.nanmax(r["curve"]["eval_return"]) for r in vr]
+            stops = [np.nanmean(r["curve"]["kl_stop_fraction"]) for r in vr]
+            stop = "-" if np.isnan(stops).all() else f"{100 * np.nanmean(stops):.0f}%"
+            wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
+            rows.append([ENVS[env], v, len(vr), *cells, f"{np.mean(best):.0f} ± {np.std(best):.0f}", stop, f"{wall:.0f}"])
     return markdown_table(header, rows)
 
 
-def plot(runs, variants, pretrained, env_id: str) -> Path:
+def aggregate_section(args, runs, pretrained) -> str:
+    """rliable statistics over envs x seeds of the final D4RL-normalised evaluation return."""
+    from ncdpo_rllib.experiment.aggregate import aggregate_markdown, aggregate_scores, plot_aggregate, score_matrix
+
+    scores = {v: {env: [normalised(env, eval_at(r, args.steps)) for r in runs if r["env"] == env and r["variant"] == v]
+                  for env in args.envs} for v in args.variants}
+    scores = {v: by_env for v, by_env in scores.items() if all(by_env.values())}
+    if all(pretrained.get(env) for env in args.envs):
+        scores["pre-trained"] = {env: [normalised(env, next(iter(pretrained[env].values()))["eval"]["return_mean"])]
+                                 for env in args.envs}
+    if len(scores) < 2:
+        return ""
+    matrices = {name: score_matrix(by_env)[0] for name, by_env in scores.items()}
+    agg = aggregate_scores(matrices)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    image = IMAGES / f"{args.section}-aggregate.png"
+    plot_aggregate(agg, "normalised return", image)
+    return (f"Aggregate over {', '.join(ENVS[e] for e in args.envs)} x seeds (final evaluation return, "
+            f"D4RL-normalised: 100 x (R - random) / (expert - random) with D4RL's reference returns; "
+            f"IQM and 95% stratified-bootstrap intervals, rliable; pre-trained: one behaviour-cloning run per env):\n\n"
+            f"{aggregate_markdown(agg, 'normalised return')}\n\n![aggregate]({image.relative_to(ROOT / 'docs')})\n")
+
+
+def plot(args, runs, pretrained) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for v in variants:
-        vr = [r for r in runs if r["variant"] == v]
-        if not vr:
-            continue
-        n = min(len(r["curve"]["env_steps"]) for r in vr)
-        evals = np.array([r["curve"]["eval_return"][:n] for r in vr], dtype=float)
-        keep = ~np.isnan(evals).any(axis=0)
-        for ax, key in zip(axes, ("env_steps", "wall_s")):
-            x = np.mean([r["curve"][key][:n] for r in vr], axis=0)[keep]
-            line = ax.plot(x, evals[:, keep].mean(0), marker=".", label=v)[0]
-            ax.fill_between(x, evals[:, keep].min(0), evals[:, keep].max(0), alpha=0.15, color=line.get_color())
-    for k, pre in pretrained.items():
-        if pre["eval"]:
-            for ax in axes:
-                ax.axhline(pre["eval"]["return_mean"], ls="--", lw=1, color="grey")
-            axes[0].annotate(f"pre-trained K={k}", (0, pre["eval"]["return_mean"]), fontsize=8, color="grey")
-    axes[0].set_xlabel("env steps")
-    axes[1].set_xlabel("wall-clock seconds (training + evaluation)")
-    for ax in axes:
-        ax.set_ylabel("evaluation return (deterministic)")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{env_id}: fine-tuning from medium demos (mean, band = min..max over seeds)")
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / f"finetune_{env_id}.png"
+    fig, axes = plt.subplots(2, len(args.envs), figsize=(4.6 * len(args.envs), 7), squeeze=False)
+    for col, env in enumerate(args.envs):
+        for v in args.variants:
+            vr = [r for r in runs if r["env"] == env and r["variant"] == v]
+            if not vr:
+                continue
+            n = min(len(r["curve"]["env_steps"]) for r in vr)
+            ys = [r["curve"]["eval_return"][:n] for r in vr]
+            for row, key in enumerate(("env_steps", "wall_s")):
+                x = np.array([r["curve"][key][:n] for r in vr], dtype=float).mean(0)
+                plot_seed_band(axes[row][col], x, ys, f"{v} ({len(vr)} seeds)")
+        for k, pre in pretrained.get(env, {}).items():
+            for row in range(2):
+                axes[row][col].axhline(pre["eval"]["return_mean"], ls="--", lw=1, color="grey",
+                                       label=f"pre-trained K={k}" if row == 0 else None)
+        for row, xlabel in enumerate(("env steps", "wall-clock s (training + evaluation, mean over seeds)")):
+            ax = axes[row][col]
+            ax.set_title(ENVS[env], fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("evaluation return (deterministic)")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Fine-tuning from medium demonstrations (mean, band = min..max over seeds)")
     fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / f"{args.section}.png"
     fig.savefig(out, dpi=110)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", choices=sorted(ENVS), default="hopper")
-    p.add_argument("--steps", type=int, default=100_000, help="env-step budget of every run")
+    p.add_argument("--envs", nargs="+", choices=sorted(ENVS), default=["hopper", "walker2d", "halfcheetah"])
+    p.add_argument("--steps", type=int, default=1_000_000, help="env-step budget of every run")
     p.add_argument("--budgets", type=int, nargs="*", help="table columns (default: steps/4, steps/2, steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["ncdpo:10", "dppo:10", "ppo"])
-    p.add_argument("--eval-every", type=int, default=1, help="iterations between evaluations")
+    p.add_argument("--variants", nargs="+", default=["ncdpo", "dppo", "ppo"],
+                   help="ncdpo, dppo (K from the config file), ncdpo:K, dppo:K, ppo")
+    p.add_argument("--eval-every", type=int, default=2, help="iterations between evaluations")
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="extra override for every training run")
-    p.add_argument("--pretrain-set", action="append", default=[], help="extra override for pre-training")
-    p.add_argument("--section", default=None, help="docs/benchmarks.md section name (default: per env)")
-    p.add_argument("--fresh", action="store_true", help="discard saved run results for this env")
+    p.add_argument("--section", default="locomotion", help="docs/benchmarks.md section to (re)write")
+    p.add_argument("--results", type=Path, default=RESULTS, help="run results JSON (resumable)")
+    p.add_argument("--fresh", action="store_true", help="discard saved run results")
     args = p.parse_args()
-    args.env_id = ENVS[args.env]
     budgets = args.budgets or [args.steps // 4, args.steps // 2, args.steps]
 
-    results_file = ROOT / "benchmarks" / "results" / f"finetune_{args.env_id}.json"
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    saved = [] if args.fresh or not results_file.exists() else json.loads(results_file.read_text())
-    key = {"steps": args.steps, "set": args.set, "eval_every": args.eval_every}
-    runs = [r for r in saved if all(r.get(k) == v for k, v in key.items())]
+    saved = [] if args.fresh or not args.results.exists() else json.loads(args.results.read_text())
 
-    dataset = ensure_dataset(args)
-    ks = sorted({int(v.split(":")[1]) for v in args.variants if ":" in v})
-    pretrained = {k: ensure_pretrained(args, k, dataset) for k in ks}
-    for k, pre in pretrained.items():
-        print(f"[bench] pre-trained K={k}: {pre['eval']}", flush=True)
+    def key(env: str, variant: str) -> dict:
+        config = {}
+        for f in variant_files(env, variant):
+            config |= read_config_data(f)
+        return {"steps": args.steps, "set": args.set, "eval_every": args.eval_every,
+                "eval_episodes": args.eval_episodes, "config": config}
+
+    def same(r: dict, env: str, variant: str) -> bool:
+        return r["env"] == env and r["variant"] == variant and all(r.get(k) == v for k, v in key(env, variant).items())
+
+    pretrained: dict[str, dict[int, dict]] = {}
+    for env in args.envs:
+        for k in sorted({variant_k(env, v) for v in args.variants} - {None}):
+            pretrained.setdefault(env, {})[k] = ensure_pretrained(env, k, args.eval_episodes)
+            print(f"[bench] {env} pre-trained K={k}: {pretrained[env][k]['eval']}", flush=True)
     for seed in args.seeds:
-        for variant in args.variants:
-            if any(r["variant"] == variant and r["seed"] == seed for r in runs):
-                print(f"[bench] {variant} seed {seed}: saved result reused", flush=True)
-                continue
-            print(f"[bench] {variant} seed {seed}: {args.steps:,} env steps", flush=True)
-            runs.append(run_one(args, variant, seed, pretrained) | key)
-            others = [r for r in saved if not all(r.get(k) == v for k, v in key.items())]
-            results_file.write_text(json.dumps(others + runs))
-    runs = [r for r in runs if r["variant"] in args.variants and r["seed"] in args.seeds]
-    table = summarise(runs, args.variants, budgets, pretrained)
-    image = plot(runs, args.variants, pretrained, args.env_id)
+        for env in args.envs:
+            for variant in args.variants:
+                if any(same(r, env, variant) and r["seed"] == seed for r in saved):
+                    print(f"[bench] {env} {variant} seed {seed}: saved result reused", flush=True)
+                    continue
+                print(f"[bench] {env} {variant} seed {seed}: {args.steps:,} env steps", flush=True)
+                k = variant_k(env, variant)
+                run = run_one(args, env, variant, seed, None if k is None else pretrained[env][k])
+                saved.append(run | key(env, variant))
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                tmp = args.results.with_suffix(".tmp")
+                tmp.write_text(json.dumps(saved))
+                tmp.replace(args.results)
+    runs = [r for r in saved if r["seed"] in args.seeds and any(same(r, e, v) for e in args.envs for v in args.variants)]
+    table = summarise(args, runs, budgets, pretrained)
     print(table)
+    agg = aggregate_section(args, runs, pretrained)
+    print(agg)
+    image = plot(args, runs, pretrained)
     body = (
-        f"Dataset: `data/{args.env_id}/medium` (from `ncdpo collect configs/{args.env}_collect.yaml`). "
-        f"Evaluation return = mean of {args.eval_episodes} deterministic episodes, the last evaluation at or "
-        f"before each budget, then mean ± std over seeds {args.seeds}. ncdpo:K / dppo:K fine-tune the K-step "
-        f"pre-trained policy (`configs/{args.env}_finetune_*.yaml`); ppo is RLlib's MLP PPO from scratch "
-        f"(`configs/{args.env}_ppo.yaml`). Wall-clock includes the periodic evaluations.\n\n{table}\n\n"
-        f"![fine-tuning curves]({image.relative_to(ROOT / 'docs')})\n"
+        f"Datasets: `data/<env>/medium` (from `ncdpo collect configs/<env>_collect.yaml`). Evaluation return = mean "
+        f"of {args.eval_episodes} deterministic episodes, the last evaluation at or before each budget, then mean ± std "
+        f"over seeds {args.seeds}; best eval: the best evaluation of each run; KL-stopped: the mean fraction of "
+        f"epochs that `target_kl` stopped. ncdpo / dppo fine-tune the pinned pre-trained policy with "
+        f"`configs/<env>_finetune_<algo>.yaml` (task + `configs/tasks/locomotion_finetune.yaml` + the frozen recipe "
+        f"in `configs/recipes/`); ppo is RLlib's MLP PPO from scratch (`configs/<env>_ppo.yaml`). Wall-clock includes "
+        f"the periodic evaluations.\n\n{table}\n\n{agg}\n\n![fine-tuning curves]({image.relative_to(ROOT / 'docs')})\n"
     )
-    name = args.section or f"finetune:{args.env_id}"
-    write_section(name, f"Fine-tuning from demonstrations: {args.env_id}", body)
+    write_section(args.section, "Fine-tuning from demonstrations: MuJoCo locomotion (recipes)", body)
 
 
 if __name__ == "__main__":

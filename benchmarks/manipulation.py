@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
@@ -47,34 +48,30 @@ def config_path(task: str, obs: str) -> Path:
     return ROOT / "configs" / f"metaworld_{task}{'_pixels' if obs == 'pixels' else ''}.yaml"
 
 
-PINNED = ROOT / "benchmarks" / "results" / "pretrained"
-"""Committed pre-trained checkpoints (the benchmark's starting policies): a benchmark resumed on
-another machine or day starts every seed from the same policy. Delete one to pre-train anew."""
-
-
 def ensure_pretrained(task: str, obs: str) -> dict:
     """Dataset, then the seed-0 pre-trained checkpoint; both reused when present (the pinned
     checkpoint in benchmarks/results/pretrained/ first)."""
-    from ncdpo_rllib.experiment.collect import collect, scripted_level
-    from ncdpo_rllib.experiment.pretrain import pretrain
 
-    pinned = PINNED / f"metaworld-{task}-{obs}" / "pretrain.json"
-    if pinned.is_file():
-        return _pretrained_summary(pinned)
-    data = ROOT / "data"
-    exp = load_config(config_path(task, obs), [f"collect.out={data}"])
-    dataset = data / exp.env.id / scripted_level(exp)
-    if not dataset.is_dir():
-        print(f"[bench] collecting {dataset}", flush=True)
-        collect(exp)
-    meta_file = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}" / "pretrain" / "pretrained" / "pretrain.json"
-    if not meta_file.is_file():
-        shutil.rmtree(meta_file.parent.parent, ignore_errors=True)
-        print(f"[bench] pre-training {task} ({obs}) on {dataset}", flush=True)
-        pretrain(load_config(config_path(task, obs), [
-            f"pretrain.dataset={dataset}", f"checkpoint.dir={meta_file.parent.parent.parent}",
-            "tracking.run_name=pretrain", f"tracking.experiment=bench-metaworld-{task}-{obs}"]))
-    return _pretrained_summary(meta_file)
+    def make() -> Path:
+        from ncdpo_rllib.experiment.collect import collect, scripted_level
+        from ncdpo_rllib.experiment.pretrain import pretrain
+
+        data = ROOT / "data"
+        exp = load_config(config_path(task, obs), [f"collect.out={data}"])
+        dataset = data / exp.env.id / scripted_level(exp)
+        if not dataset.is_dir():
+            print(f"[bench] collecting {dataset}", flush=True)
+            collect(exp)
+        meta_file = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}" / "pretrain" / "pretrained" / "pretrain.json"
+        if not meta_file.is_file():
+            shutil.rmtree(meta_file.parent.parent, ignore_errors=True)
+            print(f"[bench] pre-training {task} ({obs}) on {dataset}", flush=True)
+            pretrain(load_config(config_path(task, obs), [
+                f"pretrain.dataset={dataset}", f"checkpoint.dir={meta_file.parent.parent.parent}",
+                "tracking.run_name=pretrain", f"tracking.experiment=bench-metaworld-{task}-{obs}"]))
+        return meta_file.parent
+
+    return _pretrained_summary(pinned_pretrained(f"metaworld-{task}-{obs}", make) / "pretrain.json")
 
 
 def _pretrained_summary(meta_file: Path) -> dict:
@@ -84,9 +81,12 @@ def _pretrained_summary(meta_file: Path) -> dict:
             "dataset_success": ds["success_rate"], "dataset_episodes": len(ds["episode_success"])}
 
 
-def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -> dict:
-    from ncdpo_rllib.experiment.train import train
+CURVE_METRICS = {"success": "success_rate", "eval_success": "eval_success_rate", "eval_return": "eval_return_mean",
+                 "sampling_s": "time_sampling_s", "learner_s": "time_learner_s",
+                 **{key: f"{LEARNER}{key}" for key in ("approx_kl", "kl_stop_fraction", "clip_fraction", "actor_frozen")}}
 
+
+def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -> dict:
     root = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}"
     name = f"{algo}-s{seed}"
     shutil.rmtree(root / name, ignore_errors=True)
@@ -94,22 +94,9 @@ def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -
                  f"stop.env_steps={args.steps}", "stop.iterations=null", "checkpoint.every=0",
                  f"checkpoint.dir={root}", f"tracking.run_name={name}",
                  f"tracking.experiment=bench-metaworld-{task}-{obs}", *args.set]
-    curve = {k: [] for k in ("env_steps", "wall_s", "success", "eval_success", "eval_return", "sampling_s", "learner_s",
-                             "approx_kl", "kl_stop_fraction", "clip_fraction", "actor_frozen")}
-
-    def record(state, m):
-        curve["env_steps"].append(state.env_steps)
-        curve["wall_s"].append(state.wall_s)
-        for key, metric in (("success", "success_rate"), ("eval_success", "eval_success_rate"),
-                            ("eval_return", "eval_return_mean"), ("sampling_s", "time_sampling_s"),
-                            ("learner_s", "time_learner_s"), ("approx_kl", f"{LEARNER}approx_kl"),
-                            ("kl_stop_fraction", f"{LEARNER}kl_stop_fraction"),
-                            ("clip_fraction", f"{LEARNER}clip_fraction"), ("actor_frozen", f"{LEARNER}actor_frozen")):
-            curve[key].append(m.get(metric, float("nan")))
-
     exp = load_config([config_path(task, obs), args.recipes[algo]], overrides)
     assert exp.algorithm == algo, f"{args.recipes[algo]} sets algorithm: {exp.algorithm}, not {algo}"
-    summary = train(exp, on_iteration=record)
+    summary, curve = train_with_curve(exp, CURVE_METRICS)
     return {"task": task, "obs": obs, "algo": algo, "seed": seed, "steps": args.steps, "curve": curve,
             "mlflow_run_id": summary["mlflow_run_id"]}
 
@@ -203,15 +190,11 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
             if not ar:
                 continue
             n = min(len(r["curve"]["env_steps"]) for r in ar)
-            ev = np.array([r["curve"]["eval_success"][:n] for r in ar], dtype=float)
-            keep = ~np.isnan(ev).any(axis=0)
-            mean, lo, hi = ev[:, keep].mean(0), ev[:, keep].min(0), ev[:, keep].max(0)
-            start = pretrained[(task, obs)]["eval"]["success_rate"]
+            ev = [r["curve"]["eval_success"][:n] for r in ar]
             for row, xkey in enumerate(("env_steps", "wall_s")):
-                x = np.array([r["curve"][xkey][:n] for r in ar], dtype=float).mean(0)[keep]
-                ax = axes[row][col]
-                line, = ax.plot([0, *x], [start, *mean], marker=".", label=f"{algo} ({len(ar)} seeds)")
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+                x = np.array([r["curve"][xkey][:n] for r in ar], dtype=float).mean(0)
+                plot_seed_band(axes[row][col], x, ev, f"{algo} ({len(ar)} seeds)",
+                               start=pretrained[(task, obs)]["eval"]["success_rate"])
         for row, xlabel in enumerate(("env steps", "wall-clock s (mean over seeds)")):
             ax = axes[row][col]
             ax.set_title(f"{TASKS[task]} ({obs})", fontsize=9)
