@@ -172,7 +172,7 @@ def _fmt(x) -> str:
 
 
 def raise_user(msg: str) -> None:
-    from ncdpo_rllib.experiment.errors import UserError
+    from ncdpo_rllib.errors import UserError
 
     raise UserError(msg)
 
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
-    from ncdpo_rllib.experiment.errors import UserError
+    from ncdpo_rllib.errors import UserError
 
     try:
         return args.func(args)

@@ -7,9 +7,10 @@ import pytest
 
 from ncdpo_rllib.experiment.build import build_algo_config
 from ncdpo_rllib.experiment.config import ExperimentConfig, load_config, parse_config
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.rl import DiffusionPolicyModule, NCDPOConfig, NCDPOTorchLearner
-from ncdpo_rllib.tasks.envs import check_gymnasium_env
+from ncdpo_rllib.tasks.config import EnvConfig
+from ncdpo_rllib.tasks.envs import check_env
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -98,16 +99,16 @@ gym.register("MultiDiscreteTest-v0", entry_point=MultiDiscreteActEnv)
 
 def test_env_checks():
     with pytest.raises(ConfigError, match="not a registered Gymnasium env; did you mean Pendulum-v1"):
-        check_gymnasium_env("Pendulum-v0", {}, for_diffusion=True)
+        check_env(EnvConfig(id="Pendulum-v0", kwargs={}), for_diffusion=True)
     with pytest.raises(ConfigError, match="needs a 1-D Box .continuous. or a Discrete action space"):
-        check_gymnasium_env("MultiDiscreteTest-v0", {}, for_diffusion=True)
-    _, act = check_gymnasium_env("CartPole-v1", {}, for_diffusion=True)  # the logit-diffusion head
+        check_env(EnvConfig(id="MultiDiscreteTest-v0", kwargs={}), for_diffusion=True)
+    _, act = check_env(EnvConfig(id="CartPole-v1", kwargs={}), for_diffusion=True)  # the logit-diffusion head
     assert isinstance(act, gym.spaces.Discrete)
     with pytest.raises(ConfigError, match="observation space Dict"):
-        check_gymnasium_env("DictObsTest-v0", {}, for_diffusion=True)
+        check_env(EnvConfig(id="DictObsTest-v0", kwargs={}), for_diffusion=True)
     with pytest.raises(ConfigError, match="kwargs"):
-        check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, for_diffusion=True)
-    obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, for_diffusion=True)
+        check_env(EnvConfig(id="Pendulum-v1", kwargs={"gravity_typo": 1.0}), for_diffusion=True)
+    obs, act = check_env(EnvConfig(id="Pendulum-v1", kwargs={"g": 9.0}), for_diffusion=True)
     assert act.shape == (1,) and obs.shape == (3,)
 
 

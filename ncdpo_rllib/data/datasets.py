@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from ncdpo_rllib.experiment.errors import DatasetError
+from ncdpo_rllib.errors import DatasetError
 
 DATA_DIR = "data"
 METADATA_FILE = "metadata.json"

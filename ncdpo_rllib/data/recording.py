@@ -19,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 
 from ncdpo_rllib.data.datasets import Episode, _check_episode, _one_line
-from ncdpo_rllib.experiment.errors import DatasetError
+from ncdpo_rllib.errors import DatasetError
 
 SHARD_PREFIX = "episode-"
 SHARD_KEYS = ("observations", "actions", "rewards", "terminated", "truncated", "written_at")

@@ -25,7 +25,7 @@ from typing import Optional
 import yaml
 
 from .config import ExperimentConfig, parse_config
-from .errors import CheckpointError, ConfigError
+from ncdpo_rllib.errors import CheckpointError, ConfigError
 
 STATE_FILE = "ncdpo_state.json"
 CONFIG_FILE = "experiment.yaml"

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ncdpo_rllib.errors import UserError
 from .tracking import resolve_tracking_uri
 
 GRID_POINTS = 200

@@ -11,14 +11,15 @@ import ast
 import inspect
 
 from ncdpo_rllib.diffusion import config as diffusion_config
+from ncdpo_rllib.tasks import config as task_config
 
 from . import config as experiment_config
 
 SECTIONS = [
     ("(top level)", experiment_config, "ExperimentConfig"),
-    ("env", experiment_config, "EnvConfig"),
-    ("encoder", experiment_config, "EncoderConfig"),
-    ("multi_agent", experiment_config, "MultiAgentConfig"),
+    ("env", task_config, "EnvConfig"),
+    ("encoder", task_config, "EncoderConfig"),
+    ("multi_agent", task_config, "MultiAgentConfig"),
     ("stop", experiment_config, "StopConfig"),
     ("diffusion", diffusion_config, "DiffusionConfig"),
     ("ppo", experiment_config, "PPOSection"),
@@ -111,7 +112,8 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `ncdpo_rllib/experiment/config.py` and `ncdpo_rllib/diffusion/config.py` by",
+        "Generated from `ncdpo_rllib/experiment/config.py`, `ncdpo_rllib/tasks/config.py` and",
+        "`ncdpo_rllib/diffusion/config.py` by",
         "`python -m ncdpo_rllib.experiment.docgen > docs/configuration.md` (a test keeps it current).",
         "",
         "An experiment is one YAML file; every key is optional. `ncdpo train FILE --set a.b=value`",

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .config import ExperimentConfig, flatten, parse_config
-from .errors import CheckpointError, ConfigError
+from ncdpo_rllib.errors import CheckpointError, ConfigError
 
 PRETRAINED = "pretrained"
 META = "pretrain.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ExperimentConfig, flatten
-from .errors import UserError
+from ncdpo_rllib.errors import UserError
 
 DEFAULT_DB = "mlflow.db"
 

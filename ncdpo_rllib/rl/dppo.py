@@ -49,6 +49,13 @@ in the train forward's output: the new ones of the fine-tuned steps only, (S_ft,
 S_ft rows."""
 
 
+def check_gaussian_steps(diffusion_config) -> None:
+    """DPPO scores every denoising step as a Gaussian: both std floors must be positive (the
+    config's validate() and the module's setup() both ask, for users of either alone)."""
+    if diffusion_config.sigma_min <= 0 or diffusion_config.scoring_sigma_min <= 0:
+        raise ValueError("DPPO needs diffusion sigma_min > 0 and logprob_sigma_min > 0: every denoising step is a Gaussian")
+
+
 class DPPOModule(DiffusionPolicyModule):
     """The diffusion module, scored per denoising step. Inference and critic: the parent's."""
 
@@ -56,8 +63,7 @@ class DPPOModule(DiffusionPolicyModule):
         super().setup()
         if self.discrete:
             raise ValueError("DPPO here supports Box action spaces only (use algorithm: ncdpo for Discrete)")
-        if self.diffusion_config.sigma_min <= 0 or self.diffusion_config.scoring_sigma_min <= 0:
-            raise ValueError("DPPO needs sigma_min > 0 and logprob_sigma_min > 0: every denoising step is a Gaussian")
+        check_gaussian_steps(self.diffusion_config)
 
     @property
     def first_finetuned_step(self) -> int:
@@ -196,8 +202,7 @@ class DPPOConfig(NCDPOConfig):
         super().validate()
         if not 0 < self.gamma_denoise <= 1:
             self._value_error(f"`gamma_denoise` must be in (0, 1], got {self.gamma_denoise}")
-        if self.diffusion_config.sigma_min <= 0 or self.diffusion_config.scoring_sigma_min <= 0:
-            self._value_error("DPPO needs diffusion sigma_min > 0 and logprob_sigma_min > 0 (each denoising step is a Gaussian)")
+        check_gaussian_steps(self.diffusion_config)
         if self.kl_to_reference:
             self._value_error("DPPO has no KL-to-reference term: set kl_to_reference=0")
         if self.clip_param_base is not None and not 0 < self.clip_param_base <= self.clip_param:

@@ -173,7 +173,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
             params = [self._params[pid] for pid in self._module_param_refs(module_id)]
             if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                 raise NonFiniteParametersError(
-                    f"parameters of module {module_id!r} are NaN/inf; lower ppo.lr or the grad "
+                    f"parameters of module {module_id!r} are NaN/inf; lower the learning rate or the gradient "
                     "clips and resume from the last checkpoint"
                 )
 

@@ -23,7 +23,7 @@ import os
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 
 CHANNELS = 3
 
