@@ -121,7 +121,7 @@ def test_mapping_onto_rllib():
     assert cfg.num_env_runners == 2 and cfg.num_envs_per_env_runner == 4 and cfg.seed == 7
     assert cfg.use_kl_loss is False
     spec = cfg.get_default_rl_module_spec()
-    assert spec.module_class is DiffusionPolicyModule and spec.model_config["denoising_steps"] == 8
+    assert spec.module_class is DiffusionPolicyModule and spec.model_config["diffusion"]["denoising_steps"] == 8
     assert cfg.get_default_learner_class() is NCDPOTorchLearner
     assert cfg._env_to_module_connector is not None  # MeanStdFilter by default
     ppo = build_algo_config(parse_config({"algorithm": "ppo", "env": {"normalize_observations": False}}))
@@ -181,3 +181,31 @@ def test_recipes_compose_with_the_metaworld_tasks_and_pass_rllib_validation(reci
         exp = load_config([root / f"metaworld_{task}.yaml", recipe])
         assert exp.env.kind == "metaworld"
         build_algo_config(exp).validate()
+
+
+def test_algorithm_defaults_have_one_source():
+    """NCDPOConfig, DPPOConfig and the experiment file's ppo section show the same defaults:
+    ncdpo_rllib.rl.defaults; the module's diffusion settings sit under one model_config key."""
+    from dataclasses import fields
+
+    from ncdpo_rllib.diffusion import DiffusionConfig
+    from ncdpo_rllib.experiment.config import PPOSection
+    from ncdpo_rllib.rl import DPPOConfig
+    from ncdpo_rllib.rl.defaults import DEFAULTS, DPPO_ONLY
+    from ncdpo_rllib.rl.module import diffusion_config_from_model_config
+
+    rl, dppo, section = NCDPOConfig(), DPPOConfig(), PPOSection()
+    schema_name = {"lambda_": "gae_lambda", "train_batch_size_per_learner": "train_batch_size"}
+    for f in fields(DEFAULTS):
+        expected = getattr(DEFAULTS, f.name)
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        owner = dppo if f.name in DPPO_ONLY else rl
+        got = getattr(owner, f.name)
+        assert (list(got) if isinstance(got, tuple) else got) == expected, f.name
+        assert getattr(section, schema_name.get(f.name, f.name)) == expected, f.name
+    spec = rl.diffusion(denoising_steps=7).get_default_rl_module_spec()
+    assert spec.model_config["diffusion"]["denoising_steps"] == 7 and "denoising_steps" not in spec.model_config
+    nested = diffusion_config_from_model_config(spec.model_config)
+    # a module saved before the nesting kept the fields at the top level: still read
+    legacy = diffusion_config_from_model_config({**spec.model_config.pop("diffusion"), "critic_hidden": [8]})
+    assert nested == legacy == DiffusionConfig(denoising_steps=7)

@@ -19,6 +19,7 @@ import yaml
 
 from ncdpo_rllib.diffusion import DiffusionConfig
 from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.rl.defaults import DEFAULTS
 from ncdpo_rllib.tasks.config import EncoderConfig, EnvConfig, MultiAgentConfig
 
 
@@ -44,66 +45,66 @@ class StopConfig:
 class PPOSection:
     """PPO hyperparameters, shared by NCDPO and the MLP PPO baseline (one key apart)."""
 
-    lr: float = 3e-4
+    lr: float = DEFAULTS.lr
     """Actor learning rate (the only one for algorithm: ppo)."""
-    critic_lr: Optional[float] = 1e-3
+    critic_lr: Optional[float] = DEFAULTS.critic_lr
     """Critic learning rate (ncdpo only; null = lr)."""
-    gamma: float = 0.99
+    gamma: float = DEFAULTS.gamma
     """Discount factor."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = DEFAULTS.lambda_
     """GAE lambda (RLlib's ``lambda_``)."""
-    clip_param: float = 0.2
+    clip_param: float = DEFAULTS.clip_param
     """PPO ratio clip epsilon."""
-    vf_clip_param: float = 10.0
+    vf_clip_param: float = DEFAULTS.vf_clip_param
     """Clip of the squared value error (RLlib's convention)."""
     vf_loss_coeff: float = 1.0
     """Weight of the value loss (ncdpo: the critic has its own optimizer, so mostly a scale)."""
-    entropy_coeff: float = 0.0
+    entropy_coeff: float = DEFAULTS.entropy_coeff
     """Entropy bonus of the final-step Gaussian (state-independent for ncdpo)."""
-    num_epochs: int = 10
+    num_epochs: int = DEFAULTS.num_epochs
     """Passes over each iteration's batch."""
-    minibatch_size: int = 128
+    minibatch_size: int = DEFAULTS.minibatch_size
     """Rows per gradient step."""
-    train_batch_size: int = 4000
+    train_batch_size: int = DEFAULTS.train_batch_size_per_learner
     """Env steps sampled per training iteration."""
-    actor_grad_clip: Optional[float] = 0.5
+    actor_grad_clip: Optional[float] = DEFAULTS.actor_grad_clip
     """Global-norm clip of the actor's gradient (ncdpo)."""
-    critic_grad_clip: Optional[float] = 0.5
+    critic_grad_clip: Optional[float] = DEFAULTS.critic_grad_clip
     """Global-norm clip of the critic's gradient (ncdpo)."""
     grad_clip: Optional[float] = 0.5
     """Global-norm clip of the single optimizer (algorithm: ppo)."""
-    target_kl: Optional[float] = None
+    target_kl: Optional[float] = DEFAULTS.target_kl
     """Stop an iteration's epochs once a minibatch's approx KL exceeds 1.5 x this (ncdpo)."""
-    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    critic_hidden: list[int] = field(default_factory=lambda: list(DEFAULTS.critic_hidden))
     """Critic MLP layer sizes (ncdpo, dppo; the ppo baseline keeps RLlib's default module)."""
-    critic_warmup_iters: int = 0
+    critic_warmup_iters: int = DEFAULTS.critic_warmup_iters
     """Iterations at the start that train only the critic (the actor stays as initialised,
     e.g. pre-trained) (ncdpo, dppo)."""
-    kl_to_reference: float = 0.0
+    kl_to_reference: float = DEFAULTS.kl_to_reference
     """Weight of KL(pi_theta || pi_ref) between the noise-conditioned Gaussians of the policy
     and the initial (e.g. pre-trained) one, same stored noise and current std (ncdpo)."""
-    gamma_denoise: float = 0.99
+    gamma_denoise: float = DEFAULTS.gamma_denoise
     """DPPO: advantage discount per denoising step, gamma_denoise^(S-1-i) (dppo)."""
-    clip_param_base: Optional[float] = None
+    clip_param_base: Optional[float] = DEFAULTS.clip_param_base
     """DPPO: the clip at the earliest fine-tuned denoising step; clip_param at the last, exponential
     in between (the reference's clip_ploss_coef_base: 0.001 Robomimic, = clip Gym); null = clip_param
     throughout (dppo)."""
-    clip_param_rate: float = 3.0
+    clip_param_rate: float = DEFAULTS.clip_param_rate
     """DPPO: rate of that exponential (the reference's clip_ploss_coef_rate) (dppo)."""
-    logp_reduction: Literal["sum", "mean"] = "sum"
+    logp_reduction: Literal["sum", "mean"] = DEFAULTS.logp_reduction
     """How an action's log-prob is formed from its per-element ones: sum = the likelihood of the
     whole action chunk; mean = averaged over chunk x action dims, so the log-ratio and approx KL
     are per action dimension (DPPO's reference) (ncdpo, dppo)."""
-    logp_clamp: Optional[list[float]] = None
+    logp_clamp: Optional[list[float]] = DEFAULTS.logp_clamp
     """Clamp each element's log-prob to [low, high] before the reduction (DPPO's reference:
     [-5, 2]); null = no clamp (ncdpo, dppo)."""
-    advantage_normalization: Literal["batch", "minibatch"] = "batch"
+    advantage_normalization: Literal["batch", "minibatch"] = DEFAULTS.advantage_normalization
     """batch = RLlib's GAE standardises the advantages over the iteration's batch; minibatch =
     standardised again per minibatch, as DPPO's reference does (ncdpo, dppo)."""
-    advantage_clip_quantiles: Optional[list[float]] = None
+    advantage_clip_quantiles: Optional[list[float]] = DEFAULTS.advantage_clip_quantiles
     """Clip each minibatch's advantages to their [low, high] quantiles (after the
     standardisation), e.g. [0.05, 0.95]; null = no clip (DPPO's shipped configs: none) (ncdpo, dppo)."""
-    reward_scale_running: bool = False
+    reward_scale_running: bool = DEFAULTS.reward_scale_running
     """Divide rewards by the running std of the discounted return before GAE, clipped to +-10
     (the reference's reward_scale_running); reported returns stay unscaled (ncdpo, dppo)."""
 
@@ -113,10 +114,6 @@ class PPOSection:
         for name in ("lr", "gamma", "num_epochs", "minibatch_size", "train_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ppo.{name} must be > 0")
-        if self.critic_warmup_iters < 0 or self.kl_to_reference < 0:
-            raise ValueError("ppo.critic_warmup_iters and ppo.kl_to_reference must be >= 0")
-        if not 0 < self.gamma_denoise <= 1:
-            raise ValueError("ppo.gamma_denoise must be in (0, 1]")
 
 
 @dataclass
@@ -296,7 +293,7 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.init_from is not None and self.algorithm == "ppo":
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
-        if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
+        if self.ppo.kl_to_reference and self.algorithm == "ppo":  # dppo: DPPOConfig.validate() refuses it
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
         if self.ppo.clip_param_base is not None and self.algorithm != "dppo":
             raise ValueError("ppo.clip_param_base anneals DPPO's clip over denoising steps: it is for algorithm: dppo")

@@ -38,6 +38,7 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ncdpo_rllib.diffusion import gaussian_log_prob_elements, reduce_log_prob
 
 from .config import NCDPOConfig
+from .defaults import DEFAULTS
 from .learner import NCDPOTorchLearner, clipped_surrogate, policy_advantages, value_loss
 from .module import DiffusionPolicyModule
 
@@ -176,9 +177,9 @@ class DPPOConfig(NCDPOConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or DPPO)
-        self.gamma_denoise: float = 0.99
-        self.clip_param_base: Optional[float] = None
-        self.clip_param_rate: float = 3.0
+        self.gamma_denoise: float = DEFAULTS.gamma_denoise
+        self.clip_param_base: Optional[float] = DEFAULTS.clip_param_base
+        self.clip_param_rate: float = DEFAULTS.clip_param_rate
 
     def training(self, *, gamma_denoise: float = NotProvided, clip_param_base: Optional[float] = NotProvided,
                  clip_param_rate: float = NotProvided, **kwargs) -> "DPPOConfig":
