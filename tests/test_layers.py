@@ -60,3 +60,12 @@ def test_the_check_sees_relative_and_function_level_imports():
     assert "ncdpo_rllib.errors" in found and "ncdpo_rllib.data" in found  # the second one is inside make_env
     init = {m for _, m in imported_modules(PACKAGE / "experiment" / "__init__.py")}
     assert "ncdpo_rllib.experiment.config" in init
+
+
+def test_one_line_turns_a_library_error_into_one_short_line():
+    from ncdpo_rllib.errors import one_line
+
+    assert one_line(ValueError("\n  bad   value\nTraceback ...")) == "bad value"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(OSError("x" * 300)).endswith("...") and len(one_line(OSError("x" * 300))) == 200
+    assert one_line(OSError("gone"), with_type=True) == "OSError: gone"

@@ -12,7 +12,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
-from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, one_line
 from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
 from ncdpo_rllib.tasks.envs import check_env, env_context, register
 
@@ -26,7 +26,7 @@ def rllib_validation():
     try:
         yield
     except ValueError as e:
-        raise ConfigError(f"RLlib rejected the configuration: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"RLlib rejected the configuration: {one_line(e)}") from None
 
 
 def check_experiment(exp: ExperimentConfig) -> None:

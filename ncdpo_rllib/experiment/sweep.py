@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from .config import ExperimentConfig, load_config
-from ncdpo_rllib.errors import ConfigError, UserError
+from ncdpo_rllib.errors import ConfigError, UserError, one_line
 from .tracking import resolve_tracking_uri
 
 SWEEP_STAGE = "sweep"
@@ -254,7 +254,7 @@ def sweep(
             client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
             todo = points
     except MlflowException as e:
-        raise UserError(f"MLflow at {uri}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"MLflow at {uri}: {one_line(e)}") from None
 
     log(f"sweep {name}: {len(points)} points, {len(todo)} to run | MLflow parent run {parent_id} at {uri}")
     errors: list[str] = []

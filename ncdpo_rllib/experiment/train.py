@@ -29,7 +29,7 @@ from .checkpoints import (
     supersede_later_checkpoints,
 )
 from .config import ExperimentConfig, flatten
-from ncdpo_rllib.errors import ConfigError, TrainingDiverged
+from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
 from .tracking import Tracker
 
 
@@ -167,7 +167,7 @@ def _start_from_pretrained(algo, state: dict) -> None:
     try:
         algo.learner_group.foreach_learner(load)
     except Exception as e:  # a shape mismatch surfaces here (possibly wrapped by Ray)
-        msg = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
+        msg = one_line(getattr(e, "cause", None) or e)
         raise ConfigError(f"init_from: the pre-trained weights do not fit this model: {msg}") from None
     # RLlib's sync_weights is fire-and-forget; measured with 2 remote EnvRunners, the first
     # iteration still sampled with the initial weights (first ratio 0, approx KL 306). Set
@@ -302,7 +302,7 @@ def train(
                     raise
                 last = periodic_checkpoints(run_dir)
                 raise TrainingDiverged(
-                    f"training diverged at iteration {state.iteration + 1}: {str(cause).splitlines()[0]}; "
+                    f"training diverged at iteration {state.iteration + 1}: {one_line(cause)}; "
                     f"last good checkpoint: {last[-1] if last else 'none (set checkpoint.every)'}"
                 ) from None
             iter_s = time.perf_counter() - t0

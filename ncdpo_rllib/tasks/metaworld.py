@@ -15,7 +15,7 @@ import difflib
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, one_line
 
 from .config import EnvConfig
 
@@ -48,7 +48,7 @@ def _import_metaworld():
         from .pixels import gl_hint
 
         raise ConfigError(f"mujoco could not load its OpenGL backend ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}); {gl_hint()}") from None
+                          f"{one_line(e, 120)}); {gl_hint()}") from None
     return metaworld
 
 
