@@ -33,7 +33,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# Full-size benchmarks (about 3 h on 2 cores; Meta-World alone ~80 min); each script takes --help for smaller runs.
+# Full-size benchmarks (many hours on 2 cores: locomotion at 1M steps is ~27 runs of 5-10 min, Meta-World
+# ~25 runs of 5 min); each script resumes from its results file and takes --help for smaller runs.
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --env Pendulum-v1
 	$(PY) benchmarks/throughput.py --env HalfCheetah-v5
@@ -43,16 +44,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
 	$(PY) benchmarks/scaling.py --config configs/halfcheetah_ncdpo.yaml --runners 0 1 2 --learners 0 1 2
 	$(MAKE) bench-finetune
-	$(PY) benchmarks/manipulation.py --seeds 0 1 2 --steps 100000
+	$(PY) benchmarks/manipulation.py --tasks reach drawer_open door_open pick_place --obs state --seeds 0 1 2 --steps 300000
 
-# Pre-train -> fine-tune on Hopper: collect (PPO expert), BC, then NCDPO vs DPPO vs MLP PPO,
-# 3 seeds, and the K sweep; learner cost of the fine-tuning architecture. Raise --steps on a
-# bigger machine (the paper-scale budget is 1M env steps).
+# Pre-train -> fine-tune on MuJoCo locomotion: collect (PPO expert), BC, then NCDPO vs DPPO (the frozen
+# recipes) vs MLP PPO, 3 seeds at 1M env steps, and the K sweep on Hopper; learner cost of the
+# fine-tuning architecture.
 bench-finetune: $(STAMP)
 	$(PY) benchmarks/throughput.py --env Hopper-v5 --ks 5 10 20 --algorithms ncdpo dppo --hidden 256 256 --action-chunk 4
 	$(PY) benchmarks/latency_memory.py --env Hopper-v5 --ks 5 10 20 --hidden 256 256 --action-chunk 4 --experiment bench-finetune-Hopper-v5
-	$(PY) benchmarks/finetune.py --env hopper --steps 300000 --seeds 0 1 2 --variants ncdpo:10 dppo:10 ppo
-	$(PY) benchmarks/finetune.py --env hopper --steps 300000 --seeds 0 --variants ncdpo:5 ncdpo:10 ncdpo:20 dppo:5 dppo:10 dppo:20 --section finetune-k:Hopper-v5
+	$(PY) benchmarks/finetune.py --envs hopper walker2d halfcheetah --steps 1000000 --seeds 0 1 2 --variants ncdpo dppo ppo
+	$(PY) benchmarks/finetune.py --envs hopper --steps 300000 --seeds 0 --variants ncdpo:5 ncdpo:10 ncdpo:20 dppo:5 dppo:10 dppo:20 --section finetune-k:Hopper-v5 --results benchmarks/results/finetune_k.json
 
 clean:
 	rm -rf $(VENV) runs mlflow.db .pytest_cache

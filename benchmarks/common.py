@@ -142,3 +142,15 @@ def plot_seed_band(ax, x, ys, label: str, start: float | None = None):
     line, = ax.plot([*lead_x, *x], [*lead_y, *ys.mean(0)], marker=".", label=label)
     ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     return line
+
+
+def save_figure(fig, stem: str) -> Path:
+    """docs/images/<stem>.png (laid out tight, closed): the path for a markdown image link."""
+    import matplotlib.pyplot as plt
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = IMAGES / f"{stem}.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config, read_config_data  # noqa: E402
 
 ENVS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
@@ -189,11 +189,7 @@ def plot(args, runs, pretrained) -> Path:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Fine-tuning from medium demonstrations (mean, band = min..max over seeds)")
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / f"{args.section}.png"
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, args.section)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
@@ -204,11 +204,7 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
     for row in range(2):
         axes[row][0].set_ylabel("eval success (20 ep.)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / f"{args.section}.png"
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, args.section)
 
 
 def main() -> None:

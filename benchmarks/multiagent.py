@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, train_with_curve, write_section  # noqa: E402
+from benchmarks.common import ROOT, markdown_table, save_figure, train_with_curve, write_section  # noqa: E402
 from benchmarks.sample_efficiency import return_at  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
@@ -103,11 +103,7 @@ def plot(runs: list[dict]) -> Path:
             ax.grid(alpha=0.3)
         row[0].legend()
     fig.suptitle("MPE simple_spread: NCDPO vs MLP+MAPPO (mean; band = min..max over seeds)")
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / "multiagent_spread.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, "multiagent_spread")
 
 
 def sampling_throughput(num_steps: int = 4000) -> str:

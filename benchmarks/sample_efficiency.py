@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import IMAGES, ROOT, markdown_table, train_with_curve, write_section  # noqa: E402
+from benchmarks.common import ROOT, markdown_table, save_figure, train_with_curve, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -113,11 +113,7 @@ def plot(runs: list[dict], variants: list[str], env_id: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{env_id}: NCDPO vs MLP PPO from scratch (mean, band = min..max over seeds)")
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    out = IMAGES / f"sample_efficiency_{env_id}.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, f"sample_efficiency_{env_id}")
 
 
 def main() -> None:

@@ -26,6 +26,14 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _report(args: argparse.Namespace, message: str, summary: dict) -> int:
+    """Every command's ending: the human line(s) on stderr, the JSON summary on stdout with --json."""
+    print(message, file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
     from ncdpo_rllib.experiment.config import load_config
@@ -49,26 +57,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
             else "  MLflow: disabled"
         )
     )
-    print(line, file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return _report(args, line, summary)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.evaluate import evaluate
 
     summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track)
-    print(
+    return _report(
+        args,
         f"{summary['env']}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f} "
         + (f"success rate {summary['success_rate']:.2f} " if "success_rate" in summary else "")
         + f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})",
-        file=sys.stderr,
-        flush=True,
+        summary,
     )
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -76,16 +78,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.pretrain import pretrain
 
     summary = pretrain(load_config(args.config, args.set))
-    print(
+    return _report(
+        args,
         f"done: val loss {summary['val_loss_first']:.4f} -> {summary['val_loss_last']:.4f}"
         + (f", pre-trained return {summary['eval']['return_mean']:.2f}" if summary["eval"] else "")
         + f"\n  checkpoint: {summary['checkpoint']}  (fine-tune with: --set init_from={summary['checkpoint']})",
-        file=sys.stderr,
-        flush=True,
+        summary,
     )
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
@@ -156,15 +155,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = sweep(args.config, args.grid, args.seeds, args.set, name=args.name, resume=args.resume,
                     compare_out=args.compare_out)
-    print(
+    return _report(
+        args,
         f"sweep {summary['name']}: {summary['points']} points ({summary['ran']} run now), "
         f"{len(summary['children'])} child runs under MLflow parent run {summary['parent_run_id']} "
         f"({summary['mlflow_uri']})\n  comparison: {summary['comparison'] or 'none (no finished runs)'}",
-        file=sys.stderr, flush=True,
+        summary,
     )
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
 
 
 def _fmt(x) -> str:
@@ -172,7 +169,7 @@ def _fmt(x) -> str:
 
 
 def raise_user(msg: str) -> None:
-    from ncdpo_rllib.experiment.errors import UserError
+    from ncdpo_rllib.errors import UserError
 
     raise UserError(msg)
 
@@ -264,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
-    from ncdpo_rllib.experiment.errors import UserError
+    from ncdpo_rllib.errors import UserError
 
     try:
         return args.func(args)

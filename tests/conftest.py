@@ -38,3 +38,25 @@ def run_cli(args, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProce
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def runner_and_learner(cfg, module_class=None):
+    """A real SingleAgentEnvRunner and Learner built from an RLlib algorithm config, the runner
+    holding the learner's weights. ``module_class``: a subclass of the config's module to build
+    instead (e.g. one that records what its forward saw). Returns (cfg, runner, learner)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    if module_class is not None:
+        spec = cfg.get_default_rl_module_spec()
+        cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class, model_config=spec.model_config))
+    runner = SingleAgentEnvRunner(config=cfg)
+    learner = cfg.build_learner(env=runner.env)
+    runner.module.set_state(learner.module[DEFAULT_MODULE_ID].get_state())
+    return cfg, runner, learner
+
+
+def learner_stats(results: dict, module_id: str) -> dict:
+    """A learner.update() result's metrics of one module as plain values (RLlib's Stats peeked)."""
+    return {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[module_id].items()}

@@ -7,9 +7,10 @@ import pytest
 
 from ncdpo_rllib.experiment.build import build_algo_config
 from ncdpo_rllib.experiment.config import ExperimentConfig, load_config, parse_config
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.rl import DiffusionPolicyModule, NCDPOConfig, NCDPOTorchLearner
-from ncdpo_rllib.tasks.envs import check_gymnasium_env
+from ncdpo_rllib.tasks.config import EnvConfig
+from ncdpo_rllib.tasks.envs import check_env
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -98,16 +99,16 @@ gym.register("MultiDiscreteTest-v0", entry_point=MultiDiscreteActEnv)
 
 def test_env_checks():
     with pytest.raises(ConfigError, match="not a registered Gymnasium env; did you mean Pendulum-v1"):
-        check_gymnasium_env("Pendulum-v0", {}, for_diffusion=True)
+        check_env(EnvConfig(id="Pendulum-v0", kwargs={}), for_diffusion=True)
     with pytest.raises(ConfigError, match="needs a 1-D Box .continuous. or a Discrete action space"):
-        check_gymnasium_env("MultiDiscreteTest-v0", {}, for_diffusion=True)
-    _, act = check_gymnasium_env("CartPole-v1", {}, for_diffusion=True)  # the logit-diffusion head
+        check_env(EnvConfig(id="MultiDiscreteTest-v0", kwargs={}), for_diffusion=True)
+    _, act = check_env(EnvConfig(id="CartPole-v1", kwargs={}), for_diffusion=True)  # the logit-diffusion head
     assert isinstance(act, gym.spaces.Discrete)
     with pytest.raises(ConfigError, match="observation space Dict"):
-        check_gymnasium_env("DictObsTest-v0", {}, for_diffusion=True)
+        check_env(EnvConfig(id="DictObsTest-v0", kwargs={}), for_diffusion=True)
     with pytest.raises(ConfigError, match="kwargs"):
-        check_gymnasium_env("Pendulum-v1", {"gravity_typo": 1.0}, for_diffusion=True)
-    obs, act = check_gymnasium_env("Pendulum-v1", {"g": 9.0}, for_diffusion=True)
+        check_env(EnvConfig(id="Pendulum-v1", kwargs={"gravity_typo": 1.0}), for_diffusion=True)
+    obs, act = check_env(EnvConfig(id="Pendulum-v1", kwargs={"g": 9.0}), for_diffusion=True)
     assert act.shape == (1,) and obs.shape == (3,)
 
 
@@ -120,7 +121,7 @@ def test_mapping_onto_rllib():
     assert cfg.num_env_runners == 2 and cfg.num_envs_per_env_runner == 4 and cfg.seed == 7
     assert cfg.use_kl_loss is False
     spec = cfg.get_default_rl_module_spec()
-    assert spec.module_class is DiffusionPolicyModule and spec.model_config["denoising_steps"] == 8
+    assert spec.module_class is DiffusionPolicyModule and spec.model_config["diffusion"]["denoising_steps"] == 8
     assert cfg.get_default_learner_class() is NCDPOTorchLearner
     assert cfg._env_to_module_connector is not None  # MeanStdFilter by default
     ppo = build_algo_config(parse_config({"algorithm": "ppo", "env": {"normalize_observations": False}}))
@@ -180,3 +181,31 @@ def test_recipes_compose_with_the_metaworld_tasks_and_pass_rllib_validation(reci
         exp = load_config([root / f"metaworld_{task}.yaml", recipe])
         assert exp.env.kind == "metaworld"
         build_algo_config(exp).validate()
+
+
+def test_algorithm_defaults_have_one_source():
+    """NCDPOConfig, DPPOConfig and the experiment file's ppo section show the same defaults:
+    ncdpo_rllib.rl.defaults; the module's diffusion settings sit under one model_config key."""
+    from dataclasses import fields
+
+    from ncdpo_rllib.diffusion import DiffusionConfig
+    from ncdpo_rllib.experiment.config import PPOSection
+    from ncdpo_rllib.rl import DPPOConfig
+    from ncdpo_rllib.rl.defaults import DEFAULTS, DPPO_ONLY
+    from ncdpo_rllib.rl.module import diffusion_config_from_model_config
+
+    rl, dppo, section = NCDPOConfig(), DPPOConfig(), PPOSection()
+    schema_name = {"lambda_": "gae_lambda", "train_batch_size_per_learner": "train_batch_size"}
+    for f in fields(DEFAULTS):
+        expected = getattr(DEFAULTS, f.name)
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        owner = dppo if f.name in DPPO_ONLY else rl
+        got = getattr(owner, f.name)
+        assert (list(got) if isinstance(got, tuple) else got) == expected, f.name
+        assert getattr(section, schema_name.get(f.name, f.name)) == expected, f.name
+    spec = rl.diffusion(denoising_steps=7).get_default_rl_module_spec()
+    assert spec.model_config["diffusion"]["denoising_steps"] == 7 and "denoising_steps" not in spec.model_config
+    nested = diffusion_config_from_model_config(spec.model_config)
+    # a module saved before the nesting kept the fields at the top level: still read
+    legacy = diffusion_config_from_model_config({**spec.model_config.pop("diffusion"), "critic_hidden": [8]})
+    assert nested == legacy == DiffusionConfig(denoising_steps=7)

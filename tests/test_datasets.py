@@ -22,7 +22,7 @@ from ncdpo_rllib.data import (
     read_shards,
     write_dataset,
 )
-from ncdpo_rllib.experiment.errors import UserError
+from ncdpo_rllib.errors import UserError
 
 
 def _episodes(obs_dim=3, act_dim=2, lengths=(4, 2), seed=0) -> list[Episode]:

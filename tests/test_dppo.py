@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from ncdpo_rllib.diffusion import DiffusionConfig, NoiseConditionedSampler
 from ncdpo_rllib.diffusion.denoiser import DenoiserMLP
 from ncdpo_rllib.rl.dppo import DPPO_CHAIN, DPPO_STEP_LOGP, DPPO, DPPOConfig, DPPOModule, DPPOTorchLearner
 from ncdpo_rllib.rl.dppo import clip_schedule as dppo_clip_schedule
+from tests.conftest import learner_stats, runner_and_learner
 
 MODULE = "default_policy"
 OBS_DIM, ACT_DIM = 3, 2
@@ -126,13 +125,7 @@ def make_pair(module_class=DPPOModule, gamma_denoise=0.99, env="Pendulum-v1", tr
         .diffusion(hidden=[32, 32], critic_hidden=[32], **diffusion)
         .debugging(seed=0)
     )
-    if module_class is not DPPOModule:
-        spec = cfg.get_default_rl_module_spec()
-        cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class, model_config=spec.model_config))
-    runner = SingleAgentEnvRunner(config=cfg)
-    learner = cfg.build_learner(env=runner.env)
-    runner.module.set_state(learner.module[MODULE].get_state())
-    return cfg, runner, learner
+    return runner_and_learner(cfg, None if module_class is DPPOModule else module_class)
 
 
 class RecordingModule(DPPOModule):
@@ -166,7 +159,7 @@ def test_columns_reach_the_learner_and_the_first_ratio_is_one(diffusion):
     assert seen["step_logp"] == (seen["batch_size"], S, 1)
     ratio = seen["ratio"][seen["mask"]]
     assert ratio.numel() == seen["mask"].sum() * S and (ratio - 1).abs().max() < 1e-5
-    stats = {k: v.peek() for k, v in results[MODULE].items() if hasattr(v, "peek")}
+    stats = learner_stats(results, MODULE)
     for key in ("ratio_mean", "ratio_max", "clip_fraction", "approx_kl", "final_std", "vf_explained_var",
                 "policy_loss", "vf_loss", "entropy", "grad_norm_actor", "grad_norm_critic"):
         assert key in stats and np.isfinite(stats[key]), key

@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ncdpo_rllib.experiment.config import parse_config
-from ncdpo_rllib.experiment.errors import ConfigError
-from ncdpo_rllib.experiment.train import check_env
+from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.experiment.build import check_experiment
 from ncdpo_rllib.tasks.envs import make_env
 from ncdpo_rllib.tasks.metaworld import scripted_policy
 from tests.conftest import last_json, run_cli
@@ -60,7 +60,7 @@ def test_fixed_goal_keeps_the_same_goal_and_actions_chunked_keep_the_success_fla
 
 def test_bad_task_names_and_keys():
     with pytest.raises(ConfigError, match="'pick-place-v9' is not a Meta-World task; did you mean pick-place-v3"):
-        check_env(parse_config({"env": {"kind": "metaworld", "id": "pick-place-v9"}}))
+        check_experiment(parse_config({"env": {"kind": "metaworld", "id": "pick-place-v9"}}))
     with pytest.raises(ConfigError, match="goal is for kind: metaworld"):
         parse_config({"env": {"id": "Pendulum-v1", "goal": "fixed"}})
 

@@ -19,12 +19,12 @@ from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
 from ncdpo_rllib.experiment.build import build_algo_config
 from ncdpo_rllib.experiment.collect import collect
 from ncdpo_rllib.experiment.pretrain import pretrain
-from ncdpo_rllib.experiment.train import check_env
+from ncdpo_rllib.experiment.build import check_experiment
 from ncdpo_rllib.experiment.config import parse_config
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule
 from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
-from tests.conftest import last_json, run_cli
+from tests.conftest import last_json, learner_stats, run_cli
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -85,7 +85,7 @@ def test_each_module_gets_its_stored_noise_and_a_first_ratio_of_one():
         ratio = call["ratio"][call["mask"]]
         assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4
     for module_id in ("speaker_0", "listener_0"):
-        stats = {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[module_id].items()}
+        stats = learner_stats(results, module_id)
         assert stats["grad_norm_step_first"] > 0, module_id  # gradients reach the first denoising step
 
 
@@ -170,7 +170,7 @@ def test_pettingzoo_env_and_mapping_errors():
     with pytest.raises(ConfigError, match="pretrain clones single-agent datasets"):
         pretrain(parse_config({"env": pz, "pretrain": {"dataset": "nowhere"}}))
     with pytest.raises(ConfigError, match="dppo needs a Box action space"):
-        check_env(parse_config({"algorithm": "dppo", "env": {"id": "CartPole-v1"}}))
+        check_experiment(parse_config({"algorithm": "dppo", "env": {"id": "CartPole-v1"}}))
 
 
 TINY = ["--set", "stop.iterations=2", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=200",

@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ncdpo_rllib.data import Dataset, Episode, RecordingWrapper, read_shards, write_dataset
+from ncdpo_rllib.data import Episode, RecordingWrapper, read_shards, write_dataset
 from ncdpo_rllib.experiment.config import parse_config
-from ncdpo_rllib.experiment.errors import ConfigError, UserError
+from ncdpo_rllib.errors import ConfigError, UserError
 from ncdpo_rllib.tasks.wrappers import CHUNK_STEPS, ActionChunkObsHistory
 from tests.conftest import last_json, run_cli
 

@@ -2,7 +2,6 @@
 and the critic, the RLlib link (EnvRunner -> batch with stored noise -> Learner) with
 images, the pipeline collect -> pretrain -> fine-tune from pixels, and bad input."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,9 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-from ncdpo_rllib.experiment.build import build_algo_config, env_config
+from ncdpo_rllib.experiment.build import build_algo_config
 from ncdpo_rllib.experiment.config import parse_config
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.experiment.pretrain import module_spec
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule
 from ncdpo_rllib.rl.encoders import ObservationEncoder, random_shift
@@ -64,7 +63,7 @@ def test_encoder_splits_state_and_stacked_frames():
 
 
 def test_camera_frames_are_appended_to_the_state():
-    env = make_env(env_config(pixel_exp()))
+    env = make_env(pixel_exp().env)
     try:
         assert env.observation_space.shape == (STATE + PIXELS,)
         obs, _ = env.reset(seed=0)
@@ -77,7 +76,7 @@ def test_camera_frames_are_appended_to_the_state():
     finally:
         env.close()
     # With an observation history the frames are rendered per env step, below the chunking.
-    stacked = make_env(env_config(pixel_exp(obs_history=2)))
+    stacked = make_env(pixel_exp(obs_history=2).env)
     try:
         assert stacked.observation_space.shape == (2 * (STATE + PIXELS),)
         assert stacked.reset(seed=0)[0].shape == (2 * (STATE + PIXELS),)
@@ -170,7 +169,7 @@ def test_pixel_config_errors():
         with pytest.raises(ConfigError, match=message):
             parse_config(data)
     with pytest.raises(ConfigError, match="is not a camera of this task; choose one of"):
-        make_env(env_config(pixel_exp(camera="nope")))
+        make_env(pixel_exp(camera="nope").env)
 
 
 def test_rendering_unavailable_names_the_mujoco_gl_backend(tmp_path):

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from ncdpo_rllib.diffusion import gaussian_log_prob
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule, NCDPOConfig, NonFiniteParametersError
+from tests.conftest import learner_stats, runner_and_learner
 
 MODULE = "default_policy"
 
@@ -46,13 +45,7 @@ def make_pair(module_class=DiffusionPolicyModule, env="Pendulum-v1", training=No
         .diffusion(**diffusion)
         .debugging(seed=0)
     )
-    if module_class is not DiffusionPolicyModule:
-        spec = cfg.get_default_rl_module_spec()
-        cfg.rl_module(rl_module_spec=RLModuleSpec(module_class=module_class, model_config=spec.model_config))
-    runner = SingleAgentEnvRunner(config=cfg)
-    learner = cfg.build_learner(env=runner.env)
-    runner.module.set_state(learner.module[MODULE].get_state())
-    return cfg, runner, learner
+    return runner_and_learner(cfg, None if module_class is DiffusionPolicyModule else module_class)
 
 
 def rollout_columns(ep):
@@ -110,7 +103,7 @@ def test_discrete_head_on_cartpole_stored_noise_logp_and_first_ratio():
     assert seen["noise_shape"] == (seen["batch_size"], 4, 2)
     ratio = seen["ratio"][seen["mask"]]
     assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4
-    stats = {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[MODULE].items()}
+    stats = learner_stats(results, MODULE)
     assert stats["grad_norm_step_first"] > 0 and "final_std" not in stats
     # Inference: the argmax of the logits (RLlib's deterministic categorical).
     out = module.forward_inference({Columns.OBS: obs})
@@ -134,7 +127,7 @@ def test_separate_actor_and_critic_optimizers():
 def test_update_logs_diagnostics_and_per_step_gradient_norms():
     _, runner, learner = make_pair(denoising_steps=5)
     results = learner.update(episodes=runner.sample(num_timesteps=400), num_epochs=2, minibatch_size=100)
-    stats = {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[MODULE].items()}
+    stats = learner_stats(results, MODULE)
     for key in ("ratio_mean", "ratio_max", "clip_fraction", "approx_kl", "final_std", "vf_explained_var",
                 "grad_norm_actor", "grad_norm_critic", "grad_norm_step_first", "grad_norm_step_mid",
                 "grad_norm_step_last"):
@@ -301,7 +294,7 @@ def test_logp_reduction_mean_divides_the_log_ratio_by_the_action_dims(reduction)
 
     results = learner.update(episodes=runner.sample(num_timesteps=400, random_actions=False),
                              num_epochs=1, minibatch_size=10_000)
-    stats = {k: v.peek() for k, v in results[MODULE].items() if hasattr(v, "peek")}
+    stats = learner_stats(results, MODULE)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and abs(stats["approx_kl"]) < 1e-8
 
 

@@ -10,7 +10,7 @@ from ncdpo_rllib.data.datasets import (
     write_dataset,
 )
 from ncdpo_rllib.data.recording import RecordingWrapper, read_shards
-from ncdpo_rllib.experiment.errors import DatasetError
+from ncdpo_rllib.errors import DatasetError
 
 __all__ = [
     "Dataset",

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from ncdpo_rllib.experiment.errors import DatasetError
+from ncdpo_rllib.errors import DatasetError, one_line
 
 DATA_DIR = "data"
 METADATA_FILE = "metadata.json"
@@ -92,12 +92,6 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """Library errors can span lines; ours must not."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _numeric(arr: Any, what: str, where: str, fix: str) -> np.ndarray:
@@ -338,7 +332,7 @@ def _read_metadata(data_dir: Path) -> dict[str, Any]:
     try:
         raw = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{file}: unreadable metadata ({_one_line(e)}); {_LOAD_FIX}") from None
+        raise DatasetError(f"{file}: unreadable metadata ({one_line(e)}); {_LOAD_FIX}") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{file}: metadata is not a JSON object; {_LOAD_FIX}")
     return raw
@@ -360,7 +354,7 @@ def _read_hdf5_episodes(file: Path, total: int | None) -> list[Episode]:
                                    f"the dataset is incomplete - {_LOAD_FIX}")
             return [_read_h5_episode(f[name], f"{file}: {name}") for name in names]
     except OSError as e:
-        raise DatasetError(f"{file}: not a readable HDF5 file ({_one_line(e)}); the file is corrupt or "
+        raise DatasetError(f"{file}: not a readable HDF5 file ({one_line(e)}); the file is corrupt or "
                            f"truncated - {_LOAD_FIX}") from None
 
 
@@ -386,10 +380,10 @@ def _read_other_format(data_dir: Path, data_format: str) -> list[Episode]:
         storage = MinariStorage.read(data_dir)
         raw = list(storage.get_episodes(range(storage.total_episodes)))
     except ImportError as e:
-        raise DatasetError(f"{data_dir}: reading {data_format} datasets needs an extra package ({_one_line(e)}); "
+        raise DatasetError(f"{data_dir}: reading {data_format} datasets needs an extra package ({one_line(e)}); "
                            "pip install 'minari[arrow]'") from None
     except Exception as e:  # noqa: BLE001 - any decoding failure means an unreadable dataset
-        raise DatasetError(f"{data_dir}: cannot read the {data_format} dataset ({_one_line(e)}); {_LOAD_FIX}") from None
+        raise DatasetError(f"{data_dir}: cannot read the {data_format} dataset ({one_line(e)}); {_LOAD_FIX}") from None
     episodes = []
     for i, arrays in enumerate(raw):
         missing = [k for k in EPISODE_KEYS if arrays.get(k) is None]
@@ -465,7 +459,7 @@ def _read_npz(src: Path, wanted: tuple[str, ...]) -> tuple[dict[str, np.ndarray]
             present = list(f.files)
             return {k: f[k] for k in wanted if k in present}, present
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{src}: not a readable .npz file ({_one_line(e)}); the file is corrupt, truncated "
+        raise DatasetError(f"{src}: not a readable .npz file ({one_line(e)}); the file is corrupt, truncated "
                            "or holds pickled objects - re-export it with numpy.savez") from None
 
 
@@ -481,7 +475,7 @@ def _read_h5_flat(src: Path, wanted: tuple[str, ...]) -> tuple[dict[str, np.ndar
                 arrays[k] = f[k][()]
             return arrays, present
     except OSError as e:
-        raise DatasetError(f"{src}: not a readable HDF5 file ({_one_line(e)}); the file is corrupt or "
+        raise DatasetError(f"{src}: not a readable HDF5 file ({one_line(e)}); the file is corrupt or "
                            "truncated - re-export it") from None
 
 

@@ -18,8 +18,8 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.data.datasets import Episode, _check_episode, _one_line
-from ncdpo_rllib.experiment.errors import DatasetError
+from ncdpo_rllib.data.datasets import Episode, _check_episode
+from ncdpo_rllib.errors import DatasetError, one_line
 
 SHARD_PREFIX = "episode-"
 SHARD_KEYS = ("observations", "actions", "rewards", "terminated", "truncated", "written_at")
@@ -107,7 +107,7 @@ def _read_shard(path: Path) -> tuple[float, Episode]:
                 raise DatasetError(f"{path}: missing key '{missing[0]}' in episode shard; {fix}")
             arrays = {k: f[k] for k in SHARD_KEYS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: unreadable episode shard ({_one_line(e)}); {fix}") from None
+        raise DatasetError(f"{path}: unreadable episode shard ({one_line(e)}); {fix}") from None
     episode = Episode(arrays["observations"], arrays["actions"], arrays["rewards"],
                       bool(arrays["terminated"]), bool(arrays["truncated"]))
     _check_episode(episode, str(path), fix)

@@ -2,28 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional
 
+import gymnasium as gym
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
+from ncdpo_rllib.errors import ConfigError, one_line
 from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
+from ncdpo_rllib.tasks.envs import check_env, env_context, register
 
 from .config import ExperimentConfig
 
 
-def env_config(exp: ExperimentConfig, record_dir: Optional[str] = None) -> dict:
-    """What ``ncdpo_rllib.tasks.envs.make_env`` builds the env from."""
-    e = exp.env
-    out = {"kind": e.kind, "id": e.id, "kwargs": dict(e.kwargs), "goal": e.goal, "action_chunk": e.action_chunk,
-           "obs_history": e.obs_history, "max_episode_steps": e.max_episode_steps, "observation": e.observation,
-           "image_size": e.image_size, "camera": e.camera}
-    if record_dir:
-        out["record_dir"] = str(record_dir)
-    return out
+@contextlib.contextmanager
+def rllib_validation():
+    """RLlib's own config validation (a ValueError from validate() or a module's setup()) as a
+    one-line ConfigError."""
+    try:
+        yield
+    except ValueError as e:
+        raise ConfigError(f"RLlib rejected the configuration: {one_line(e)}") from None
+
+
+def check_experiment(exp: ExperimentConfig) -> None:
+    """Before anything runs or is written: the env, built once on the driver (``tasks.envs.check_env``),
+    what the algorithm needs of its spaces, and RLlib's validation of the mapped config."""
+    spaces = check_env(exp.env, exp.multi_agent, for_diffusion=exp.algorithm != "ppo")
+    if exp.algorithm == "dppo" and not isinstance(spaces[1], gym.spaces.Box):
+        raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {spaces[1]} "
+                          "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
+    with rllib_validation():
+        build_algo_config(exp).validate()
 
 
 def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
@@ -39,8 +53,6 @@ def build_algo_config(
 ) -> AlgorithmConfig:
     """``pretrained``: the module brings its own observation normaliser, so RLlib's
     MeanStdFilter is left out (default: whether ``exp.init_from`` is set)."""
-    from ncdpo_rllib.tasks.envs import register
-
     p, r = exp.ppo, exp.resources
     pretrained = exp.init_from is not None if pretrained is None else pretrained
     use_filter = exp.env.normalize_observations and not pretrained and not exp.env.pixels
@@ -67,7 +79,7 @@ def build_algo_config(
         )
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
-    cfg.environment(env=register(), env_config=env_config(exp, record_dir))
+    cfg.environment(env=register(), env_config=env_context(exp.env, record_dir))
     connector = mean_std_filter_connector if use_filter else None
     if exp.env.kind == "pettingzoo":
         connector = _multi_agent(cfg, exp, use_filter)

@@ -25,7 +25,7 @@ from typing import Optional
 import yaml
 
 from .config import ExperimentConfig, parse_config
-from .errors import CheckpointError, ConfigError
+from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
 
 STATE_FILE = "ncdpo_state.json"
 CONFIG_FILE = "experiment.yaml"
@@ -124,7 +124,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def restore_failed(ckpt: Path, e: BaseException) -> CheckpointError:
     """The one-line error for a checkpoint RLlib could not load (damaged or foreign files)."""
-    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    msg = one_line(e, with_type=True)
     return CheckpointError(f"checkpoint {str(ckpt)!r} could not be restored: {msg}")
 
 
@@ -137,7 +137,7 @@ def load_checkpoint_meta(path: str | Path, overrides: Optional[list[str]] = None
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete: {Path(e.filename).name} missing") from None
     except (json.JSONDecodeError, TypeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is corrupt: {one_line(e, with_type=True)}") from None
     try:
         exp = parse_config(raw, overrides)
     except ConfigError as e:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .checkpoints import FINAL, STATE_FILE, load_checkpoint_meta, periodic_checkpoints, resolve_checkpoint
 from .config import ExperimentConfig
-from .errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from .tracking import Tracker
 
 ROLLOUTS = "rollouts"
@@ -88,7 +88,8 @@ def record_policy(ckpt: Path, steps: int, stochastic: bool, seed: int, log, labe
 
 
 def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    from .train import check_env, train
+    from .build import check_experiment
+    from .train import train
 
     c = exp.collect
     if c.scripted:
@@ -105,7 +106,7 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     if exp.env.action_chunk != 1 or exp.env.obs_history != 1:
         raise ConfigError("collect records per-step data: set env.action_chunk and env.obs_history to 1 "
                           "(chunks are made at pre-training)")
-    check_env(exp)
+    check_experiment(exp)
     levels = _level_dirs(exp)
     taken = [str(p) for p in levels.values() if p.exists()]
     if taken:
@@ -204,9 +205,7 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
     from ncdpo_rllib.tasks.metaworld import make_metaworld_env, scripted_policy
 
     c = exp.collect
-    from .build import env_config
-
-    env = make_metaworld_env(env_config(exp))  # with pixels: observations are [state, image]
+    env = make_metaworld_env(exp.env)  # with pixels: observations are [state, image]
     state_dim = getattr(env, "state_dim", env.observation_space.shape[0])  # what the expert reads
     expert = scripted_policy(exp.env.id)
     episodes, successes, total = [], [], 0
@@ -251,9 +250,9 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
     c = exp.collect
     if exp.env.kind != "metaworld":
         raise ConfigError("collect.scripted records Meta-World's scripted experts: set env.kind: metaworld")
-    from .train import check_env
+    from .build import check_experiment
 
-    check_env(exp)
+    check_experiment(exp)
     path = Path(c.out) / exp.env.id / scripted_level(exp)
     if path.exists():
         raise ConfigError(f"dataset directory {path} already exists: remove it or set collect.out")

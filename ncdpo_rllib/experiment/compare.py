@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ncdpo_rllib.errors import UserError, one_line
 from .tracking import resolve_tracking_uri
 
 GRID_POINTS = 200
@@ -341,11 +341,6 @@ range all runs of the group cover (linear interpolation onto a common grid).</p>
 # ---------------------------------------------------------------- MLflow access
 
 
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def check_store_exists(uri: str) -> None:
     """A sqlite store that is not there is a typo, not an empty store: do not create one."""
     if uri.startswith("sqlite:///"):
@@ -392,7 +387,7 @@ def select_runs(client, experiment_id: Optional[str], filter_string: Optional[st
                 if not token:
                     break
         except MlflowException as e:
-            raise UserError(f"invalid filter {filter_string!r}: {_one_line(e)}") from None
+            raise UserError(f"invalid filter {filter_string!r}: {one_line(e)}") from None
     runs = [r for r in runs if r.data.tags.get("stage") not in NOT_CURVES]
     if not runs:
         what = (f"filter {filter_string!r}" if filter_string else
@@ -489,7 +484,7 @@ def compare(
         runs = select_runs(client, exp.experiment_id if exp else None, filter_string, run_ids)
         groups, notes = collect_groups(client, runs, group_by, metric, threshold, task_key)
     except MlflowException as e:
-        raise UserError(f"MLflow at {uri}: {_one_line(e)}") from None
+        raise UserError(f"MLflow at {uri}: {one_line(e)}") from None
 
     notes += [n for g in groups.values() if (n := short_range_note(g.label, g.run_ids, g.env_curves))]
     out = Path(out)
@@ -524,7 +519,7 @@ def compare(
     try:
         profiles = profile_tables(client, exp.experiment_id) if exp is not None else []
     except MlflowException as e:
-        raise UserError(f"MLflow at {uri}: {_one_line(e)}") from None
+        raise UserError(f"MLflow at {uri}: {one_line(e)}") from None
     profile_md = "".join(f"\n## Latency and memory vs K\n\n{t}\n" for t in profiles)
     agg = None
     if aggregate_over:
@@ -544,7 +539,7 @@ def compare(
             run_id = log_comparison_run(client, runs[0].info.experiment_id if exp is None else exp.experiment_id,
                                         list(files.values()), experiment, filter_string, run_ids, group_by, metric, threshold)
         except MlflowException as e:
-            raise UserError(f"MLflow at {uri}: logging the comparison run: {_one_line(e)}") from None
+            raise UserError(f"MLflow at {uri}: logging the comparison run: {one_line(e)}") from None
     return {
         "groups": {g.label: g.run_ids for g in groups.values()},
         "plotted": plotted,

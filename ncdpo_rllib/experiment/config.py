@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,117 +18,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ncdpo_rllib.diffusion import DiffusionConfig
-
-from .errors import ConfigError
-
-
-@dataclass
-class EnvConfig:
-    """The task."""
-
-    id: str = "Pendulum-v1"
-    """gymnasium: a registered env id (``Pendulum-v1``, ``HalfCheetah-v5``); pettingzoo: an
-    importable module with ``parallel_env()`` or ``env()`` (``mpe2.simple_spread_v3``,
-    ``pettingzoo.sisl.multiwalker_v9``)."""
-    kind: Literal["gymnasium", "pettingzoo", "metaworld"] = "gymnasium"
-    """Env family: a single-agent Gymnasium env; a multi-agent PettingZoo env (parallel API;
-    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section; or a
-    Meta-World MT1 task (``id: pick-place-v3``; success rate logged with the return)."""
-    kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor / the Meta-World task class."""
-    goal: Literal["random", "fixed"] = "random"
-    """metaworld only: a new object/goal variation (of MT1's 50) at every reset, or always the first."""
-    normalize_observations: bool = True
-    """RLlib's MeanStdFilter connector; its statistics are saved in checkpoints. Ignored with
-    ``init_from``: a pre-trained module normalises with its dataset's statistics."""
-    action_chunk: int = 1
-    """Ta: actions per policy step, executed in order with rewards summed (DPPO's act steps)."""
-    obs_history: int = 1
-    """To: the policy sees the last To observations, concatenated (with pixels: the last To
-    frames, stacked as channels)."""
-    max_episode_steps: Optional[int] = None
-    """Truncate episodes after this many env steps (null = the env's own limit; Meta-World: 500)."""
-    observation: Literal["state", "pixels", "pixels_state"] = "state"
-    """metaworld only: what the policy and critic see. pixels = a rendered camera image
-    (``image_size`` square, ``camera``), encoded by the ``encoder`` section; pixels_state =
-    the image and the state vector. Needs MuJoCo offscreen rendering (``MUJOCO_GL=egl``,
-    set by default on Linux without a display). RLlib's MeanStdFilter is not used with
-    pixels (``normalize_observations`` is ignored): images are scaled to [0, 1] in the encoder."""
-    image_size: int = 64
-    """Pixels: frame width and height (64 or 84 fit a CPU)."""
-    camera: str = "corner2"
-    """Pixels: the MuJoCo camera to render (Meta-World: corner, corner2, corner3, corner4,
-    topview, behindGripper, gripperPOV)."""
-
-    def __post_init__(self):
-        if self.action_chunk < 1 or self.obs_history < 1:
-            raise ValueError("env: action_chunk and obs_history must be >= 1")
-        if self.goal != "random" and self.kind != "metaworld":
-            raise ValueError("env: goal is for kind: metaworld")
-        if self.max_episode_steps is not None and self.max_episode_steps < 1:
-            raise ValueError("env: max_episode_steps must be >= 1 (or null)")
-        if self.observation != "state" and self.kind != "metaworld":
-            raise ValueError("env: observation: pixels is implemented for kind: metaworld")
-        if not 16 <= self.image_size <= 256:
-            raise ValueError("env: image_size must be between 16 and 256")
-        if self.observation == "state" and (self.image_size != 64 or self.camera != "corner2"):
-            raise ValueError("env: image_size and camera are for observation: pixels or pixels_state")
-        if self.max_episode_steps is not None and "max_episode_steps" in self.kwargs:
-            raise ValueError("env: max_episode_steps is set twice (also in env.kwargs); keep env.max_episode_steps")
-
-    @property
-    def pixels(self) -> bool:
-        return self.observation != "state"
-
-
-@dataclass
-class EncoderConfig:
-    """Image encoder of the actor and (a separate one) of the critic, with ``env.observation: pixels``."""
-
-    type: Literal["cnn", "vit"] = "cnn"
-    """cnn = three strided convolutions (Nature-DQN shape: 8/4, 4/2, 3/1, 16-32-32 channels),
-    then Linear + LayerNorm + tanh (DrQ's trunk); vit = a small ViT (patches of image_size/8,
-    width 64, 2 pre-norm blocks of 4 heads, mean-pooled), as DPPO uses for images."""
-    feature_dim: int = 64
-    """Image feature width (the state vector, with pixels_state, is concatenated after it)."""
-    random_shift: int = 4
-    """DrQ's random-shift augmentation: pad by this many pixels (replicate) and crop back at a
-    random offset, per sample; used in behaviour cloning (0 = off)."""
-    shift_in_finetune: bool = False
-    """Also shift in the PPO update's forward passes (actor and critic). Off by default: the
-    rollout saw unshifted frames, so shifting makes the first minibatch's ratio differ from 1."""
-
-    def __post_init__(self):
-        if self.feature_dim < 1 or self.random_shift < 0:
-            raise ValueError("encoder: feature_dim must be >= 1 and random_shift >= 0")
-
-
-@dataclass
-class MultiAgentConfig:
-    """PettingZoo envs (``env.kind: pettingzoo``): which agents share a policy, and the critic."""
-
-    policies: Literal["shared", "independent", "groups"] = "shared"
-    """shared = one policy for all agents (parameter sharing); independent = one per agent;
-    groups = one per entry of ``groups``. Agents sharing a policy need the same spaces."""
-    groups: dict = field(default_factory=dict)
-    """policies: groups only: policy name -> agent-name glob (``adversary_*``); every agent
-    must match exactly one pattern, every pattern at least one agent."""
-    central_critic: bool = False
-    """MAPPO's centralised critic: each agent's value function also sees every agent's
-    observation (zeros for agents no longer in the episode) and an alive bit per agent;
-    the actor sees its own observation only."""
-
-    def __post_init__(self):
-        if self.policies == "groups" and not self.groups:
-            raise ValueError("multi_agent: policies: groups needs groups: {policy name: agent-name pattern}")
-        if self.groups and self.policies != "groups":
-            raise ValueError("multi_agent: groups is only read with policies: groups")
-        for name, pattern in self.groups.items():
-            if not isinstance(pattern, str) or not isinstance(name, str):
-                raise ValueError(f"multi_agent.groups: {name!r}: {pattern!r} must map a name to a glob string")
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-                raise ValueError(f"multi_agent.groups: policy name {name!r} may use letters, digits, _ and - only "
-                                 "(it names checkpoint directories and MLflow keys)")
+from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.rl.defaults import DEFAULTS
+from ncdpo_rllib.tasks.config import EncoderConfig, EnvConfig, MultiAgentConfig
 
 
 @dataclass
@@ -154,66 +45,66 @@ class StopConfig:
 class PPOSection:
     """PPO hyperparameters, shared by NCDPO and the MLP PPO baseline (one key apart)."""
 
-    lr: float = 3e-4
+    lr: float = DEFAULTS.lr
     """Actor learning rate (the only one for algorithm: ppo)."""
-    critic_lr: Optional[float] = 1e-3
+    critic_lr: Optional[float] = DEFAULTS.critic_lr
     """Critic learning rate (ncdpo only; null = lr)."""
-    gamma: float = 0.99
+    gamma: float = DEFAULTS.gamma
     """Discount factor."""
-    gae_lambda: float = 0.95
+    gae_lambda: float = DEFAULTS.lambda_
     """GAE lambda (RLlib's ``lambda_``)."""
-    clip_param: float = 0.2
+    clip_param: float = DEFAULTS.clip_param
     """PPO ratio clip epsilon."""
-    vf_clip_param: float = 10.0
+    vf_clip_param: float = DEFAULTS.vf_clip_param
     """Clip of the squared value error (RLlib's convention)."""
     vf_loss_coeff: float = 1.0
     """Weight of the value loss (ncdpo: the critic has its own optimizer, so mostly a scale)."""
-    entropy_coeff: float = 0.0
+    entropy_coeff: float = DEFAULTS.entropy_coeff
     """Entropy bonus of the final-step Gaussian (state-independent for ncdpo)."""
-    num_epochs: int = 10
+    num_epochs: int = DEFAULTS.num_epochs
     """Passes over each iteration's batch."""
-    minibatch_size: int = 128
+    minibatch_size: int = DEFAULTS.minibatch_size
     """Rows per gradient step."""
-    train_batch_size: int = 4000
+    train_batch_size: int = DEFAULTS.train_batch_size_per_learner
     """Env steps sampled per training iteration."""
-    actor_grad_clip: Optional[float] = 0.5
+    actor_grad_clip: Optional[float] = DEFAULTS.actor_grad_clip
     """Global-norm clip of the actor's gradient (ncdpo)."""
-    critic_grad_clip: Optional[float] = 0.5
+    critic_grad_clip: Optional[float] = DEFAULTS.critic_grad_clip
     """Global-norm clip of the critic's gradient (ncdpo)."""
     grad_clip: Optional[float] = 0.5
     """Global-norm clip of the single optimizer (algorithm: ppo)."""
-    target_kl: Optional[float] = None
+    target_kl: Optional[float] = DEFAULTS.target_kl
     """Stop an iteration's epochs once a minibatch's approx KL exceeds 1.5 x this (ncdpo)."""
-    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    critic_hidden: list[int] = field(default_factory=lambda: list(DEFAULTS.critic_hidden))
     """Critic MLP layer sizes (ncdpo, dppo; the ppo baseline keeps RLlib's default module)."""
-    critic_warmup_iters: int = 0
+    critic_warmup_iters: int = DEFAULTS.critic_warmup_iters
     """Iterations at the start that train only the critic (the actor stays as initialised,
     e.g. pre-trained) (ncdpo, dppo)."""
-    kl_to_reference: float = 0.0
+    kl_to_reference: float = DEFAULTS.kl_to_reference
     """Weight of KL(pi_theta || pi_ref) between the noise-conditioned Gaussians of the policy
     and the initial (e.g. pre-trained) one, same stored noise and current std (ncdpo)."""
-    gamma_denoise: float = 0.99
+    gamma_denoise: float = DEFAULTS.gamma_denoise
     """DPPO: advantage discount per denoising step, gamma_denoise^(S-1-i) (dppo)."""
-    clip_param_base: Optional[float] = None
+    clip_param_base: Optional[float] = DEFAULTS.clip_param_base
     """DPPO: the clip at the earliest fine-tuned denoising step; clip_param at the last, exponential
     in between (the reference's clip_ploss_coef_base: 0.001 Robomimic, = clip Gym); null = clip_param
     throughout (dppo)."""
-    clip_param_rate: float = 3.0
+    clip_param_rate: float = DEFAULTS.clip_param_rate
     """DPPO: rate of that exponential (the reference's clip_ploss_coef_rate) (dppo)."""
-    logp_reduction: Literal["sum", "mean"] = "sum"
+    logp_reduction: Literal["sum", "mean"] = DEFAULTS.logp_reduction
     """How an action's log-prob is formed from its per-element ones: sum = the likelihood of the
     whole action chunk; mean = averaged over chunk x action dims, so the log-ratio and approx KL
     are per action dimension (DPPO's reference) (ncdpo, dppo)."""
-    logp_clamp: Optional[list[float]] = None
+    logp_clamp: Optional[list[float]] = DEFAULTS.logp_clamp
     """Clamp each element's log-prob to [low, high] before the reduction (DPPO's reference:
     [-5, 2]); null = no clamp (ncdpo, dppo)."""
-    advantage_normalization: Literal["batch", "minibatch"] = "batch"
+    advantage_normalization: Literal["batch", "minibatch"] = DEFAULTS.advantage_normalization
     """batch = RLlib's GAE standardises the advantages over the iteration's batch; minibatch =
     standardised again per minibatch, as DPPO's reference does (ncdpo, dppo)."""
-    advantage_clip_quantiles: Optional[list[float]] = None
+    advantage_clip_quantiles: Optional[list[float]] = DEFAULTS.advantage_clip_quantiles
     """Clip each minibatch's advantages to their [low, high] quantiles (after the
     standardisation), e.g. [0.05, 0.95]; null = no clip (DPPO's shipped configs: none) (ncdpo, dppo)."""
-    reward_scale_running: bool = False
+    reward_scale_running: bool = DEFAULTS.reward_scale_running
     """Divide rewards by the running std of the discounted return before GAE, clipped to +-10
     (the reference's reward_scale_running); reported returns stay unscaled (ncdpo, dppo)."""
 
@@ -223,10 +114,6 @@ class PPOSection:
         for name in ("lr", "gamma", "num_epochs", "minibatch_size", "train_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ppo.{name} must be > 0")
-        if self.critic_warmup_iters < 0 or self.kl_to_reference < 0:
-            raise ValueError("ppo.critic_warmup_iters and ppo.kl_to_reference must be >= 0")
-        if not 0 < self.gamma_denoise <= 1:
-            raise ValueError("ppo.gamma_denoise must be in (0, 1]")
 
 
 @dataclass
@@ -406,7 +293,7 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.init_from is not None and self.algorithm == "ppo":
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
-        if self.ppo.kl_to_reference and self.algorithm != "ncdpo":
+        if self.ppo.kl_to_reference and self.algorithm == "ppo":  # dppo: DPPOConfig.validate() refuses it
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
         if self.ppo.clip_param_base is not None and self.algorithm != "dppo":
             raise ValueError("ppo.clip_param_base anneals DPPO's clip over denoising steps: it is for algorithm: dppo")

@@ -8,17 +8,19 @@ A test checks that the committed file matches, so the reference cannot drift fro
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 
 from ncdpo_rllib.diffusion import config as diffusion_config
+from ncdpo_rllib.tasks import config as task_config
 
 from . import config as experiment_config
 
 SECTIONS = [
     ("(top level)", experiment_config, "ExperimentConfig"),
-    ("env", experiment_config, "EnvConfig"),
-    ("encoder", experiment_config, "EncoderConfig"),
-    ("multi_agent", experiment_config, "MultiAgentConfig"),
+    ("env", task_config, "EnvConfig"),
+    ("encoder", task_config, "EncoderConfig"),
+    ("multi_agent", task_config, "MultiAgentConfig"),
     ("stop", experiment_config, "StopConfig"),
     ("diffusion", diffusion_config, "DiffusionConfig"),
     ("ppo", experiment_config, "PPOSection"),
@@ -82,28 +84,42 @@ The MLP PPO baseline logs RLlib's PPO learner keys under `learner/<module>/` ins
 """
 
 
+def _default(f: dataclasses.Field) -> str:
+    """A field's default as the YAML a user would write ((section) for a nested one)."""
+    if f.default_factory is not dataclasses.MISSING:
+        if dataclasses.is_dataclass(f.default_factory):
+            return "(section)"
+        value = f.default_factory()
+    elif f.default is dataclasses.MISSING:
+        return ""
+    else:
+        value = f.default
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
 def _fields(module, class_name: str) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, doc) for each annotated field, read from the source."""
+    """(name, type, default, doc) for each field: the type and doc read from the source (the
+    docstring under each field), the default from the dataclass itself (it may come from
+    ``ncdpo_rllib.rl.defaults``)."""
     tree = ast.parse(inspect.getsource(module))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    defaults = {f.name: _default(f) for f in dataclasses.fields(getattr(module, class_name))}
     out = []
     body = cls.body
     for i, node in enumerate(body):
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
-        default = ""
-        if node.value is not None:
-            default = ast.unparse(node.value)
-            if default.startswith("field(default_factory="):
-                default = default.removeprefix("field(default_factory=").removesuffix(")")
-                default = default.removeprefix("lambda: ")
-                if default.endswith("Config") or default == "PPOSection":
-                    default = "(section)"
         doc = ""
         nxt = body[i + 1] if i + 1 < len(body) else None
         if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
             doc = " ".join(nxt.value.value.split())
-        out.append((node.target.id, ast.unparse(node.annotation), default, doc))
+        out.append((node.target.id, ast.unparse(node.annotation), defaults[node.target.id], doc))
     return out
 
 
@@ -111,7 +127,8 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `ncdpo_rllib/experiment/config.py` and `ncdpo_rllib/diffusion/config.py` by",
+        "Generated from `ncdpo_rllib/experiment/config.py`, `ncdpo_rllib/tasks/config.py` and",
+        "`ncdpo_rllib/diffusion/config.py` by",
         "`python -m ncdpo_rllib.experiment.docgen > docs/configuration.md` (a test keeps it current).",
         "",
         "An experiment is one YAML file; every key is optional. `ncdpo train FILE --set a.b=value`",

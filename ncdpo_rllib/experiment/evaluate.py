@@ -10,9 +10,9 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 
 from ncdpo_rllib.rl.callbacks import finished_episode_stats
 
-from .build import build_algo_config
+from .build import build_algo_config, check_experiment
 from .checkpoints import load_checkpoint_meta, restore_failed
-from .errors import CheckpointError
+from ncdpo_rllib.errors import CheckpointError
 
 
 RL_MODULE_DIR = Path("learner_group") / "learner" / "rl_module"
@@ -50,10 +50,9 @@ def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: in
 def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[dict, object, dict]:
     from .pretrain import evaluate_module
     from .pretrained import load_module_state, load_pretrained_meta
-    from .train import check_env
 
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
-    check_env(exp)
+    check_experiment(exp)
     returns, success_rate = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
     summary = _summary(exp, ckpt, returns, trained_env_steps=0)
     if success_rate is not None:
@@ -102,7 +101,6 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
     ``track``: log the result as its own MLflow run (tag ``stage: evaluate``) in the store and
     experiment the checkpoint was trained with (unless its config disabled tracking)."""
     from .pretrained import is_pretrained
-    from .train import check_env
 
     if episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
@@ -111,7 +109,7 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
         source, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
     else:
         ckpt, exp, state = load_checkpoint_meta(checkpoint)
-        check_env(exp)
+        check_experiment(exp)
         runner = load_env_runner(ckpt, exp, seed=seed)
         done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
         runner.stop()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig
-from .errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
 from .pretrained import CONFIG, META, MODULE, PRETRAINED
 from .tracking import Tracker
 
@@ -38,9 +38,9 @@ def module_spec(exp: ExperimentConfig):
     """The RLModuleSpec fine-tuning builds, with this experiment's (chunked) spaces."""
     from ncdpo_rllib.tasks.envs import make_env
 
-    from .build import build_algo_config, env_config
+    from .build import build_algo_config
 
-    env = make_env(env_config(exp))
+    env = make_env(exp.env)
     spec = build_algo_config(exp).get_default_rl_module_spec()
     spec.observation_space, spec.action_space = env.observation_space, env.action_space
     env.close()
@@ -63,14 +63,9 @@ def _split(dataset, val_fraction: float, seed: int):
 def _check_dataset(dataset, exp: ExperimentConfig):
     import gymnasium as gym
 
-    if exp.env.kind == "metaworld":
-        from ncdpo_rllib.tasks.metaworld import make_metaworld_env
+    from ncdpo_rllib.tasks.envs import make_base_env
 
-        from .build import env_config
-
-        base = make_metaworld_env(env_config(exp))  # with pixels: [state, image] per step
-    else:
-        base = gym.make(exp.env.id, **exp.env.kwargs)
+    base = make_base_env(exp.env)  # Meta-World with pixels: [state, image] per step
     obs_dim, act_space = int(np.prod(base.observation_space.shape)), base.action_space
     base.close()
     if not isinstance(act_space, gym.spaces.Box):
@@ -162,7 +157,7 @@ def _run_dir(exp: ExperimentConfig) -> Path:
 def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     from ncdpo_rllib.data import load_dataset, make_windows
 
-    from .train import check_env
+    from .build import check_experiment
 
     p, env = exp.pretrain, exp.env
     if exp.algorithm == "ppo":
@@ -171,7 +166,7 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
         raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium or metaworld")
     if p.dataset is None:
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
-    check_env(exp)
+    check_experiment(exp)
     dataset = load_dataset(p.dataset)
     act_space = _check_dataset(dataset, exp)
     run_dir = _run_dir(exp)

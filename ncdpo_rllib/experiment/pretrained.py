@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .config import ExperimentConfig, flatten, parse_config
-from .errors import CheckpointError, ConfigError
+from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
 
 PRETRAINED = "pretrained"
 META = "pretrain.json"
@@ -66,7 +66,7 @@ def load_pretrained_meta(path: str | Path) -> tuple[Path, ExperimentConfig, dict
     except FileNotFoundError as e:
         raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is incomplete: {Path(e.filename).name} missing") from None
     except (json.JSONDecodeError, yaml.YAMLError, ConfigError) as e:
-        raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is corrupt: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is corrupt: {one_line(e)}") from None
     if not (ckpt / MODULE).is_dir():
         raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is incomplete: {MODULE}/ missing")
     return ckpt, exp, meta
@@ -80,7 +80,7 @@ def load_module_state(ckpt: Path) -> dict[str, Any]:
         module = RLModule.from_checkpoint(str((ckpt / MODULE).resolve()))
         return module.get_state()
     except Exception as e:  # RLlib raises assorted errors on damaged files
-        msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        msg = one_line(e, with_type=True)
         raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} could not be loaded: {msg}") from None
 
 

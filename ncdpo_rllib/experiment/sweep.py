@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import yaml
 
 from .config import ExperimentConfig, load_config
-from .errors import ConfigError, UserError
+from ncdpo_rllib.errors import ConfigError, UserError, one_line
 from .tracking import resolve_tracking_uri
 
 SWEEP_STAGE = "sweep"
@@ -157,16 +157,14 @@ def _plan_resume(points: list[Point], children: list, client, log) -> list[Point
 
 def _resources(exp: ExperimentConfig):
     """The trial's reservation: what RLlib itself asks Tune for this algorithm config."""
-    from .build import build_algo_config
-
     import logging
 
-    try:
+    from .build import build_algo_config, rllib_validation
+
+    with rllib_validation():
         algo_cfg = build_algo_config(exp)
         logging.getLogger("ray.rllib").setLevel(logging.ERROR)  # RLlib's start-up banners
         return algo_cfg.algo_class.default_resource_request(algo_cfg)
-    except ValueError as e:  # RLlib's own config validation
-        raise ConfigError(f"RLlib rejected the configuration: {str(e).strip().splitlines()[0]}") from None
 
 
 def _make_trainable(points: list[Point], parent_id: str, sweep_name: str):
@@ -219,10 +217,10 @@ def sweep(
     points = build_points(config, grid, seeds, overrides, name, ckpt_root, uri)
     if len({p.name for p in points}) != len(points):
         raise ConfigError("sweep: two grid points have the same name (repeated values?)")
-    from .train import check_env
+    from .build import check_experiment
 
     for p in points:  # the env and RLlib's own validation, for every point, before anything runs
-        check_env(p.exp)
+        check_experiment(p.exp)
         p.resources = _resources(p.exp)
     if not resume and ckpt_root.exists() and any(ckpt_root.iterdir()):
         raise ConfigError(f"sweep directory {ckpt_root} already exists: choose another --name, or add --resume")
@@ -256,7 +254,7 @@ def sweep(
             client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
             todo = points
     except MlflowException as e:
-        raise UserError(f"MLflow at {uri}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"MLflow at {uri}: {one_line(e)}") from None
 
     log(f"sweep {name}: {len(points)} points, {len(todo)} to run | MLflow parent run {parent_id} at {uri}")
     errors: list[str] = []

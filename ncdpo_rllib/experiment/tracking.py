@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ExperimentConfig, flatten
-from .errors import UserError
+from ncdpo_rllib.errors import UserError, one_line
 
 DEFAULT_DB = "mlflow.db"
 
@@ -69,7 +69,7 @@ class Tracker:
         try:
             self._open(exp, run_id)
         except MlflowException as e:
-            raise UserError(f"MLflow at {self.uri}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"MLflow at {self.uri}: {one_line(e)}") from None
 
     def _open(self, exp: ExperimentConfig, run_id: Optional[str]) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")

@@ -11,12 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import gymnasium as gym
 
 from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
-from .build import build_algo_config
+from .build import build_algo_config, check_experiment, rllib_validation
 from .checkpoints import (
     CONFIG_FILE,
     FINAL,
@@ -30,44 +29,8 @@ from .checkpoints import (
     supersede_later_checkpoints,
 )
 from .config import ExperimentConfig, flatten
-from .errors import ConfigError, TrainingDiverged
+from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
 from .tracking import Tracker
-
-
-def check_env(exp: ExperimentConfig) -> None:
-    from ncdpo_rllib.tasks.envs import check_gymnasium_env
-
-    if exp.env.kind == "pettingzoo":
-        from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
-
-        spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
-        policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
-        return
-    if exp.env.kind == "metaworld":
-        from ncdpo_rllib.tasks.metaworld import make_metaworld_env
-
-        from .build import env_config
-
-        env = make_metaworld_env(env_config(exp))
-        try:
-            if exp.env.pixels:
-                env.reset(seed=0)  # renders a frame: fails here, with the MUJOCO_GL fix, not in a worker
-            obs_space, act_space = env.observation_space, env.action_space
-        finally:
-            env.close()
-    else:
-        obs_space, act_space = check_gymnasium_env(exp.env.id, exp.env.kwargs, for_diffusion=exp.algorithm != "ppo")
-    chunked = exp.env.action_chunk > 1 or exp.env.obs_history > 1
-    if chunked and not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)):
-        raise ConfigError(
-            f"env.action_chunk / env.obs_history need Box observation and action spaces; {exp.env.id} has "
-            f"{obs_space} and {act_space}"
-        )
-    if exp.algorithm == "dppo" and not isinstance(act_space, gym.spaces.Box):
-        raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {act_space} "
-                          "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
-    if exp.algorithm == "dppo" and exp.diffusion.sigma_min <= 0:
-        raise ConfigError("algorithm: dppo needs diffusion.sigma_min > 0 (every denoising step is a Gaussian)")
 
 
 def init_ray() -> None:
@@ -190,10 +153,8 @@ def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) 
 
 
 def _build_algo(exp: ExperimentConfig, record_dir: Optional[Path] = None):
-    try:
+    with rllib_validation():
         return build_algo_config(exp, record_dir=record_dir).build_algo()
-    except ValueError as e:  # RLlib's own config validation
-        raise ConfigError(f"RLlib rejected the configuration: {str(e).strip().splitlines()[0]}") from None
 
 
 def _start_from_pretrained(algo, state: dict) -> None:
@@ -206,7 +167,7 @@ def _start_from_pretrained(algo, state: dict) -> None:
     try:
         algo.learner_group.foreach_learner(load)
     except Exception as e:  # a shape mismatch surfaces here (possibly wrapped by Ray)
-        msg = str(getattr(e, "cause", None) or e).strip().splitlines()[0]
+        msg = one_line(getattr(e, "cause", None) or e)
         raise ConfigError(f"init_from: the pre-trained weights do not fit this model: {msg}") from None
     # RLlib's sync_weights is fire-and-forget; measured with 2 remote EnvRunners, the first
     # iteration still sampled with the initial weights (first ratio 0, approx KL 306). Set
@@ -287,7 +248,7 @@ def train(
     if resume is not None:
         ckpt_path, ckpt_exp, state = load_checkpoint_meta(resume)
         _check_resume_compatible(ckpt_exp, exp)
-    check_env(exp)
+    check_experiment(exp)
     pretrained_state = None
     if exp.init_from is not None and ckpt_path is None:
         from .pretrained import check_compatible, load_module_state, load_pretrained_meta
@@ -341,7 +302,7 @@ def train(
                     raise
                 last = periodic_checkpoints(run_dir)
                 raise TrainingDiverged(
-                    f"training diverged at iteration {state.iteration + 1}: {str(cause).splitlines()[0]}; "
+                    f"training diverged at iteration {state.iteration + 1}: {one_line(cause)}; "
                     f"last good checkpoint: {last[-1] if last else 'none (set checkpoint.every)'}"
                 ) from None
             iter_s = time.perf_counter() - t0

@@ -1,22 +1,25 @@
-"""RLlib glue: the diffusion RLModule, the NCDPO learner and config, and the DPPO baseline."""
+"""RLlib glue: the diffusion RLModule, the NCDPO learner and config, and the DPPO baseline.
 
-from .config import NCDPO, NCDPOConfig, mean_std_filter_connector
-from .dppo import DPPO, DPPO_CHAIN, DPPO_STEP_LOGP, DPPOConfig, DPPOModule, DPPOTorchLearner
-from .learner import NCDPOTorchLearner, NonFiniteParametersError
-from .module import NOISE, DiffusionPolicyModule
+The names below load on first use (PEP 562), so that ``ncdpo_rllib.rl.defaults`` can be read
+without importing RLlib.
+"""
 
-__all__ = [
-    "DPPO",
-    "DPPOConfig",
-    "DPPOModule",
-    "DPPOTorchLearner",
-    "DPPO_CHAIN",
-    "DPPO_STEP_LOGP",
-    "NCDPO",
-    "NCDPOConfig",
-    "NCDPOTorchLearner",
-    "NOISE",
-    "DiffusionPolicyModule",
-    "NonFiniteParametersError",
-    "mean_std_filter_connector",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "NCDPO": "config", "NCDPOConfig": "config", "mean_std_filter_connector": "config",
+    "DPPO": "dppo", "DPPO_CHAIN": "dppo", "DPPO_STEP_LOGP": "dppo", "DPPOConfig": "dppo", "DPPOModule": "dppo",
+    "DPPOTorchLearner": "dppo",
+    "NCDPOTorchLearner": "learner", "NonFiniteParametersError": "learner",
+    "NOISE": "module", "DiffusionPolicyModule": "module",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,12 +4,13 @@
     algo = NCDPOConfig().environment("Pendulum-v1").build_algo()
     algo.train()
 
-RLlib's PPO defaults (lambda 1.0, 30 epochs, lr 5e-5, KL loss on, clip 0.3, one optimizer)
-are tuned for MLPs; the defaults here are those ``../shared/NCDPO.md`` measured to learn.
+The defaults are ``ncdpo_rllib.rl.defaults.DEFAULTS`` (not RLlib's MLP ones).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import fields
 from typing import Optional
 
 from ray.rllib.algorithms.algorithm_config import NotProvided
@@ -19,8 +20,9 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from ncdpo_rllib.diffusion import DiffusionConfig
 
+from .defaults import DEFAULTS, DPPO_ONLY, AlgorithmDefaults
 from .learner import NCDPOTorchLearner
-from .module import DEFAULT_CRITIC_HIDDEN, DiffusionPolicyModule
+from .module import DIFFUSION, DiffusionPolicyModule
 
 
 def mean_std_filter_connector(env=None, spaces=None, device=None):
@@ -57,32 +59,13 @@ class PerAgentMeanStdFilter(MeanStdFilter):
 class NCDPOConfig(PPOConfig):
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or NCDPO)
-        # PPO hyperparameters (CleanRL / the prototype's, not RLlib's MLP defaults).
-        self.lr = 3e-4
-        self.lambda_ = 0.95
-        self.gamma = 0.99
-        self.num_epochs = 10
-        self.minibatch_size = 128
-        self.train_batch_size_per_learner = 4000
         self.use_kl_loss = False
-        self.clip_param = 0.2
-        self.vf_clip_param = 10.0
-        self.entropy_coeff = 0.0
-        self.grad_clip = None
-        # NCDPO-specific.
-        self.critic_lr: Optional[float] = 1e-3
-        self.actor_grad_clip: Optional[float] = 0.5
-        self.critic_grad_clip: Optional[float] = 0.5
-        self.target_kl: Optional[float] = None
-        self.critic_warmup_iters: int = 0
-        self.kl_to_reference: float = 0.0
-        self.logp_reduction: str = "sum"
-        self.logp_clamp: Optional[tuple[float, float]] = None
-        self.advantage_normalization: str = "batch"
-        self.advantage_clip_quantiles: Optional[tuple[float, float]] = None
-        self.reward_scale_running: bool = False
+        self.grad_clip = None  # NCDPO clips the actor's and the critic's gradients separately
+        for f in fields(AlgorithmDefaults):
+            if f.name not in DPPO_ONLY:
+                setattr(self, f.name, getattr(DEFAULTS, f.name))
+        self.critic_hidden: list[int] = list(DEFAULTS.critic_hidden)
         self.diffusion_config: DiffusionConfig = DiffusionConfig()
-        self.critic_hidden: list[int] = list(DEFAULT_CRITIC_HIDDEN)
         self.pixels: Optional[dict] = None
         # Sampling: 1 runner x 8 vector envs, observations normalised (MeanStdFilter).
         self.num_env_runners = 1
@@ -132,7 +115,7 @@ class NCDPOConfig(PPOConfig):
         """Set the diffusion policy: a DiffusionConfig and/or field overrides; ``pixels``: the
         image encoders' settings (``DiffusionPolicyModule``'s model_config["pixels"]) or None."""
         base = config or self.diffusion_config
-        self.diffusion_config = DiffusionConfig(**{**base.to_dict(), **overrides})
+        self.diffusion_config = dataclasses.replace(base, **overrides) if overrides else base
         if critic_hidden is not NotProvided:
             self.critic_hidden = list(critic_hidden)
         if pixels is not NotProvided:
@@ -143,7 +126,7 @@ class NCDPOConfig(PPOConfig):
         return RLModuleSpec(
             module_class=DiffusionPolicyModule,
             model_config={
-                **self.diffusion_config.to_dict(),
+                DIFFUSION: self.diffusion_config.to_dict(),
                 "critic_hidden": self.critic_hidden,
                 "reference_policy": self.kl_to_reference > 0,
                 **({"pixels": self.pixels} if self.pixels else {}),

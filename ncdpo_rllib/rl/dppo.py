@@ -38,6 +38,7 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ncdpo_rllib.diffusion import gaussian_log_prob_elements, reduce_log_prob
 
 from .config import NCDPOConfig
+from .defaults import DEFAULTS
 from .learner import NCDPOTorchLearner, clipped_surrogate, policy_advantages, value_loss
 from .module import DiffusionPolicyModule
 
@@ -49,6 +50,13 @@ in the train forward's output: the new ones of the fine-tuned steps only, (S_ft,
 S_ft rows."""
 
 
+def check_gaussian_steps(diffusion_config) -> None:
+    """DPPO scores every denoising step as a Gaussian: both std floors must be positive (the
+    config's validate() and the module's setup() both ask, for users of either alone)."""
+    if diffusion_config.sigma_min <= 0 or diffusion_config.scoring_sigma_min <= 0:
+        raise ValueError("DPPO needs diffusion sigma_min > 0 and logprob_sigma_min > 0: every denoising step is a Gaussian")
+
+
 class DPPOModule(DiffusionPolicyModule):
     """The diffusion module, scored per denoising step. Inference and critic: the parent's."""
 
@@ -56,8 +64,7 @@ class DPPOModule(DiffusionPolicyModule):
         super().setup()
         if self.discrete:
             raise ValueError("DPPO here supports Box action spaces only (use algorithm: ncdpo for Discrete)")
-        if self.diffusion_config.sigma_min <= 0 or self.diffusion_config.scoring_sigma_min <= 0:
-            raise ValueError("DPPO needs sigma_min > 0 and logprob_sigma_min > 0: every denoising step is a Gaussian")
+        check_gaussian_steps(self.diffusion_config)
 
     @property
     def first_finetuned_step(self) -> int:
@@ -170,9 +177,9 @@ class DPPOConfig(NCDPOConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or DPPO)
-        self.gamma_denoise: float = 0.99
-        self.clip_param_base: Optional[float] = None
-        self.clip_param_rate: float = 3.0
+        self.gamma_denoise: float = DEFAULTS.gamma_denoise
+        self.clip_param_base: Optional[float] = DEFAULTS.clip_param_base
+        self.clip_param_rate: float = DEFAULTS.clip_param_rate
 
     def training(self, *, gamma_denoise: float = NotProvided, clip_param_base: Optional[float] = NotProvided,
                  clip_param_rate: float = NotProvided, **kwargs) -> "DPPOConfig":
@@ -196,8 +203,7 @@ class DPPOConfig(NCDPOConfig):
         super().validate()
         if not 0 < self.gamma_denoise <= 1:
             self._value_error(f"`gamma_denoise` must be in (0, 1], got {self.gamma_denoise}")
-        if self.diffusion_config.sigma_min <= 0 or self.diffusion_config.scoring_sigma_min <= 0:
-            self._value_error("DPPO needs diffusion sigma_min > 0 and logprob_sigma_min > 0 (each denoising step is a Gaussian)")
+        check_gaussian_steps(self.diffusion_config)
         if self.kl_to_reference:
             self._value_error("DPPO has no KL-to-reference term: set kl_to_reference=0")
         if self.clip_param_base is not None and not 0 < self.clip_param_base <= self.clip_param:

@@ -23,6 +23,7 @@ What it changes in RLlib's ``PPOTorchLearner``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,6 +69,18 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, vf_clip_param) -> to
     return err.clamp(max=vf_clip_param) if vf_clip_param else err
 
 
+@dataclass
+class UpdateControl:
+    """Which optimizer steps an ``update()`` call skips (``NCDPOTorchLearner.apply_gradients``)."""
+
+    actor_frozen: bool = False
+    """Critic warm-up (``critic_warmup_iters``): the actors do not step in this update() call."""
+    kl_stopped: set = field(default_factory=set)
+    """Modules past 1.5 x ``target_kl``: no further steps in this update() call."""
+    skip_step: set = field(default_factory=set)
+    """Modules with non-finite gradients in this minibatch: this step only is skipped."""
+
+
 class NonFiniteParametersError(RuntimeError):
     """Raised when a module's parameters became NaN/inf: training cannot continue."""
 
@@ -76,6 +89,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
     def build(self) -> None:
         """PPO's build; with ``reward_scale_running``, the reward scaler right before GAE."""
         super().build()
+        self.control = UpdateControl()
         if getattr(self.config, "reward_scale_running", False) and self._learner_connector is not None:
             self._learner_connector.insert_before(
                 GeneralAdvantageEstimation, RunningRewardScaling(gamma=self.config.gamma)
@@ -116,7 +130,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
             self.metrics.log_value((module_id, f"grad_norm_{name}"), norm, reduce="mean")
             out.update(grads)
         if finite and not bool(torch.stack(finite).all()):  # one host sync per module
-            self._skip_step.add(module_id)
+            self.control.skip_step.add(module_id)
         self._log_denoising_step_grad_norms(module_id)
         return out
 
@@ -137,43 +151,50 @@ class NCDPOTorchLearner(PPOTorchLearner):
             reduce="mean",
         )
 
-    # --- update loop hooks ------------------------------------------------------------
+    # --- update control -------------------------------------------------------------
+    # What may step in an update() call, in one place: ``control`` is reset per update() call
+    # (before_gradient_based_update), filled while the loss and gradients are computed (the KL
+    # stop in _maybe_stop_on_kl, non-finite gradients in postprocess_gradients_for_module) and
+    # applied in apply_gradients. The optimizers' parameters are read through RLlib's public
+    # get_optimizers_for_module (``optimizer_params``), nowhere else.
     def before_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().before_gradient_based_update(timesteps=timesteps)
-        self._kl_stopped: set = set()
-        self._skip_step: set = set()
-        # Counted in env steps (restored with the algorithm), so warm-up survives --resume.
+        # Warm-up counted in env steps (restored with the algorithm), so that it survives --resume.
         per_iter = self.config.train_batch_size_per_learner * max(self.config.num_learners, 1)
         lifetime = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0) or 0)
         warmup = self.config.critic_warmup_iters
-        self._actor_frozen = warmup > 0 and round(lifetime / per_iter) <= warmup
+        self.control = UpdateControl(actor_frozen=warmup > 0 and round(lifetime / per_iter) <= warmup)
 
-    def _module_param_refs(self, module_id, only: str = "") -> list:
-        return [
-            pid
-            for full_name in self._module_optimizers.get(module_id, [])
-            if full_name.endswith(only)
-            for pid in self._optimizer_parameters[self._named_optimizers[full_name]]
-        ]
+    def optimizer_params(self, module_id, only: str = "") -> list[torch.nn.Parameter]:
+        """The parameters of ``module_id``'s optimizers (of the one named ``only``, if given); none
+        for a module RLlib registered no optimizer for."""
+        try:
+            named = self.get_optimizers_for_module(module_id)
+        except KeyError:
+            return []
+        return [p for name, optimizer in named if not only or name == only
+                for group in optimizer.param_groups for p in group["params"]]
 
     def apply_gradients(self, gradients_dict) -> None:
-        """RLlib's apply_gradients, minus the modules that must not step this minibatch:
-        those past the target KL, and those with non-finite gradients (RLlib's default
-        would zero the NaNs and step anyway)."""
-        for module_id in self._skip_step:
+        """RLlib's apply_gradients, minus what must not step this minibatch (``control``): the
+        modules past the target KL, those with non-finite gradients (RLlib's default would zero
+        the NaNs and step anyway) and, during the critic warm-up, the actors."""
+        control = self.control
+        for module_id in control.skip_step:
             self.metrics.log_value((module_id, "nonfinite_updates_skipped"), 1, reduce="sum")
-        frozen = {pid for m in self._kl_stopped | self._skip_step for pid in self._module_param_refs(m)}
-        if getattr(self, "_actor_frozen", False):
-            frozen |= {pid for m in self._module_optimizers for pid in self._module_param_refs(m, only=ACTOR)}
-        for pid in frozen:
-            self._params[pid].grad = None  # Adam skips parameters without a gradient
-        super().apply_gradients({pid: g for pid, g in gradients_dict.items() if pid not in frozen})
-        self._skip_step = set()  # per minibatch; the KL stop lasts for the whole update() call
-        for module_id in self._module_optimizers:
-            params = [self._params[pid] for pid in self._module_param_refs(module_id)]
+        frozen = [p for m in control.kl_stopped | control.skip_step for p in self.optimizer_params(m)]
+        if control.actor_frozen:
+            frozen += [p for m in self.module.keys() for p in self.optimizer_params(m, only=ACTOR)]
+        frozen_refs = {self.get_param_ref(p) for p in frozen}
+        for param in frozen:
+            param.grad = None  # Adam skips parameters without a gradient
+        super().apply_gradients({ref: g for ref, g in gradients_dict.items() if ref not in frozen_refs})
+        control.skip_step = set()  # per minibatch; the KL stop lasts for the whole update() call
+        for module_id in self.module.keys():
+            params = self.optimizer_params(module_id)
             if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                 raise NonFiniteParametersError(
-                    f"parameters of module {module_id!r} are NaN/inf; lower ppo.lr or the grad "
+                    f"parameters of module {module_id!r} are NaN/inf; lower the learning rate or the gradient "
                     "clips and resume from the last checkpoint"
                 )
 
@@ -242,7 +263,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
                 "ratio_mean": ratio.mean(),
                 "clip_fraction": ((ratio - 1).abs() > clip).float().mean(),
                 "approx_kl": approx_kl,
-                "kl_stop_fraction": float(module_id in self._kl_stopped),
+                "kl_stop_fraction": float(module_id in self.control.kl_stopped),
             },
             key=module_id,
             reduce="mean",
@@ -251,7 +272,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
             final_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean()
             self.metrics.log_value((module_id, "final_std"), final_std, reduce="mean")
         self.metrics.log_value((module_id, "ratio_max"), ratio.max(), reduce="max")
-        self.metrics.log_value((module_id, "actor_frozen"), float(self._actor_frozen), reduce="mean")
+        self.metrics.log_value((module_id, "actor_frozen"), float(self.control.actor_frozen), reduce="mean")
 
     def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
         """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
@@ -261,7 +282,7 @@ class NCDPOTorchLearner(PPOTorchLearner):
             torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
             approx_kl /= torch.distributed.get_world_size()
         if approx_kl > 1.5 * config.target_kl:
-            self._kl_stopped.add(module_id)
+            self.control.kl_stopped.add(module_id)
 
     @staticmethod
     def _kl_to_reference(module, batch, fwd_out) -> torch.Tensor:

@@ -51,17 +51,25 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy, DiscreteDiffusionPolicy
 from ncdpo_rllib.diffusion.denoiser import ACTIVATIONS
 
+from .defaults import DEFAULTS
+
 NOISE = "ncdpo_noise"
 """Batch / episode column holding the pre-sampled noise, shape (S+1, action_dim) per step
 ((S, n) for the discrete head)."""
 
-DEFAULT_CRITIC_HIDDEN = [256, 256]
+DIFFUSION = "diffusion"
+"""The model_config key holding the ``DiffusionConfig`` (as a dict)."""
 
 
 def diffusion_config_from_model_config(model_config: Optional[dict]) -> DiffusionConfig:
-    """The DiffusionConfig part of an RLModule ``model_config`` dict (other keys ignored)."""
+    """The ``DiffusionConfig`` of an RLModule ``model_config``: ``model_config["diffusion"]``. A
+    module saved before the settings were nested (its DiffusionConfig fields at the top level of
+    model_config) is read from those fields."""
+    model_config = model_config or {}
+    if DIFFUSION in model_config:
+        return DiffusionConfig(**model_config[DIFFUSION])
     names = {f.name for f in fields(DiffusionConfig)}
-    return DiffusionConfig(**{k: v for k, v in (model_config or {}).items() if k in names})
+    return DiffusionConfig(**{k: v for k, v in model_config.items() if k in names})
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str = "mish") -> nn.Sequential:
@@ -77,7 +85,7 @@ PIXEL_KEYS = ("image_size", "frames", "use_state", "type", "feature_dim", "rando
 
 
 class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
-    """model_config: every ``DiffusionConfig`` field, plus ``critic_hidden`` (list of ints),
+    """model_config: ``diffusion`` (a ``DiffusionConfig`` as a dict), ``critic_hidden`` (list of ints),
     ``reference_policy`` (bool), ``actor_obs_dim`` (int or None: the centralised critic) and
     ``pixels`` (None, or a dict: image_size, frames, use_state, type, feature_dim,
     random_shift, shift_in_finetune)."""
@@ -99,7 +107,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         else:
             action_dim = int(np.prod(self.action_space.shape))
             self.actor = DiffusionPolicy(self.diffusion_config, action_dim, cond_dim, encoder)
-        critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULT_CRITIC_HIDDEN)
+        critic_hidden = (self.model_config or {}).get("critic_hidden", DEFAULTS.critic_hidden)
         critic_encoder = self._encoder(obs_dim)
         head = mlp(critic_encoder.out_dim if critic_encoder is not None else obs_dim, list(critic_hidden), 1,
                    self.diffusion_config.activation)

@@ -1,53 +1,101 @@
 """The task side: build the env a run trains on, and check it before anything starts.
 
 Every run samples from the env registered as ``ENV_NAME`` (``make_env``): the Gymnasium
-env (or a Meta-World task, or a PettingZoo env wrapped for RLlib), plus, when asked, a recorder of raw transitions (``ncdpo collect``) and the action
-chunk / observation history wrapper, in that order (the recorder sees per-step data).
+env (or a Meta-World task, or a PettingZoo env wrapped for RLlib), plus, when asked, a recorder
+of raw transitions (``ncdpo collect``) and the action chunk / observation history wrapper, in
+that order (the recorder sees per-step data). ``make_base_env`` is the one place that tells the
+env kinds apart; ``check_env`` builds the env once on the driver, so that a bad ``env`` section
+fails there, with a one-line fix, not in a Ray worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import gymnasium as gym
 
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
+
+from .config import EnvConfig, MultiAgentConfig
 
 ENV_NAME = "ncdpo_env"
+RECORD_DIR = "record_dir"
+"""The one key of RLlib's ``env_config`` that is not an ``EnvConfig`` field: where ``ncdpo collect``
+records raw transitions."""
 
 
-def make_env(env_config: dict):
-    """env_config: kind, id, kwargs, goal, max_episode_steps, observation, image_size, camera,
-    action_chunk, obs_history, record_dir (optional).
+def env_context(env: EnvConfig, record_dir: Optional[str] = None) -> dict:
+    """The env section as the plain mapping RLlib hands to ``make_env`` on every EnvRunner."""
+    out = dataclasses.asdict(env)
+    if record_dir:
+        out[RECORD_DIR] = str(record_dir)
+    return out
+
+
+def as_env_config(env_config: Union[EnvConfig, Mapping]) -> tuple[EnvConfig, Optional[str]]:
+    """(EnvConfig, record_dir) from an EnvConfig or from ``env_context``'s mapping (missing keys
+    take EnvConfig's defaults)."""
+    if isinstance(env_config, EnvConfig):
+        return env_config, None
+    fields = {f.name for f in dataclasses.fields(EnvConfig)}
+    unknown = set(env_config) - fields - {RECORD_DIR}
+    if unknown:
+        raise ConfigError(f"env: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(fields))}")
+    return EnvConfig(**{k: v for k, v in env_config.items() if k in fields}), env_config.get(RECORD_DIR)
+
+
+def make_base_env(env: EnvConfig, pixels: bool = True) -> gym.Env:
+    """The single-agent env before chunking: a Gymnasium env with its time limit, or a Meta-World
+    task (rendering its camera image when ``pixels`` and the config asks for pixels)."""
+    if env.kind == "metaworld":
+        from .metaworld import make_metaworld_env
+
+        return make_metaworld_env(env, pixels=pixels)
+    if env.kind != "gymnasium":
+        raise ConfigError(f"env.kind {env.kind!r}: a single-agent env (gymnasium or metaworld) is needed here")
+    try:
+        gym.spec(env.id)
+    except gym.error.Error:
+        close = difflib.get_close_matches(env.id, list(gym.registry.keys()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"env.id {env.id!r} is not a registered Gymnasium env{hint}") from None
+    limit = {"max_episode_steps": env.max_episode_steps} if env.max_episode_steps else {}
+    try:
+        return gym.make(env.id, **limit, **env.kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        raise ConfigError(f"env.id {env.id!r} needs an extra dependency: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"env.kwargs for {env.id!r} are not accepted: {e}") from None
+
+
+def make_env(env_config: Union[EnvConfig, Mapping]):
+    """The env factory RLlib calls on every EnvRunner (registered as ``ncdpo_env``), with
+    ``env_context``'s mapping; an ``EnvConfig`` works as well.
 
     Pixels are rendered above the chunking when the policy sees one observation (To = 1):
     one frame per policy step instead of one per env step (Ta times fewer renders)."""
-    kind = env_config.get("kind", "gymnasium")
-    chunk, history = env_config.get("action_chunk", 1), env_config.get("obs_history", 1)
-    pixels_on_top = env_config.get("observation", "state") != "state" and history == 1
-    if kind == "pettingzoo":
+    cfg, record_dir = as_env_config(env_config)
+    if cfg.kind == "pettingzoo":
         from .multiagent import make_multi_agent_env
 
-        return make_multi_agent_env(env_config)
-    if kind == "metaworld":
-        from .metaworld import make_metaworld_env
-
-        env = make_metaworld_env(env_config, pixels=not pixels_on_top)
-    else:
-        limit = {"max_episode_steps": env_config["max_episode_steps"]} if env_config.get("max_episode_steps") else {}
-        env = gym.make(env_config["id"], **limit, **env_config.get("kwargs", {}))
-    if env_config.get("record_dir"):
+        return make_multi_agent_env(cfg)
+    pixels_on_top = cfg.pixels and cfg.obs_history == 1
+    env = make_base_env(cfg, pixels=not pixels_on_top)
+    if record_dir:
         from ncdpo_rllib.data import RecordingWrapper
 
-        env = RecordingWrapper(env, env_config["record_dir"])
-    if chunk > 1 or history > 1:
+        env = RecordingWrapper(env, record_dir)
+    if cfg.action_chunk > 1 or cfg.obs_history > 1:
         from .wrappers import ActionChunkObsHistory
 
-        env = ActionChunkObsHistory(env, chunk, history)
+        env = ActionChunkObsHistory(env, cfg.action_chunk, cfg.obs_history)
     if pixels_on_top:
         from .pixels import PixelObservations
 
-        env = PixelObservations(env, env_config.get("image_size", 64), env_config.get("camera", "corner2"))
+        env = PixelObservations(env, cfg.image_size, cfg.camera)
     return env
 
 
@@ -59,37 +107,40 @@ def register() -> str:
     return ENV_NAME
 
 
-def check_gymnasium_env(env_id: str, kwargs: dict, *, for_diffusion: bool) -> tuple[gym.Space, gym.Space]:
-    """Build the env once (then close it) and return (observation_space, action_space).
+def check_env(env: EnvConfig, multi_agent: Optional[MultiAgentConfig] = None, *, for_diffusion: bool):
+    """Build the env once on the driver (then close it) and return its base spaces, so that a bad
+    ``env`` section is a one-line ConfigError here, not a crash in a Ray worker. Single-agent:
+    (observation_space, action_space) before chunking; PettingZoo: ``AgentSpaces`` (and the
+    ``multi_agent`` section's policy mapping is checked against the agents)."""
+    if env.kind == "pettingzoo":
+        from .multiagent import check_pettingzoo_env, policy_mapping
 
-    Raises ConfigError with a one-line fix for unknown ids, missing extras, bad kwargs
-    and action spaces the diffusion policy does not support.
-    """
+        spaces = check_pettingzoo_env(env.id, env.kwargs, diffusion=for_diffusion)
+        ma = multi_agent or MultiAgentConfig()
+        policy_mapping(ma.policies, ma.groups, spaces)
+        return spaces
+    base = make_base_env(env)
     try:
-        gym.spec(env_id)
-    except gym.error.Error:
-        close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"env.id {env_id!r} is not a registered Gymnasium env{hint}") from None
-    try:
-        env = gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise ConfigError(f"env.id {env_id!r} needs an extra dependency: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"env.kwargs for {env_id!r} are not accepted: {e}") from None
-    try:
-        obs_space, act_space = env.observation_space, env.action_space
+        if env.pixels:
+            base.reset(seed=0)  # renders a frame: fails here, with the MUJOCO_GL fix, not in a worker
+        obs_space, act_space = base.observation_space, base.action_space
     finally:
-        env.close()
+        base.close()
     box = isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1
     if for_diffusion and not (box or isinstance(act_space, gym.spaces.Discrete)):
         raise ConfigError(
-            f"env {env_id!r} has action space {act_space}; the diffusion policy needs a 1-D Box "
+            f"env {env.id!r} has action space {act_space}; the diffusion policy needs a 1-D Box "
             "(continuous) or a Discrete action space - use algorithm: ppo for other spaces"
         )
     if for_diffusion and not isinstance(obs_space, gym.spaces.Box):
         raise ConfigError(
-            f"env {env_id!r} has observation space {obs_space}; the diffusion policy's encoder takes "
+            f"env {env.id!r} has observation space {obs_space}; the diffusion policy's encoder takes "
             "a Box observation (wrap the env with gymnasium.wrappers.FlattenObservation)"
+        )
+    chunked = env.action_chunk > 1 or env.obs_history > 1
+    if chunked and not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)):
+        raise ConfigError(
+            f"env.action_chunk / env.obs_history need Box observation and action spaces; {env.id} has "
+            f"{obs_space} and {act_space}"
         )
     return obs_space, act_space

@@ -15,7 +15,9 @@ import difflib
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, one_line
+
+from .config import EnvConfig
 
 MT1_SEED = 0
 """Seed of the MT1 benchmark object: fixes the 50 variations (and the ``fixed`` one) across runs."""
@@ -46,7 +48,7 @@ def _import_metaworld():
         from .pixels import gl_hint
 
         raise ConfigError(f"mujoco could not load its OpenGL backend ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}); {gl_hint()}") from None
+                          f"{one_line(e, 120)}); {gl_hint()}") from None
     return metaworld
 
 
@@ -62,34 +64,34 @@ def check_task(name: str) -> None:
         raise ConfigError(f"env.id {name!r} is not a Meta-World task{hint}")
 
 
-def make_metaworld_env(env_config: dict, pixels: bool = True) -> gym.Env:
-    """env_config: id (task name), goal (random | fixed), kwargs (passed to the task class),
-    max_episode_steps (default Meta-World's 500), observation / image_size / camera (pixels,
-    appended here unless ``pixels`` is false: ``make_env`` then adds them above the chunking)."""
+def make_metaworld_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
+    """The MT1 task ``cfg.id`` with ``cfg.goal`` (random | fixed), ``cfg.kwargs`` (passed to the task
+    class), ``cfg.max_episode_steps`` (default Meta-World's 500) and, for pixels, the camera image
+    (appended here unless ``pixels`` is false: ``make_env`` then adds it above the chunking)."""
     metaworld = _import_metaworld()
     from metaworld.wrappers import RandomTaskSelectWrapper
 
-    name = env_config["id"]
+    name = cfg.id
     check_task(name)
     benchmark = metaworld.MT1(name, seed=MT1_SEED)
     try:
-        env = benchmark.train_classes[name](**env_config.get("kwargs", {}))
+        env = benchmark.train_classes[name](**cfg.kwargs)
     except TypeError as e:
         raise ConfigError(f"env.kwargs for Meta-World task {name!r} are not accepted: {e}") from None
     tasks = list(benchmark.train_tasks)
-    if env_config.get("goal", "random") == "fixed":
+    if cfg.goal == "fixed":
         tasks = tasks[:1]
     env.set_task(tasks[0])
-    limit = env_config.get("max_episode_steps") or env.max_path_length
+    limit = cfg.max_episode_steps or env.max_path_length
     if limit > env.max_path_length:
         raise ConfigError(f"env.max_episode_steps {limit} exceeds Meta-World's max_path_length {env.max_path_length}")
     env = gym.wrappers.TimeLimit(env, limit)
     env = RandomTaskSelectWrapper(env, tasks)
     env = MetaWorldObservations(env)
-    if pixels and env_config.get("observation", "state") != "state":
+    if pixels and cfg.pixels:
         from .pixels import PixelObservations
 
-        env = PixelObservations(env, env_config.get("image_size", 64), env_config.get("camera", "corner2"))
+        env = PixelObservations(env, cfg.image_size, cfg.camera)
     return env
 
 

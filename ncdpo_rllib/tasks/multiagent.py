@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError
+
+from .config import EnvConfig
 
 SHARED_POLICY = "shared"
 
@@ -53,11 +55,11 @@ def make_parallel_env(env_id: str, kwargs: dict):
     return aec_to_parallel(env)
 
 
-def make_multi_agent_env(env_config: dict):
-    """The env factory RLlib calls on every EnvRunner (registered as ``ncdpo_env``)."""
+def make_multi_agent_env(env: EnvConfig):
+    """The PettingZoo env wrapped for RLlib (``make_env`` calls this for ``env.kind: pettingzoo``)."""
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
 
-    return ParallelPettingZooEnv(make_parallel_env(env_config["id"], env_config.get("kwargs", {})))
+    return ParallelPettingZooEnv(make_parallel_env(env.id, env.kwargs))
 
 
 @dataclass(frozen=True)

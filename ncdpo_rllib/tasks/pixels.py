@@ -23,7 +23,7 @@ import os
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.experiment.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, one_line
 
 CHANNELS = 3
 
@@ -68,7 +68,7 @@ class PixelObservations(gym.ObservationWrapper):
                 self._renderer = mujoco.Renderer(self.env.unwrapped.model, self.image_size, self.image_size)
             except Exception as e:  # mujoco raises FatalError / AttributeError without a GL context
                 raise ConfigError(f"MuJoCo offscreen rendering is unavailable ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120]}); {gl_hint()}") from None
+                                  f"{one_line(e, 120)}); {gl_hint()}") from None
             flags = self._renderer.scene.flags
             for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                          mujoco.mjtRndFlag.mjRND_SKYBOX):

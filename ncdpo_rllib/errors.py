@@ -19,3 +19,14 @@ class TrainingDiverged(UserError):
 
 class DatasetError(UserError):
     """A missing, malformed or corrupt demonstration dataset: the message names the file, problem and fix."""
+
+
+def one_line(exc: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """A library's error message for one of ours: its first non-empty line, whitespace collapsed,
+    at most ``limit`` characters (the exception's type name when it has no message; prefixed with
+    it when ``with_type``)."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines()]
+    text = next((line for line in lines if line), "")
+    if with_type or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

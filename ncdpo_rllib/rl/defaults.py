@@ -1,0 +1,47 @@
+"""NCDPO's and DPPO's algorithm defaults, in one place: ``NCDPOConfig`` / ``DPPOConfig`` start from
+them and the experiment file's ``ppo`` section (``docs/configuration.md``) shows the same values.
+
+RLlib's PPO defaults (lambda 1.0, 30 epochs, lr 5e-5, KL loss on, clip 0.3, one optimizer) are
+tuned for MLPs; these are the ones ``../shared/NCDPO.md`` measured to learn. Light on purpose (no
+RLlib import), so that the config schema can read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class AlgorithmDefaults:
+    """Named as RLlib's AlgorithmConfig attributes (``lambda_``, ``train_batch_size_per_learner``)."""
+
+    lr: float = 3e-4
+    critic_lr: Optional[float] = 1e-3
+    gamma: float = 0.99
+    lambda_: float = 0.95
+    clip_param: float = 0.2
+    vf_clip_param: float = 10.0
+    entropy_coeff: float = 0.0
+    num_epochs: int = 10
+    minibatch_size: int = 128
+    train_batch_size_per_learner: int = 4000
+    actor_grad_clip: Optional[float] = 0.5
+    critic_grad_clip: Optional[float] = 0.5
+    target_kl: Optional[float] = None
+    critic_hidden: tuple[int, ...] = (256, 256)
+    critic_warmup_iters: int = 0
+    kl_to_reference: float = 0.0
+    logp_reduction: str = "sum"
+    logp_clamp: Optional[tuple[float, float]] = None
+    advantage_normalization: str = "batch"
+    advantage_clip_quantiles: Optional[tuple[float, float]] = None
+    reward_scale_running: bool = False
+    # DPPO only
+    gamma_denoise: float = 0.99
+    clip_param_base: Optional[float] = None
+    clip_param_rate: float = 3.0
+
+
+DEFAULTS = AlgorithmDefaults()
+DPPO_ONLY = ("gamma_denoise", "clip_param_base", "clip_param_rate")
