@@ -11,8 +11,8 @@ import gymnasium as gym
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
-from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
 from ncdpo_rllib.errors import ConfigError, one_line
+from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
 from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
 from ncdpo_rllib.tasks.envs import check_env, env_context, register
 

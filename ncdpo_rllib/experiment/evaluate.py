@@ -1,5 +1,7 @@
-"""Evaluate a checkpoint: restore its EnvRunner (module weights AND observation filter
-statistics) and run full episodes with the deterministic policy (``explore=False``)."""
+"""Evaluate a policy: a local EnvRunner with a training checkpoint's state (module weights AND
+observation filter statistics) or with a pre-trained module's state, running full episodes with
+the deterministic policy (``explore=False``). ``ncdpo evaluate`` and ``ncdpo pretrain``'s final
+evaluation both come through ``deterministic_episodes``."""
 
 from __future__ import annotations
 
@@ -8,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from ray.rllib.core import DEFAULT_MODULE_ID
 
+from ncdpo_rllib.errors import CheckpointError
 from ncdpo_rllib.rl.callbacks import finished_episode_stats
 
 from .build import build_algo_config, check_experiment
 from .checkpoints import load_checkpoint_meta, restore_failed
-from ncdpo_rllib.errors import CheckpointError
 
 
 RL_MODULE_DIR = Path("learner_group") / "learner" / "rl_module"
@@ -47,8 +49,32 @@ def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: in
     return runner
 
 
+def deterministic_episodes(runner, episodes: int):
+    """(finished episodes, returns, success rate or None) of ``episodes`` full episodes of the
+    deterministic policy; the runner is stopped afterwards."""
+    try:
+        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
+    finally:
+        runner.stop()
+    return finished_episode_stats(done, episodes)
+
+
+def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
+    """(returns, success rate or None) of a module state dict (a pre-trained policy, which
+    normalises observations itself) on exp's env; the success rate for envs reporting
+    ``info["success"]``."""
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    cfg = build_algo_config(exp, pretrained=True)
+    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    cfg.debugging(seed=seed)
+    runner = SingleAgentEnvRunner(config=cfg)
+    runner.module.set_state(module_state)
+    _, returns, success_rate = deterministic_episodes(runner, episodes)
+    return returns, success_rate
+
+
 def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[dict, object, dict]:
-    from .pretrain import evaluate_module
     from .pretrained import load_module_state, load_pretrained_meta
 
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
@@ -110,10 +136,7 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
     else:
         ckpt, exp, state = load_checkpoint_meta(checkpoint)
         check_experiment(exp)
-        runner = load_env_runner(ckpt, exp, seed=seed)
-        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-        runner.stop()
-        finished, returns, success_rate = finished_episode_stats(done, episodes)
+        finished, returns, success_rate = deterministic_episodes(load_env_runner(ckpt, exp, seed=seed), episodes)
         summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
         if success_rate is not None:  # Meta-World: share of episodes that succeeded
             summary["success_rate"] = success_rate

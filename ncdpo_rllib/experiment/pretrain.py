@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ExperimentConfig
 from ncdpo_rllib.errors import ConfigError
+
+from .config import ExperimentConfig
 from .pretrained import CONFIG, META, MODULE, PRETRAINED
 from .tracking import Tracker
 
@@ -121,28 +122,6 @@ def _val_loss(actor, cond: torch.Tensor, act: torch.Tensor, norm, batch: int = 1
         total += float(actor.bc_loss(c, a, generator=gen)) * len(c)
         n += len(c)
     return total / n
-
-
-def evaluate_module(exp: ExperimentConfig, module_state: dict, episodes: int, seed: int = 12345):
-    """(returns, success rate or None) of ``episodes`` deterministic episodes of a module
-    (state dict) on exp's env; the success rate for envs reporting ``info["success"]``."""
-    from ncdpo_rllib.rl.callbacks import finished_episode_stats
-
-    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-
-    from .build import build_algo_config
-
-    cfg = build_algo_config(exp, pretrained=True)
-    cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
-    cfg.debugging(seed=seed)
-    runner = SingleAgentEnvRunner(config=cfg)
-    runner.module.set_state(module_state)
-    try:
-        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
-    finally:
-        runner.stop()
-    _, returns, success_rate = finished_episode_stats(done, episodes)
-    return returns, success_rate
 
 
 def _run_dir(exp: ExperimentConfig) -> Path:
@@ -249,6 +228,8 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
         meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
         ckpt = _save(run_dir, module, exp, meta)  # saved before the evaluation: nothing to lose
         if p.eval_episodes:
+            from .evaluate import evaluate_module
+
             returns, success_rate = evaluate_module(exp, state, p.eval_episodes)
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
                             "return_std": float(returns.std()), "success_rate": success_rate}

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-
+from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
 from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
@@ -29,7 +29,6 @@ from .checkpoints import (
     supersede_later_checkpoints,
 )
 from .config import ExperimentConfig, flatten
-from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
 from .tracking import Tracker
 
 
