@@ -16,11 +16,12 @@ from scipy.stats import trim_mean
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from ncdpo_rllib.experiment.compare import (
-    NOT_REACHED, RunStats, Group, Series, aggregate, common_grid, compare, first_reaching,
-    format_row, group_value, history_series, markdown_table, short_range_note, summary_row,
-    wall_clock_series,
+from ncdpo_rllib.experiment.compare import compare
+from ncdpo_rllib.experiment.curves import (
+    RunStats, Group, Series, aggregate, common_grid, first_reaching, group_value, history_series,
+    short_range_note, summary_row, wall_clock_series,
 )
+from ncdpo_rllib.experiment.report import NOT_REACHED, format_row, summary_table
 from tests.conftest import TINY, last_json, run_cli
 
 # ---------------------------------------------------------------- pure functions
@@ -66,7 +67,7 @@ def test_time_to_threshold_known_curve():
     none = summary_row(Group("g", ["r1"], stats=[stats("r1", None)]), threshold=28.0)
     cells = format_row(none)
     assert cells["env steps to threshold"] == cells["wall s to threshold"] == f"{NOT_REACHED} (0/1)"
-    assert f"{NOT_REACHED} (0/1)" in markdown_table([none], "return_mean", 28.0)
+    assert f"{NOT_REACHED} (0/1)" in summary_table([none], "return_mean", 28.0)
     assert format_row(summary_row(g, None))["env steps to threshold"] == "- (no threshold)"
 
 

@@ -129,7 +129,7 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
 
 def test_evaluation_metrics_only_on_iterations_that_evaluated():
     """RLlib repeats the last evaluation in the next iteration's result; the metrics must not."""
-    from ncdpo_rllib.experiment.train import iteration_metrics
+    from ncdpo_rllib.experiment.metrics import iteration_metrics
 
     evaluation = {"evaluation": {"env_runners": {"iter_return_mean": -900.0, "iter_success_rate": 0.5}}}
     on = iteration_metrics({"training_iteration": 4, **evaluation}, eval_every=2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
 from typing import Optional
 
 import gymnasium as gym
@@ -160,3 +162,16 @@ def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
     if not (ma.central_critic or normalize):
         return None
     return functools.partial(multi_agent_connectors, central_critic=ma.central_critic, normalize=normalize)
+
+
+def init_ray() -> None:
+    """Connect to $RAY_ADDRESS if set (e.g. under `ray job submit`), else start local Ray."""
+    import ray
+    import ray.rllib  # noqa: F401  (configures the ray.rllib logger, which we then quiet)
+
+    # Our progress line is the output; RLlib's start-up banners ("running on the new API
+    # stack", deprecation notes) are noise for `ncdpo train`. Errors still show.
+    logging.getLogger("ray.rllib").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -20,9 +20,10 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
+from ncdpo_rllib.errors import ConfigError, UserError
+
 from .config import ExperimentConfig, load_config
-from ncdpo_rllib.errors import ConfigError, UserError, one_line
-from .tracking import resolve_tracking_uri
+from .tracking import experiment_id, log_params, mlflow_client, mlflow_errors, resolve_tracking_uri, search_all_runs
 
 SWEEP_STAGE = "sweep"
 PARENT_TAG = "mlflow.parentRunId"
@@ -118,14 +119,7 @@ def _find_parent(client, experiment_id: str, name: str):
 
 
 def _children(client, experiment_id: str, parent_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_id}'",
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return search_all_runs(client, experiment_id, f"tags.{PARENT_TAG} = '{parent_id}'")
 
 
 def _plan_resume(points: list[Point], children: list, client, log) -> list[Point]:
@@ -225,14 +219,9 @@ def sweep(
     if not resume and ckpt_root.exists() and any(ckpt_root.iterdir()):
         raise ConfigError(f"sweep directory {ckpt_root} already exists: choose another --name, or add --resume")
 
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        mexp = client.get_experiment_by_name(base.tracking.experiment)
-        exp_id = mexp.experiment_id if mexp else client.create_experiment(base.tracking.experiment)
+    client = mlflow_client(uri)
+    with mlflow_errors(uri):
+        exp_id = experiment_id(client, base.tracking.experiment)
         parent = _find_parent(client, exp_id, name)
         if resume:
             if parent is None:
@@ -251,10 +240,8 @@ def sweep(
             params = {f"grid.{k}": ",".join(v) for k, v in grid.items()}
             params |= {"grid.seeds": ",".join(map(str, seeds)), "config": ",".join(str(Path(c).resolve()) for c in (config if isinstance(config, (list, tuple)) else [config])),
                        "overrides": " ".join(overrides) or "-", "points": str(len(points))}
-            client.log_batch(parent_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+            log_params(client, parent_id, params)
             todo = points
-    except MlflowException as e:
-        raise UserError(f"MLflow at {uri}: {one_line(e)}") from None
 
     log(f"sweep {name}: {len(points)} points, {len(todo)} to run | MLflow parent run {parent_id} at {uri}")
     errors: list[str] = []
@@ -298,7 +285,7 @@ def sweep(
 def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log) -> list[str]:
     from ray import tune
 
-    from .train import init_ray
+    from .build import init_ray
 
     init_ray()
     reservations = [p.resources for p in todo]

@@ -1,4 +1,6 @@
-"""MLflow tracking through ``MlflowClient`` (no global active run, so nothing leaks between runs).
+"""MLflow, all of it: ``Tracker`` (one run of train / pretrain / evaluate / collect) and the client
+helpers ``ncdpo compare`` and ``ncdpo sweep`` use, through ``MlflowClient`` (no global active run,
+so nothing leaks between runs).
 
 Metric names are stable (documented in ``docs/configuration.md``); every metric is
 logged with ``step = env steps``; ``wall_s`` is its own metric for wall-clock curves.
@@ -6,20 +8,96 @@ logged with ``step = env steps``; ``wall_s`` is its own metric for wall-clock cu
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ExperimentConfig, flatten
 from ncdpo_rllib.errors import UserError, one_line
 
+from .config import ExperimentConfig, flatten
+
 DEFAULT_DB = "mlflow.db"
+PARAM_MAX = 6000
+"""MLflow's longest param value; longer ones are cut."""
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` on ``uri`` (synchronous logging: a run's last metrics are in the store
+    when the call returns)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str, doing: str = ""):
+    """An MLflow error inside the block as a one-line UserError naming the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise UserError(f"MLflow at {uri}: {doing + ': ' if doing else ''}{one_line(e)}") from None
+
+
+def check_store_exists(uri: str) -> None:
+    """A sqlite store that is not there is a typo, not an empty store: do not create one."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise UserError(f"no MLflow store at {path} (give --tracking-uri or set MLFLOW_TRACKING_URI)")
+
+
+def find_experiment(client, name: str):
+    """The experiment, or a UserError naming the closest existing experiment names."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp
+    names = [e.name for e in client.search_experiments()]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+    hint = f"; did you mean: {', '.join(close)}" if close else (
+        f"; experiments: {', '.join(sorted(names)[:10])}" if names else "; the store has no experiments")
+    raise UserError(f"no experiment named '{name}' at {client.tracking_uri}{hint}")
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the experiment ``name``, created if it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+
+
+def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment that matches ``filter_string`` (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of metric ``key``."""
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Params as strings, each cut to MLflow's limit, in batches of 100."""
+    from mlflow.entities import Param
+
+    batch = [Param(k, str(v)[:PARAM_MAX]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):
+        client.log_batch(run_id, params=batch[i : i + 100])
 
 
 def environment_tags() -> dict[str, str]:
@@ -63,30 +141,18 @@ class Tracker:
         self.uri: Optional[str] = None
         if not self.enabled:
             return
-        from mlflow.exceptions import MlflowException
-
         self.uri = resolve_tracking_uri(exp.tracking.uri or uri)
-        try:
+        with mlflow_errors(self.uri):
             self._open(exp, run_id)
-        except MlflowException as e:
-            raise UserError(f"MLflow at {self.uri}: {one_line(e)}") from None
 
     def _open(self, exp: ExperimentConfig, run_id: Optional[str]) -> None:
-        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = mlflow_client(self.uri)
         if run_id is not None:
             self.client.get_run(run_id)  # raises if the run is not in this store
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return
-        experiment = self.client.get_experiment_by_name(exp.tracking.experiment)
-        exp_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else self.client.create_experiment(exp.tracking.experiment)
-        )
+        exp_id = experiment_id(self.client, exp.tracking.experiment)
         tags = {
             "algorithm": exp.algorithm,
             "env": exp.env.id,
@@ -98,11 +164,7 @@ class Tracker:
         }
         run = self.client.create_run(exp_id, run_name=exp.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(exp.to_dict()).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        log_params(self.client, self.run_id, flatten(exp.to_dict()))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
