@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, save_figure, train_with_curve, write_section)
-from ncdpo_rllib.experiment.config import load_config, read_config_data  # noqa: E402
+from ncdpo_rllib.experiment.config import load_config  # noqa: E402
+from ncdpo_rllib.experiment.loader import read_config_data  # noqa: E402
 
 ENVS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
 D4RL_RANGE = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0)}

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .config import ExperimentConfig, flatten, parse_config
+from .config import ExperimentConfig, parse_config
+from .loader import flatten
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
 
 PRETRAINED = "pretrained"

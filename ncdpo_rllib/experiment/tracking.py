@@ -17,7 +17,8 @@ from typing import Optional
 
 from ncdpo_rllib.errors import UserError, one_line
 
-from .config import ExperimentConfig, flatten
+from .config import ExperimentConfig
+from .loader import flatten
 
 DEFAULT_DB = "mlflow.db"
 PARAM_MAX = 6000

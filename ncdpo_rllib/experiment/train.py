@@ -25,7 +25,8 @@ from .checkpoints import (
     save_checkpoint,
     supersede_later_checkpoints,
 )
-from .config import ExperimentConfig, flatten
+from .config import ExperimentConfig
+from .loader import flatten
 from .metrics import iteration_metrics
 from .tracking import Tracker
 
