@@ -1,16 +1,11 @@
 """Demonstration data: Minari datasets on disk, D4RL import, recording from envs, BC windows."""
 
-from ncdpo_rllib.data.datasets import (
-    Dataset,
-    Episode,
-    describe,
-    import_dataset,
-    load_dataset,
-    make_windows,
-    write_dataset,
-)
-from ncdpo_rllib.data.recording import RecordingWrapper, read_shards
 from ncdpo_rllib.errors import DatasetError
+
+from .d4rl import import_dataset
+from .datasets import Dataset, Episode, describe, make_windows
+from .minari_store import load_dataset, write_dataset
+from .recording import RecordingWrapper, read_shards
 
 __all__ = [
     "Dataset",

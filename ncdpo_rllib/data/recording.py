@@ -18,8 +18,9 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.data.datasets import Episode, _check_episode
 from ncdpo_rllib.errors import DatasetError, one_line
+
+from .datasets import Episode, check_episode
 
 SHARD_PREFIX = "episode-"
 SHARD_KEYS = ("observations", "actions", "rewards", "terminated", "truncated", "written_at")
@@ -110,7 +111,7 @@ def _read_shard(path: Path) -> tuple[float, Episode]:
         raise DatasetError(f"{path}: unreadable episode shard ({one_line(e)}); {fix}") from None
     episode = Episode(arrays["observations"], arrays["actions"], arrays["rewards"],
                       bool(arrays["terminated"]), bool(arrays["truncated"]))
-    _check_episode(episode, str(path), fix)
+    check_episode(episode, str(path), fix)
     return float(arrays["written_at"]), episode
 
 

@@ -1,0 +1,303 @@
+"""Datasets on disk as Minari dataset directories (Farama's offline-RL standard), so any Minari tool
+can read ours and we can read theirs: ``write_dataset`` (atomic) and ``load_dataset`` (validated)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from ncdpo_rllib.errors import DatasetError, one_line
+
+from .datasets import D4RL_SUFFIXES, EPISODE_KEYS, Dataset, Episode, check_episodes, episode_from_arrays
+
+DATA_DIR = "data"
+METADATA_FILE = "metadata.json"
+MAIN_FILE = "main_data.hdf5"
+NCDPO_KEY = "ncdpo"
+_FOREIGN_META_KEYS = ("dataset_id", "algorithm_name", "description", "author", "minari_version",
+                      "ref_min_score", "ref_max_score")
+
+
+def _plain_json(value: Any) -> Any:
+    """Metadata as plain JSON types (numpy scalars and arrays, paths included), so it round-trips."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, (Path, set, tuple)):
+            return str(obj) if isinstance(obj, Path) else list(obj)
+        raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _dataset_id(env_id: str, level: str) -> str:
+    """Minari needs an id of the form namespace/name-vN; ours is ncdpo/<env>/<level>-v0."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    clean = [re.sub(r"[^-\w]+", "_", part).strip("_") or "dataset" for part in (env_id, level)]
+    dataset_id = f"ncdpo/{clean[0]}/{clean[1]}-v0"
+    try:
+        parse_dataset_id(dataset_id)
+    except ValueError:
+        return "ncdpo/dataset-v0"
+    return dataset_id
+
+
+def _env_spec(env_id: str) -> Any:
+    """The registered EnvSpec (lets Minari's recover_environment work), or None for unknown ids."""
+    import gymnasium as gym
+
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error:
+        return None
+
+
+def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata: dict[str, Any]) -> None:
+    """Write a complete Minari (hdf5) dataset directory at root with Minari's own storage writer."""
+    import gymnasium as gym
+    import minari
+    from minari.dataset.minari_storage import MinariStorage
+
+    obs_dim, act_dim = episodes[0].observations.shape[1], episodes[0].actions.shape[1]
+    root.mkdir()
+    storage = MinariStorage.new(
+        root.absolute() / DATA_DIR,  # minari 0.5.4's get_size() breaks on relative paths
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32),
+        action_space=gym.spaces.Box(-np.inf, np.inf, (act_dim,), np.float32),
+        env_spec=_env_spec(env_id),
+        data_format="hdf5",
+        jpeg_encoding=False,
+    )
+    level = str(metadata.get("level") or root.name)
+    storage.update_metadata({
+        "dataset_id": _dataset_id(env_id, level),
+        "minari_version": minari.__version__,
+        "description": f"NCDPO demonstrations for {env_id} ({level})",
+        NCDPO_KEY: {"env_id": env_id, "metadata": metadata},
+    })
+    storage.update_episodes(_buffer(ep) for ep in episodes)
+
+
+def _buffer(ep: Episode) -> Any:
+    """Minari's episode record: per-step termination/truncation flags, set on the last step only."""
+    from minari.data_collector import EpisodeBuffer
+
+    term, trunc = np.zeros(len(ep), dtype=bool), np.zeros(len(ep), dtype=bool)
+    term[-1], trunc[-1] = ep.terminated, ep.truncated
+    return EpisodeBuffer(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
+                         terminations=term, truncations=trunc, infos={})
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files to disk before the rename makes them visible."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    return (path / DATA_DIR / METADATA_FILE).is_file() or (path / METADATA_FILE).is_file()
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Rename tmp to dest; an existing dest is moved aside first and deleted only once tmp is in place."""
+    if not dest.exists():
+        os.rename(tmp, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    data: Dataset | Iterable[Episode],
+    env_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write episodes as a Minari dataset directory at exactly `path`; return that path.
+
+    On disk (Minari 0.5 hdf5 layout, readable with ``minari.MinariDataset(path / "data")``)::
+
+        <path>/data/metadata.json     Minari metadata: dataset_id ncdpo/<env>/<level>-v0, spaces
+                                      (unbounded float32 Boxes of the data's dims), env_spec when
+                                      env_id is registered, and ours under "ncdpo":
+                                      {"env_id": ..., "metadata": {...}}
+        <path>/data/main_data.hdf5    groups episode_<i> with observations (T+1, obs_dim),
+                                      actions (T, act_dim), rewards (T,), terminations (T,),
+                                      truncations (T,), an empty infos group; attrs id, total_steps
+
+    The dataset is built in a hidden sibling directory and renamed into place, so readers never
+    see a half-written one. `env_id` and `metadata` default to those of a `Dataset` argument;
+    `metadata["level"]` (default: the directory name) names the Minari dataset_id.
+    """
+    dest = Path(path)
+    if isinstance(data, Dataset):
+        episodes = list(data.episodes)
+        env_id = env_id or data.env_id
+        metadata = data.metadata if metadata is None else metadata
+    else:
+        episodes = list(data)
+    if not env_id:
+        raise ValueError("write_dataset needs an env_id")
+    check_episodes(episodes, str(dest), "fix the episodes before writing them")
+    meta = _plain_json(dict(metadata or {}))
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise DatasetError(f"{dest}: a dataset already exists there; pass overwrite=True (--overwrite) "
+                               "or choose another path")
+        if not dest.is_dir() or not (_is_dataset_dir(dest) or not any(dest.iterdir())):
+            raise DatasetError(f"{dest}: exists and is not a dataset directory; refusing to replace it - "
+                               "remove it yourself or choose another path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_minari(tmp, episodes, env_id, meta)
+        _fsync_tree(tmp)
+        _swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+_LOAD_FIX = "re-create the dataset (write_dataset / ncdpo dataset import)"
+
+
+def _data_dir(root: Path) -> Path:
+    """The Minari data directory inside root (root itself if the user pointed at data/)."""
+    if not root.exists():
+        raise DatasetError(f"{root}: no such dataset directory; check the path, or create one with "
+                           "`ncdpo dataset import` or write_dataset")
+    if root.is_file():
+        hint = ("import it first with `ncdpo dataset import` (import_dataset)"
+                if root.suffix in D4RL_SUFFIXES else "pass the dataset's directory")
+        raise DatasetError(f"{root}: is a file, not a Minari dataset directory; {hint}")
+    for candidate in (root / DATA_DIR, root):
+        if (candidate / METADATA_FILE).is_file():
+            return candidate
+    raise DatasetError(f"{root}: not a Minari dataset (no {DATA_DIR}/{METADATA_FILE}); pass a dataset "
+                       "directory, or create one with `ncdpo dataset import` or write_dataset")
+
+
+def _read_metadata(data_dir: Path) -> dict[str, Any]:
+    file = data_dir / METADATA_FILE
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{file}: unreadable metadata ({one_line(e)}); {_LOAD_FIX}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{file}: metadata is not a JSON object; {_LOAD_FIX}")
+    return raw
+
+
+def _read_hdf5_episodes(file: Path, total: int | None) -> list[Episode]:
+    """Read Minari's main_data.hdf5 directly with h5py, so each problem gets a precise message."""
+    if not file.is_file():
+        raise DatasetError(f"{file}: missing; the dataset is incomplete - {_LOAD_FIX}")
+    if file.stat().st_size == 0 and not total:
+        return []  # Minari creates the file empty and fills it with the first episode
+    try:
+        with h5py.File(file, "r") as f:
+            names = sorted((k for k in f.keys() if re.fullmatch(r"episode_\d+", k)), key=lambda k: int(k[8:]))
+            expected = [f"episode_{i}" for i in range(len(names) if total is None else total)]
+            if names != expected:
+                raise DatasetError(f"{file}: holds {len(names)} episode groups but metadata.json says "
+                                   f"total_episodes={total} (groups must be episode_0..episode_N-1); "
+                                   f"the dataset is incomplete - {_LOAD_FIX}")
+            return [_read_h5_episode(f[name], f"{file}: {name}") for name in names]
+    except OSError as e:
+        raise DatasetError(f"{file}: not a readable HDF5 file ({one_line(e)}); the file is corrupt or "
+                           f"truncated - {_LOAD_FIX}") from None
+
+
+def _read_h5_episode(group: Any, where: str) -> Episode:
+    arrays = {}
+    for key in EPISODE_KEYS:
+        if key not in group:
+            raise DatasetError(f"{where}: missing key '{key}' (an episode needs {', '.join(EPISODE_KEYS)}); "
+                               f"{_LOAD_FIX}")
+        node = group[key]
+        if not isinstance(node, h5py.Dataset):
+            raise DatasetError(f"{where}: '{key}' is a group (Dict/Tuple space); only flat Box observations "
+                               "and actions are supported - flatten them (FlattenObservation) and re-record")
+        arrays[key] = node[()]
+    return episode_from_arrays(arrays, where, _LOAD_FIX)
+
+
+def _read_other_format(data_dir: Path, data_format: str) -> list[Episode]:
+    """Arrow/parquet Minari datasets: let Minari decode them, then validate the arrays ourselves."""
+    from minari.dataset.minari_storage import MinariStorage
+
+    try:
+        storage = MinariStorage.read(data_dir)
+        raw = list(storage.get_episodes(range(storage.total_episodes)))
+    except ImportError as e:
+        raise DatasetError(f"{data_dir}: reading {data_format} datasets needs an extra package ({one_line(e)}); "
+                           "pip install 'minari[arrow]'") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure means an unreadable dataset
+        raise DatasetError(f"{data_dir}: cannot read the {data_format} dataset ({one_line(e)}); {_LOAD_FIX}") from None
+    episodes = []
+    for i, arrays in enumerate(raw):
+        missing = [k for k in EPISODE_KEYS if arrays.get(k) is None]
+        if missing:
+            raise DatasetError(f"{data_dir}: episode {i}: missing key '{missing[0]}'; {_LOAD_FIX}")
+        episodes.append(episode_from_arrays(arrays, f"{data_dir}: episode {i}", _LOAD_FIX))
+    return episodes
+
+
+def _env_and_metadata(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Ours from the "ncdpo" key; for foreign Minari datasets, env id from env_spec and a few Minari keys."""
+    ours = raw.get(NCDPO_KEY)
+    if isinstance(ours, dict) and ours.get("env_id"):
+        return str(ours["env_id"]), dict(ours.get("metadata") or {})
+    env_id = ""
+    if isinstance(raw.get("env_spec"), str):
+        try:
+            env_id = str(json.loads(raw["env_spec"]).get("id") or "")
+        except (json.JSONDecodeError, AttributeError):
+            env_id = ""
+    return env_id, {k: raw[k] for k in _FOREIGN_META_KEYS if k in raw}
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Load a Minari dataset directory (ours or any user's; the root or its data/ dir) and validate it.
+
+    Raises DatasetError (one line: file, problem, fix) for a missing path, a directory that is not
+    a dataset, corrupt HDF5/JSON, missing keys, mismatched or ragged shapes, NaN/inf and no episodes.
+    `env_id` is "" for a foreign dataset without an env_spec.
+    """
+    root = Path(path)
+    data_dir = _data_dir(root)
+    raw = _read_metadata(data_dir)
+    data_format = raw.get("data_format", "hdf5")
+    total = raw.get("total_episodes")
+    if data_format == "hdf5":
+        episodes = _read_hdf5_episodes(data_dir / MAIN_FILE, total if isinstance(total, int) else None)
+    else:
+        episodes = _read_other_format(data_dir, str(data_format))
+    where = str(data_dir / MAIN_FILE) if data_format == "hdf5" else str(data_dir)
+    check_episodes(episodes, where, _LOAD_FIX)
+    env_id, metadata = _env_and_metadata(raw)
+    return Dataset(env_id=env_id, episodes=episodes, metadata=metadata, path=root)
+
+
