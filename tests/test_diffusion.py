@@ -13,6 +13,7 @@ from ncdpo_rllib.diffusion import (
     DiscreteDiffusionPolicy,
     NoiseConditionedSampler,
     NoiseSchedule,
+    StepGradNorms,
     categorical_log_prob,
     gaussian_log_prob,
 )
@@ -200,10 +201,13 @@ def test_chain_is_returned_when_asked():
 
 def test_grad_probe_records_every_step():
     policy = make_policy(denoising_steps=5)
-    probe = {}
+    probe = StepGradNorms()
+    assert probe.first_mid_last() == {}
     mean, _ = policy(torch.randn(4, C), policy.sample_noise(4), grad_probe=probe)
     mean.sum().backward()
-    assert sorted(probe) == [0, 1, 2, 3, 4] and all(v > 0 for v in probe.values())
+    assert sorted(probe.norms) == [0, 1, 2, 3, 4] and all(v > 0 for v in probe.norms.values())
+    picked = probe.first_mid_last()
+    assert [picked[f"grad_norm_step_{n}"] for n in ("first", "mid", "last")] == [probe.norms[i] for i in (0, 2, 4)]
 
 
 def test_act_log_prob_matches_closed_form():

@@ -45,6 +45,26 @@ def sampler_timesteps(cfg: DiffusionConfig) -> list[int]:
     return sorted(set(steps), reverse=True)
 
 
+class StepGradNorms:
+    """The norm of d(loss)/d(output of each denoising step), filled during the backward pass: give
+    one to ``NoiseConditionedSampler.forward(grad_probe=...)``, read it after ``backward()``. Does
+    the gradient survive K steps? (step 0 is the first denoising step, at x_K)."""
+
+    def __init__(self):
+        self.norms: dict[int, torch.Tensor] = {}
+
+    def watch(self, x: torch.Tensor, step: int) -> None:
+        x.register_hook(lambda g: self.norms.__setitem__(step, g.detach().norm()))
+
+    def first_mid_last(self) -> dict[str, torch.Tensor]:
+        """{grad_norm_step_first, _mid, _last}; empty before a backward pass (or without grad)."""
+        if not self.norms:
+            return {}
+        steps = sorted(self.norms)
+        picks = {"first": steps[0], "mid": steps[len(steps) // 2], "last": steps[-1]}
+        return {f"grad_norm_step_{name}": self.norms[step] for name, step in picks.items()}
+
+
 class NoiseConditionedSampler(nn.Module):
     """Runs the reverse chain x_K -> ... -> m_theta from explicit noise."""
 
@@ -130,15 +150,15 @@ class NoiseConditionedSampler(nn.Module):
         noise: torch.Tensor,
         *,
         keep_chain: bool = False,
-        grad_probe: Optional[dict[int, torch.Tensor]] = None,
+        grad_probe: Optional["StepGradNorms"] = None,
         base_cond: Optional[torch.Tensor] = None,
         floor: Optional[float] = None,
         eta: Optional[float] = None,
     ) -> Chain:
         """Final-step mean from explicit noise (B, S+1, D); row S is not read here.
 
-        grad_probe: if a dict, the norm of d(loss)/d(output of sampler step i) is stored
-        under i during the backward pass (i = 0 is the first denoising step, at x_K).
+        grad_probe: records the norm of d(loss)/d(output of each sampler step) during the
+        backward pass (``StepGradNorms``).
         base_cond: the frozen base's conditioning (``frozen_base``; default: cond).
         floor, eta: the intermediate steps' std floor and DDIM eta (default: the config's
         sampling values; evaluation passes its own).
@@ -163,7 +183,7 @@ class NoiseConditionedSampler(nn.Module):
                     x0, mean, std = self._step(*args)
                 x = mean if std is None else mean + std * noise[:, i + 1]
             if grad_probe is not None and x.requires_grad:
-                x.register_hook(lambda g, i=i: grad_probe.__setitem__(i, g.detach().norm()))
+                grad_probe.watch(x, i)
             if keep_chain:
                 chain.states.append(x)
                 chain.x0_preds.append(x0)

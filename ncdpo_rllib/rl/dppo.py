@@ -35,7 +35,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
-from ncdpo_rllib.diffusion import gaussian_log_prob_elements, reduce_log_prob
+from ncdpo_rllib.diffusion import StepGradNorms, gaussian_log_prob_elements, reduce_log_prob
 
 from .config import NCDPOConfig
 from .defaults import DEFAULTS
@@ -107,7 +107,7 @@ class DPPOModule(DiffusionPolicyModule):
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         """New per-element log-probs of the fine-tuned steps from the stored chain: one
         batched denoiser call."""
-        self.grad_probe = {}  # no backprop through the chain: nothing to probe
+        self.step_grad_norms = StepGradNorms()  # no backprop through the chain: nothing to probe
         cond, chain, first = self._cond(batch), batch[DPPO_CHAIN], self.first_finetuned_step
         with self.shifting(self.shift_in_update):
             features = self.actor.encode(cond)

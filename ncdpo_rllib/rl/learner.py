@@ -135,21 +135,10 @@ class NCDPOTorchLearner(PPOTorchLearner):
         return out
 
     def _log_denoising_step_grad_norms(self, module_id) -> None:
-        module = self.module[module_id].unwrapped()
-        probe = getattr(module, "grad_probe", None)
-        if not probe:
-            return
-        steps = sorted(probe)
-        first, mid, last = steps[0], steps[len(steps) // 2], steps[-1]
-        self.metrics.log_dict(
-            {
-                "grad_norm_step_first": probe[first],
-                "grad_norm_step_mid": probe[mid],
-                "grad_norm_step_last": probe[last],
-            },
-            key=module_id,
-            reduce="mean",
-        )
+        probe = getattr(self.module[module_id].unwrapped(), "step_grad_norms", None)
+        norms = probe.first_mid_last() if probe is not None else {}
+        if norms:
+            self.metrics.log_dict(norms, key=module_id, reduce="mean")
 
     # --- update control -------------------------------------------------------------
     # What may step in an update() call, in one place: ``control`` is reset per update() call

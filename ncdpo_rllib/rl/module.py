@@ -48,7 +48,7 @@ from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorica
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy, DiscreteDiffusionPolicy
+from ncdpo_rllib.diffusion import DiffusionConfig, DiffusionPolicy, DiscreteDiffusionPolicy, StepGradNorms
 from ncdpo_rllib.diffusion.denoiser import ACTIVATIONS
 
 from .defaults import DEFAULTS
@@ -117,7 +117,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         self.reference: Optional[DiffusionPolicy] = None
         if (self.model_config or {}).get("reference_policy"):
             self.reference = copy.deepcopy(self.actor).requires_grad_(False)
-        self.grad_probe: dict[int, torch.Tensor] = {}
+        self.step_grad_norms = StepGradNorms()
 
     def _encoder(self, obs_dim: int) -> Optional[nn.Module]:
         if not self.pixels:
@@ -255,10 +255,10 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         # A fresh probe per pass: the learner reads per-step gradient norms after backward.
-        self.grad_probe = {}
+        self.step_grad_norms = StepGradNorms()
         with self.shifting(self.shift_in_update):
             return {Columns.ACTION_DIST_INPUTS: self._dist_inputs(self._cond(batch), batch[NOISE],
-                                                                  grad_probe=self.grad_probe)}
+                                                                  grad_probe=self.step_grad_norms)}
 
     def compute_values(self, batch: dict, embeddings: Optional[Any] = None) -> torch.Tensor:
         return self.critic(self._obs(batch)).squeeze(-1)
