@@ -15,6 +15,8 @@ from ncdpo_rllib.rl.callbacks import finished_episode_stats
 
 from .build import build_algo_config, check_experiment
 from .checkpoints import load_checkpoint_meta, restore_failed
+from .pretrained import is_pretrained, load_module_state, load_pretrained_meta
+from .tracking import Tracker
 
 
 RL_MODULE_DIR = Path("learner_group") / "learner" / "rl_module"
@@ -75,8 +77,6 @@ def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
 
 
 def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[dict, object, dict]:
-    from .pretrained import load_module_state, load_pretrained_meta
-
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
     check_experiment(exp)
     returns, success_rate = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
@@ -102,8 +102,6 @@ def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
 
 def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
     """One MLflow run per evaluation (stage: evaluate) in the checkpoint's experiment and store."""
-    from .tracking import Tracker
-
     tags = {"stage": "evaluate", "checkpoint": summary["checkpoint"], "eval_seed": str(seed)}
     if source_run_id:
         tags["source_run_id"] = source_run_id
@@ -126,8 +124,6 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
 
     ``track``: log the result as its own MLflow run (tag ``stage: evaluate``) in the store and
     experiment the checkpoint was trained with (unless its config disabled tracking)."""
-    from .pretrained import is_pretrained
-
     if episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
     if is_pretrained(checkpoint):

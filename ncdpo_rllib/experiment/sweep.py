@@ -22,6 +22,7 @@ import yaml
 
 from ncdpo_rllib.errors import ConfigError, UserError
 
+from .checkpoints import resolve_checkpoint
 from .config import ExperimentConfig, load_config
 from .tracking import experiment_id, log_params, mlflow_client, mlflow_errors, resolve_tracking_uri, search_all_runs
 
@@ -124,8 +125,6 @@ def _children(client, experiment_id: str, parent_id: str) -> list:
 
 def _plan_resume(points: list[Point], children: list, client, log) -> list[Point]:
     """The points still to run; each gets ``resume`` = its run dir when it has a checkpoint."""
-    from .checkpoints import resolve_checkpoint
-
     by_name: dict[str, list] = {}
     for run in children:
         by_name.setdefault(run.info.run_name, []).append(run)

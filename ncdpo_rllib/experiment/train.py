@@ -28,6 +28,7 @@ from .checkpoints import (
 from .config import ExperimentConfig
 from .loader import flatten
 from .metrics import iteration_metrics
+from .pretrained import check_compatible, load_module_state, load_pretrained_meta
 from .tracking import Tracker
 
 
@@ -170,8 +171,6 @@ def train(
     check_experiment(exp)
     pretrained_state = None
     if exp.init_from is not None and ckpt_path is None:
-        from .pretrained import check_compatible, load_module_state, load_pretrained_meta
-
         pre_dir, pre_exp, _ = load_pretrained_meta(exp.init_from)
         check_compatible(pre_exp, exp, str(pre_dir))
         pretrained_state = load_module_state(pre_dir)
