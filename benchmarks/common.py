@@ -129,16 +129,17 @@ def pinned_pretrained(name: str, make) -> Path:
 
 
 def plot_seed_band(ax, x, ys, label: str, start: float | None = None):
-    """Mean over seeds with a min..max band; ``ys`` is seeds x points (NaN columns dropped);
-    ``start`` (the pre-trained score) is drawn at x = 0."""
+    """Mean over seeds with a min..max band; ``ys`` is seeds x points. Points no seed has (NaN in
+    every row: no evaluation, no finished episode that iteration) are dropped; a point some seeds
+    lack uses the others. ``start`` (the pre-trained score) is drawn at x = 0."""
     import numpy as np
 
     ys = np.asarray(ys, dtype=float)
-    keep = ~np.isnan(ys).any(axis=0)
+    keep = ~np.isnan(ys).all(axis=0)
     x, ys = np.asarray(x, dtype=float)[keep], ys[:, keep]
     lead_x, lead_y = ([0.0], [start]) if start is not None else ([], [])
-    line, = ax.plot([*lead_x, *x], [*lead_y, *ys.mean(0)], marker=".", label=label)
-    ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    line, = ax.plot([*lead_x, *x], [*lead_y, *np.nanmean(ys, axis=0)], marker=".", label=label)
+    ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=line.get_color(), alpha=0.15)
     return line
 
 
