@@ -21,10 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, markdown_table, write_section  # noqa: E402
+from ncdpo_rllib.experiment.tracking import find_experiment, metric_history, mlflow_client, search_all_runs  # noqa: E402
 
 
 def history(client, run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [v for _, v in sorted(metric_history(client, run_id, key))]
 
 
 def learner(client, run_id: str, key: str) -> list[float]:
@@ -35,18 +36,16 @@ def learner(client, run_id: str, key: str) -> list[float]:
 
 
 def main() -> None:
-    from mlflow.tracking import MlflowClient
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="dev-sweep-button-press")
     p.add_argument("--uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     p.add_argument("--sweeps", nargs="+", default=["ncdpo", "dppo"], help="sweep names (= algorithms)")
     args = p.parse_args()
-    client = MlflowClient(tracking_uri=args.uri)
-    exp = client.get_experiment_by_name(args.experiment)
+    client = mlflow_client(args.uri)
+    exp = find_experiment(client, args.experiment)
     body, winners = [], {}
     for sweep in args.sweeps:
-        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}'", max_results=1000)
+        runs = search_all_runs(client, exp.experiment_id, f"tags.sweep = '{sweep}'")
         points: dict[str, list] = {}
         grid_keys = sorted({k[len("grid."):] for r in client.search_runs(
             [exp.experiment_id], filter_string=f"tags.stage = 'sweep' and attributes.run_name = '{sweep}'")

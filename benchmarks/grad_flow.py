@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import markdown_table, write_section  # noqa: E402
-from ncdpo_rllib.experiment.tracking import resolve_tracking_uri  # noqa: E402
+from ncdpo_rllib.experiment.tracking import metric_history, mlflow_client, resolve_tracking_uri, search_all_runs  # noqa: E402
 
 KEYS = ("grad_norm_step_first", "grad_norm_step_mid", "grad_norm_step_last")
 
@@ -32,23 +32,20 @@ def main() -> None:
     p.add_argument("--points", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
                    help="fractions of the run at which to read the norms")
     args = p.parse_args()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    client = mlflow_client(resolve_tracking_uri(args.tracking_uri))
     exp = client.get_experiment_by_name(f"bench-{args.env}")
     if exp is None:
         raise SystemExit(f"no MLflow experiment bench-{args.env}: run benchmarks/sample_efficiency.py first")
-    runs = client.search_runs([exp.experiment_id], "tags.algorithm = 'ncdpo' and attributes.status = 'FINISHED'")
+    runs = search_all_runs(client, exp.experiment_id, "tags.algorithm = 'ncdpo' and attributes.status = 'FINISHED'")
     # variant -> point -> key -> values over seeds
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in runs:
         variant = f"K={run.data.tags['denoising_steps']}"
         for key in KEYS:
-            hist = sorted(client.get_metric_history(run.info.run_id, f"learner/default_policy/{key}"),
-                          key=lambda m: m.step)
+            hist = sorted(metric_history(client, run.info.run_id, f"learner/default_policy/{key}"))
             for frac in args.points:
-                m = hist[min(int(frac * (len(hist) - 1)), len(hist) - 1)]
-                table[variant][m.step if frac == 0 else frac][key].append(m.value)
+                step, value = hist[min(int(frac * (len(hist) - 1)), len(hist) - 1)]
+                table[variant][step if frac == 0 else frac][key].append(value)
     rows = []
     for variant in sorted(table, key=lambda v: int(v.split("=")[1])):
         for point, vals in table[variant].items():

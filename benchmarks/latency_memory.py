@@ -87,22 +87,20 @@ def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dic
 
 
 def log_to_mlflow(experiment: str, args, results: dict[str, dict]) -> str:
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric
 
-    from ncdpo_rllib.experiment.tracking import environment_tags, resolve_tracking_uri
+    from ncdpo_rllib.experiment.tracking import (environment_tags, experiment_id, log_params, mlflow_client,
+                                                 resolve_tracking_uri)
 
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
-    found = client.get_experiment_by_name(experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=f"profile-{args.env}", tags={
+    client = mlflow_client(resolve_tracking_uri(args.tracking_uri))
+    run = client.create_run(experiment_id(client, experiment), run_name=f"profile-{args.env}", tags={
         "stage": "profile", "env": args.env, "algorithm": "ncdpo", **environment_tags()})
     now = int(time.time() * 1000)
     metrics = [Metric(f"profile/{name}{'_ckpt' if key.endswith(':ckpt') else ''}", value, now, int(key.split(":")[0]))
                for key, r in results.items() for name, value in r.items()]
-    params = [Param("env", args.env), Param("ks", str(args.ks)), Param("hidden", str(args.hidden)),
-              Param("action_chunk", str(args.action_chunk)), Param("minibatch", str(MINIBATCH))]
-    client.log_batch(run.info.run_id, metrics=metrics, params=params)
+    client.log_batch(run.info.run_id, metrics=metrics)
+    log_params(client, run.info.run_id, {"env": args.env, "ks": args.ks, "hidden": args.hidden,
+                                         "action_chunk": args.action_chunk, "minibatch": MINIBATCH})
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
