@@ -174,6 +174,16 @@ def raise_user(msg: str) -> None:
     raise UserError(msg)
 
 
+def _config_command(sub, name: str, func, help: str, config_help: str) -> argparse.ArgumentParser:
+    """A subcommand that reads experiment YAML(s): CONFIG..., --set KEY=VALUE, --json."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("config", nargs="+", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncdpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,17 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     e.set_defaults(func=_cmd_evaluate)
 
-    pt = sub.add_parser("pretrain", help="behaviour-clone the diffusion policy on a dataset (pretrain: section)")
-    pt.add_argument("config", nargs="+", help="experiment YAML(s) with pretrain.dataset set (merged in order)")
-    pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    pt.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
-    pt.set_defaults(func=_cmd_pretrain)
-
-    c = sub.add_parser("collect", help="train an MLP-PPO expert and record expert/medium/... datasets")
-    c.add_argument("config", nargs="+", help="experiment YAML(s) (algorithm: ppo, collect: section; merged in order)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    c.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
-    c.set_defaults(func=_cmd_collect)
+    _config_command(sub, "pretrain", _cmd_pretrain, "behaviour-clone the diffusion policy on a dataset (pretrain: section)",
+                    "experiment YAML(s) with pretrain.dataset set (merged in order)")
+    _config_command(sub, "collect", _cmd_collect, "train an MLP-PPO expert and record expert/medium/... datasets",
+                    "experiment YAML(s) (algorithm: ppo, collect: section; merged in order)")
 
     cp = sub.add_parser("compare", help="group MLflow runs, aggregate seeds, write curves + table + HTML report")
     cp.add_argument("--experiment", metavar="NAME", help="MLflow experiment to select runs from")
@@ -230,20 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
     cp.set_defaults(func=_cmd_compare)
 
-    sw = sub.add_parser("sweep", help="a grid (seeds x config keys) of train runs on Ray Tune, one MLflow parent run")
-    sw.add_argument("config", nargs="+", help="experiment YAML(s), merged in order")
+    sw = _config_command(sub, "sweep", _cmd_sweep, "a grid (seeds x config keys) of train runs on Ray Tune, one MLflow "
+                         "parent run", "experiment YAML(s), merged in order")
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="a config key and its values (parsed as YAML like --set; repeatable)")
     sw.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the config's seed)")
-    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sw.add_argument("--name", help="sweep name: MLflow parent run name and <checkpoint.dir>/<name>/ "
                                    "(default: sweep-<algorithm>-<env>-<time>)")
     sw.add_argument("--resume", action="store_true",
                     help="continue the sweep --name: skip finished points, continue unfinished ones")
     sw.add_argument("--compare-out", metavar="DIR",
                     help="comparison report directory (default: <checkpoint.dir>/<name>/comparison)")
-    sw.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
-    sw.set_defaults(func=_cmd_sweep)
 
     d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
     dsub = d.add_subparsers(dest="action", required=True)

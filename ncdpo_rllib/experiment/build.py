@@ -42,6 +42,24 @@ def check_experiment(exp: ExperimentConfig) -> None:
         build_algo_config(exp).validate()
 
 
+PPO_ARGS = {"lr": "lr", "gamma": "gamma", "gae_lambda": "lambda_", "clip_param": "clip_param",
+            "vf_clip_param": "vf_clip_param", "vf_loss_coeff": "vf_loss_coeff", "entropy_coeff": "entropy_coeff",
+            "num_epochs": "num_epochs", "minibatch_size": "minibatch_size",
+            "train_batch_size": "train_batch_size_per_learner"}
+"""ppo section key -> RLlib's ``AlgorithmConfig.training()`` argument, for every algorithm."""
+DIFFUSION_ONLY = {k: k for k in ("critic_lr", "actor_grad_clip", "critic_grad_clip", "target_kl", "critic_warmup_iters",
+                                 "kl_to_reference", "logp_reduction", "logp_clamp", "advantage_normalization",
+                                 "advantage_clip_quantiles", "reward_scale_running")}
+"""... the ones NCDPOConfig (and DPPOConfig) add."""
+DPPO_ONLY = {k: k for k in ("gamma_denoise", "clip_param_base", "clip_param_rate")}
+"""... the ones DPPOConfig adds."""
+
+
+def _training_args(ppo, names: dict[str, str]) -> dict:
+    """``training()`` keyword arguments from the ppo section (YAML lists as the tuples RLlib keeps)."""
+    return {rl: tuple(v) if isinstance(v := getattr(ppo, key), list) else v for key, rl in names.items()}
+
+
 def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
     """The module's model_config["pixels"] (None for state observations)."""
     if not exp.env.pixels:
@@ -59,26 +77,9 @@ def build_algo_config(
     pretrained = exp.init_from is not None if pretrained is None else pretrained
     use_filter = exp.env.normalize_observations and not pretrained and not exp.env.pixels
     if exp.algorithm in ("ncdpo", "dppo"):
-        if exp.algorithm == "ncdpo":
-            cfg = NCDPOConfig()
-        else:
-            cfg = DPPOConfig().training(gamma_denoise=p.gamma_denoise, clip_param_base=p.clip_param_base,
-                                        clip_param_rate=p.clip_param_rate)
+        cfg = NCDPOConfig() if exp.algorithm == "ncdpo" else DPPOConfig().training(**_training_args(p, DPPO_ONLY))
         cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden, pixels=pixel_model_config(exp))
-        cfg.training(
-            critic_lr=p.critic_lr,
-            actor_grad_clip=p.actor_grad_clip,
-            critic_grad_clip=p.critic_grad_clip,
-            target_kl=p.target_kl,
-            critic_warmup_iters=p.critic_warmup_iters,
-            kl_to_reference=p.kl_to_reference,
-            logp_reduction=p.logp_reduction,
-            logp_clamp=tuple(p.logp_clamp) if p.logp_clamp is not None else None,
-            advantage_normalization=p.advantage_normalization,
-            advantage_clip_quantiles=(tuple(p.advantage_clip_quantiles)
-                                      if p.advantage_clip_quantiles is not None else None),
-            reward_scale_running=p.reward_scale_running,
-        )
+        cfg.training(**_training_args(p, DIFFUSION_ONLY))
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
     cfg.environment(env=register(), env_config=env_context(exp.env, record_dir))
@@ -96,18 +97,7 @@ def build_algo_config(
         restart_failed_env_runners=r.restart_failed_env_runners,
         max_num_env_runner_restarts=r.max_env_runner_restarts,
     )
-    cfg.training(
-        lr=p.lr,
-        gamma=p.gamma,
-        lambda_=p.gae_lambda,
-        clip_param=p.clip_param,
-        vf_clip_param=p.vf_clip_param,
-        vf_loss_coeff=p.vf_loss_coeff,
-        entropy_coeff=p.entropy_coeff,
-        num_epochs=p.num_epochs,
-        minibatch_size=p.minibatch_size,
-        train_batch_size_per_learner=p.train_batch_size,
-    )
+    cfg.training(**_training_args(p, PPO_ARGS))
     if exp.eval.every:
         cfg.evaluation(
             evaluation_interval=exp.eval.every,
