@@ -24,7 +24,9 @@ from .config import ExperimentConfig
 @contextlib.contextmanager
 def rllib_validation():
     """RLlib's own config validation (a ValueError from validate() or a module's setup()) as a
-    one-line ConfigError."""
+    one-line ConfigError; RLlib's start-up banners ("running on the new API stack") stay quiet
+    (RLlib resets its logger's level when first imported, so the CLI's setting may be gone)."""
+    logging.getLogger("ray.rllib").setLevel(logging.ERROR)
     try:
         yield
     except ValueError as e:

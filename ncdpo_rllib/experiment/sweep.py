@@ -150,13 +150,10 @@ def _plan_resume(points: list[Point], children: list, client, log) -> list[Point
 
 def _resources(exp: ExperimentConfig):
     """The trial's reservation: what RLlib itself asks Tune for this algorithm config."""
-    import logging
-
     from .build import build_algo_config, rllib_validation
 
     with rllib_validation():
         algo_cfg = build_algo_config(exp)
-        logging.getLogger("ray.rllib").setLevel(logging.ERROR)  # RLlib's start-up banners
         return algo_cfg.algo_class.default_resource_request(algo_cfg)
 
 
