@@ -105,8 +105,8 @@ def test_scripted_demonstrations_and_their_degraded_version():
 @pytest.mark.slow
 def test_collect_pretrain_finetune_end_to_end(tmp_path):
     """Scripted demos -> behaviour cloning -> NCDPO fine-tuning, tiny budgets, through the CLI."""
-    config = (Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml").read_text()
-    (tmp_path / "mw.yaml").write_text(config)
+    config = Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml"
+    (tmp_path / "mw.yaml").write_text(f"include: {config}\n")  # the shipped file, composed as a user would
     tiny = ["--set", "collect.steps_per_level=500", "--set", "pretrain.gradient_steps=200",
             "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]",
             "--set", "resources.env_runners=0"]

@@ -20,7 +20,7 @@ from ncdpo_rllib.experiment.build import build_algo_config
 from ncdpo_rllib.experiment.collect import collect
 from ncdpo_rllib.experiment.pretrain import pretrain
 from ncdpo_rllib.experiment.build import check_experiment
-from ncdpo_rllib.experiment.config import parse_config
+from ncdpo_rllib.experiment.config import load_config, parse_config
 from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule
 from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
@@ -195,7 +195,7 @@ def test_each_multi_agent_config_trains_through_the_cli(tmp_path, config, extra)
     assert summary["iterations"] == 2
     run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     metrics = run.data.metrics
-    exp = parse_config(dict(__import__("yaml").safe_load((CONFIGS / config).read_text())))
+    exp = load_config(CONFIGS / config)
     spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=True)
     policies = set(policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces).values())
     for policy in policies:  # per-policy learner diagnostics and returns
