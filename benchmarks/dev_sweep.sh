@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Choose the fine-tuning defaults on ONE development task (button-press-topdown-v3 from state),
 # with the same budget for NCDPO and DPPO: round 1, 3 x 2 grid points x 2 seeds; round 2 (centred
-# on round 1's result), 2 x 2 points x 2 seeds; 100k env steps each,
+# on round 1's result), 2 x 2 points x 2 seeds; 100k env steps each; round 3, 2 points x 2 seeds at 300k,
 # from the task's pre-trained checkpoint (benchmarks/manipulation.py makes it). Resumable:
 # rerun with RESUME=--resume. Sampling in the trial's process (env_runners=0): a Tune trial
 # with 2 remote EnvRunners asks for 3 CPUs. docs/benchmarks.md ("dev-sweep") has the result.
@@ -29,5 +29,15 @@ case "${1:-all}" in
   # DPPO's round 1: clip 0.1 beat the reference's 0.01 at every lr, best at 3e-4; round 2 there.
   dppo2|all)
     $NCDPO sweep configs/metaworld_button_press.yaml configs/recipes/dppo_reference.yaml --name dppo2 \
-      --set ppo.lr=3e-4 --grid ppo.clip_param=0.1,0.2 --grid ppo.clip_param_base=0.001,0.01 "${COMMON[@]}" ;;
+      --set ppo.lr=3e-4 --grid ppo.clip_param=0.1,0.2 --grid ppo.clip_param_base=0.001,0.01 "${COMMON[@]}" ;;&
+  # Round 3, at 300k env steps (the test tasks' budget), both recipes as frozen after round 2: on
+  # reach NCDPO peaked at ~130k then decayed in every seed, which 100k-step trials cannot see. One
+  # stabiliser for both algorithms, the standard one: the learning rates annealed linearly to 0
+  # (CleanRL's anneal_lr). 2 points x 2 seeds each; the winner per algorithm joins its recipe.
+  ncdpo3|all)
+    $NCDPO sweep configs/metaworld_button_press.yaml configs/recipes/ncdpo_finetune.yaml --name ncdpo3 \
+      --grid ppo.lr_anneal=false,true "${COMMON[@]}" --set stop.env_steps=${STEPS3:-300000} ;;&
+  dppo3|all)
+    $NCDPO sweep configs/metaworld_button_press.yaml configs/recipes/dppo_finetune.yaml --name dppo3 \
+      --grid ppo.lr_anneal=false,true "${COMMON[@]}" --set stop.env_steps=${STEPS3:-300000} ;;
 esac

@@ -128,6 +128,30 @@ def test_mapping_onto_rllib():
     assert not isinstance(ppo, NCDPOConfig) and ppo._env_to_module_connector is None
 
 
+@pytest.mark.parametrize("algorithm", ["ncdpo", "ppo"])
+def test_lr_anneal_decays_each_learning_rate_linearly_over_the_env_step_budget(algorithm):
+    """RLlib's lr schedule, in its timesteps (one per action chunk): a real learner's optimizers
+    run at lr x (1 - t / T) after an update at lifetime step t."""
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    from tests.conftest import runner_and_learner
+
+    with pytest.raises(ConfigError, match="set stop.env_steps"):
+        parse_config({"ppo": {"lr_anneal": True}, "stop": {"env_steps": None, "iterations": 3}})
+    exp = parse_config({"algorithm": algorithm, "env": {"action_chunk": 2}, "stop": {"env_steps": 4000},
+                        "ppo": {"lr": 1e-4, "critic_lr": 1e-3, "lr_anneal": True},
+                        "diffusion": {"denoising_steps": 2, "hidden": [16]}, "resources": {"env_runners": 0}})
+    cfg = build_algo_config(exp)
+    assert cfg.lr == [[0, 1e-4], [2000, 0.0]]  # 4000 env steps = 2000 chunks
+    if algorithm == "ncdpo":
+        assert cfg.critic_lr == [[0, 1e-3], [2000, 0.0]]
+    _, _, learner = runner_and_learner(cfg)
+    learner.after_gradient_based_update(timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 500})
+    lrs = {name: opt.param_groups[0]["lr"] for name, opt in learner.get_optimizers_for_module("default_policy")}
+    expected = {"actor": 0.75e-4, "critic": 0.75e-3} if algorithm == "ncdpo" else {"default_optimizer": 0.75e-4}
+    assert lrs == pytest.approx(expected)
+
+
 def test_configuration_reference_is_current():
     """docs/configuration.md is generated from the dataclasses; regenerate it when they change."""
     from ncdpo_rllib.experiment.docgen import render

@@ -62,6 +62,16 @@ def _training_args(ppo, names: dict[str, str]) -> dict:
     return {rl: tuple(v) if isinstance(v := getattr(ppo, key), list) else v for key, rl in names.items()}
 
 
+def lr_schedules(exp: ExperimentConfig) -> dict:
+    """``ppo.lr_anneal``: RLlib lr schedules [[0, lr], [T, 0]] for each learning rate, T = stop.env_steps
+    in RLlib's timesteps (which count policy steps: one per action chunk)."""
+    horizon = max(1, exp.stop.env_steps // exp.env.action_chunk)
+    rates = {"lr": exp.ppo.lr}
+    if exp.algorithm != "ppo":
+        rates["critic_lr"] = exp.ppo.critic_lr or exp.ppo.lr
+    return {name: [[0, lr], [horizon, 0.0]] for name, lr in rates.items()}
+
+
 def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
     """The module's model_config["pixels"] (None for state observations)."""
     if not exp.env.pixels:
@@ -100,6 +110,8 @@ def build_algo_config(
         max_num_env_runner_restarts=r.max_env_runner_restarts,
     )
     cfg.training(**_training_args(p, PPO_ARGS))
+    if p.lr_anneal:
+        cfg.training(**lr_schedules(exp))
     if exp.eval.every:
         cfg.evaluation(
             evaluation_interval=exp.eval.every,

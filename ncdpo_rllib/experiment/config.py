@@ -49,6 +49,9 @@ class PPOSection:
     """Actor learning rate (the only one for algorithm: ppo)."""
     critic_lr: Optional[float] = DEFAULTS.critic_lr
     """Critic learning rate (ncdpo only; null = lr)."""
+    lr_anneal: bool = False
+    """Decay every learning rate linearly from its value to 0 over ``stop.env_steps`` (CleanRL's
+    ``anneal_lr``; RLlib's lr schedule, so it resumes with the run). Needs ``stop.env_steps``."""
     gamma: float = DEFAULTS.gamma
     """Discount factor."""
     gae_lambda: float = DEFAULTS.lambda_
@@ -295,6 +298,8 @@ class ExperimentConfig:
             raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
         if self.ppo.kl_to_reference and self.algorithm == "ppo":  # dppo: DPPOConfig.validate() refuses it
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.ppo.lr_anneal and self.stop.env_steps is None:
+            raise ValueError("ppo.lr_anneal decays the learning rates over stop.env_steps: set stop.env_steps")
         if self.ppo.clip_param_base is not None and self.algorithm != "dppo":
             raise ValueError("ppo.clip_param_base anneals DPPO's clip over denoising steps: it is for algorithm: dppo")
         diffusion_only = {"logp_reduction": self.ppo.logp_reduction != "sum", "logp_clamp": self.ppo.logp_clamp,
