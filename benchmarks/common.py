@@ -11,10 +11,9 @@ import sys
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from ncdpo_rllib.experiment.report import markdown_table  # noqa: F401  (the scripts import it from here)
 
-from ncdpo_rllib.experiment.report import markdown_table  # noqa: E402,F401  (the scripts import it from here)
+ROOT = Path(__file__).resolve().parent.parent
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "images"

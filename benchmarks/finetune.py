@@ -22,6 +22,7 @@ and vs wall-clock go into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -212,7 +213,9 @@ def main() -> None:
 
     saved = [] if args.fresh or not args.results.exists() else json.loads(args.results.read_text())
 
+    @functools.cache
     def key(env: str, variant: str) -> dict:
+        """What a saved run must match to be reused: the resolved files (includes read) and the settings."""
         config = {}
         for f in variant_files(env, variant):
             config |= read_config_data(f)
