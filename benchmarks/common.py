@@ -142,6 +142,21 @@ def plot_seed_band(ax, x, ys, label: str, start: float | None = None):
     return line
 
 
+def plot_runs(axes, runs: list[dict], key: str, label: str, start: float | None = None) -> None:
+    """One variant's seeds on a pair of axes: curve ``key`` vs env steps and vs wall-clock seconds (the
+    x of each point averaged over seeds), every run cut to the shortest, band = min..max over seeds."""
+    import numpy as np
+
+    n = min(len(r["curve"]["env_steps"]) for r in runs)
+    ys = [r["curve"][key][:n] for r in runs]
+    for ax, xkey in zip(axes, ("env_steps", "wall_s")):
+        plot_seed_band(ax, np.mean([np.asarray(r["curve"][xkey][:n], dtype=float) for r in runs], axis=0), ys,
+                       label, start=start)
+    from matplotlib.ticker import EngFormatter
+
+    axes[0].xaxis.set_major_formatter(EngFormatter(sep=""))  # 300k, 1M: env-step ticks that do not collide
+
+
 def save_figure(fig, stem: str) -> Path:
     """docs/images/<stem>.png (laid out tight, closed): the path for a markdown image link."""
     import matplotlib.pyplot as plt

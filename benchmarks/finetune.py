@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 from ncdpo_rllib.experiment.loader import read_config_data  # noqa: E402
 
@@ -174,11 +174,7 @@ def plot(args, runs, pretrained) -> Path:
             vr = [r for r in runs if r["env"] == env and r["variant"] == v]
             if not vr:
                 continue
-            n = min(len(r["curve"]["env_steps"]) for r in vr)
-            ys = [r["curve"]["eval_return"][:n] for r in vr]
-            for row, key in enumerate(("env_steps", "wall_s")):
-                x = np.array([r["curve"][key][:n] for r in vr], dtype=float).mean(0)
-                plot_seed_band(axes[row][col], x, ys, f"{v} ({len(vr)} seeds)")
+            plot_runs((axes[0][col], axes[1][col]), vr, "eval_return", f"{v} ({len(vr)} seeds)")
         for k, pre in pretrained.get(env, {}).items():
             for row in range(2):
                 axes[row][col].axhline(pre["eval"]["return_mean"], ls="--", lw=1, color="grey",

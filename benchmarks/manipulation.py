@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_seed_band, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
@@ -189,12 +189,8 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
             ar = [r for r in runs if r["task"] == task and r["obs"] == obs and r["algo"] == algo]
             if not ar:
                 continue
-            n = min(len(r["curve"]["env_steps"]) for r in ar)
-            ev = [r["curve"]["eval_success"][:n] for r in ar]
-            for row, xkey in enumerate(("env_steps", "wall_s")):
-                x = np.array([r["curve"][xkey][:n] for r in ar], dtype=float).mean(0)
-                plot_seed_band(axes[row][col], x, ev, f"{algo} ({len(ar)} seeds)",
-                               start=pretrained[(task, obs)]["eval"]["success_rate"])
+            plot_runs((axes[0][col], axes[1][col]), ar, "eval_success", f"{algo} ({len(ar)} seeds)",
+                      start=pretrained[(task, obs)]["eval"]["success_rate"])
         for row, xlabel in enumerate(("env steps", "wall-clock s (mean over seeds)")):
             ax = axes[row][col]
             ax.set_title(f"{TASKS[task]} ({obs})", fontsize=9)

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, markdown_table, plot_seed_band, save_figure, train_with_curve, write_section  # noqa: E402
+from benchmarks.common import ROOT, markdown_table, plot_runs, save_figure, train_with_curve, write_section  # noqa: E402
 from benchmarks.sample_efficiency import return_at  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
@@ -90,10 +90,7 @@ def plot(runs: list[dict]) -> Path:
     for row, config in zip(axes, configs):
         for variant in dict.fromkeys(r["variant"] for r in runs if r["config"] == config):
             vr = [r for r in runs if r["config"] == config and r["variant"] == variant]
-            n = min(len(r["curve"]["env_steps"]) for r in vr)
-            rets = [r["curve"]["return"][:n] for r in vr]
-            for ax, key in zip(row, ("env_steps", "wall_s")):
-                plot_seed_band(ax, np.mean([r["curve"][key][:n] for r in vr], axis=0), rets, variant)
+            plot_runs(row, vr, "return", variant)
         row[0].set_xlabel("env steps")
         row[1].set_xlabel("wall-clock seconds")
         for ax in row:

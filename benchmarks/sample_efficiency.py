@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, markdown_table, plot_seed_band, save_figure, train_with_curve, write_section  # noqa: E402
+from benchmarks.common import ROOT, markdown_table, plot_runs, save_figure, train_with_curve, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -97,10 +97,7 @@ def plot(runs: list[dict], variants: list[str], env_id: str) -> Path:
         vr = [r for r in runs if r["variant"] == v]
         if not vr:
             continue
-        n = min(len(r["curve"]["env_steps"]) for r in vr)
-        rets = [r["curve"]["return"][:n] for r in vr]
-        for ax, key in zip(axes, ("env_steps", "wall_s")):
-            plot_seed_band(ax, np.mean([r["curve"][key][:n] for r in vr], axis=0), rets, v)
+        plot_runs(axes, vr, "return", v)
     axes[0].set_xlabel("env steps")
     axes[1].set_xlabel("wall-clock seconds")
     for ax in axes:
