@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import re
@@ -104,6 +106,44 @@ def train_with_curve(exp, metrics: dict[str, str] | None = None) -> tuple[dict, 
     return train(exp, on_iteration=record), curve
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``<path>.lock``: benchmark processes that share a results file or a pinned
+    checkpoint (e.g. one process per seed on a bigger machine) take turns."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_results(path: Path, fresh: bool = False) -> list[dict]:
+    """A benchmark's saved runs (a JSON list); ``fresh``: empty the file first."""
+    with locked(path):
+        if fresh:
+            _write_json(path, [])
+        return json.loads(path.read_text()) if path.exists() else []
+
+
+def append_result(path: Path, run: dict) -> list[dict]:
+    """Add one finished run to the results file and return all its runs. Re-read under the lock, so
+    that several benchmark processes (disjoint seeds or tasks) can share one file."""
+    with locked(path):
+        saved = (json.loads(path.read_text()) if path.exists() else []) + [run]
+        _write_json(path, saved)
+    return saved
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)  # a reader never sees half a file
+
+
 PINNED = ROOT / "benchmarks" / "results" / "pretrained"
 """Committed pre-trained checkpoints that benchmarks start from: a benchmark resumed on another day
 or machine starts every seed from the same policy. Delete one to pre-train it anew."""
@@ -116,14 +156,15 @@ def pinned_pretrained(name: str, make) -> Path:
     import shutil
 
     pinned = PINNED / name
-    if (pinned / "pretrain.json").is_file():
-        return pinned
-    made = Path(make())
-    tmp = pinned.with_name(f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(made, tmp)
-    shutil.rmtree(pinned, ignore_errors=True)
-    tmp.rename(pinned)
+    with locked(pinned):  # a second benchmark process waits for the first one's pre-training
+        if (pinned / "pretrain.json").is_file():
+            return pinned
+        made = Path(make())
+        tmp = pinned.with_name(f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(made, tmp)
+        shutil.rmtree(pinned, ignore_errors=True)
+        tmp.rename(pinned)
     return pinned
 
 

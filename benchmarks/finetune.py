@@ -17,6 +17,13 @@ Results (curves per run, keyed by the variant's resolved config so that a change
 go to benchmarks/results/locomotion.json; the table, the aggregate over envs (rliable IQM of
 D4RL-normalised returns, probability of improvement) and PNGs of evaluation return vs env steps
 and vs wall-clock go into docs/benchmarks.md.
+
+Several processes may share the results file and the pinned checkpoints (they take turns under a
+lock): on a machine with more cores, one process per seed, then once more with every seed to write
+the report from the saved runs (wall-clock columns then say the runs shared the machine):
+
+    for s in 0 1 2; do python benchmarks/finetune.py --seeds $s & done; wait
+    python benchmarks/finetune.py --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, append_result, load_results, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 from ncdpo_rllib.experiment.loader import read_config_data  # noqa: E402
 
@@ -207,7 +214,7 @@ def main() -> None:
     args = p.parse_args()
     budgets = args.budgets or [args.steps // 4, args.steps // 2, args.steps]
 
-    saved = [] if args.fresh or not args.results.exists() else json.loads(args.results.read_text())
+    saved = load_results(args.results, fresh=args.fresh)
 
     @functools.cache
     def key(env: str, variant: str) -> dict:
@@ -235,11 +242,7 @@ def main() -> None:
                 print(f"[bench] {env} {variant} seed {seed}: {args.steps:,} env steps", flush=True)
                 k = variant_k(env, variant)
                 run = run_one(args, env, variant, seed, None if k is None else pretrained[env][k])
-                saved.append(run | key(env, variant))
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                tmp = args.results.with_suffix(".tmp")
-                tmp.write_text(json.dumps(saved))
-                tmp.replace(args.results)
+                saved = append_result(args.results, run | key(env, variant))
     runs = [r for r in saved if r["seed"] in args.seeds and any(same(r, e, v) for e in args.envs for v in args.variants)]
     table = summarise(args, runs, budgets, pretrained)
     print(table)

@@ -14,10 +14,16 @@ when its output exists, so an interrupted benchmark resumes):
    evaluating the deterministic policy every ``eval.every`` iterations, with the algorithm's
    recipe over the task file.
 
-Results go to benchmarks/results/metaworld.json; the table (success rates, wall-clock,
-sampling env steps/s with pixels vs state) and a PNG of evaluation success vs env steps
-go into docs/benchmarks.md. (Not named metaworld.py: the script's directory comes first on
-sys.path and would shadow the metaworld package.)
+Results go to benchmarks/results/metaworld_recipes.json; the table (success rates, wall-clock,
+sampling env steps/s with pixels vs state), the rliable aggregate over the test tasks and a PNG of
+evaluation success vs env steps and vs wall-clock go into docs/benchmarks.md. (Not named
+metaworld.py: the script's directory comes first on sys.path and would shadow the metaworld package.)
+
+Several processes may share the results file and the pinned checkpoints (they take turns under a
+lock), e.g. one per seed on a bigger machine, then once more with every seed for the report:
+
+    for s in 0 1 2; do python benchmarks/manipulation.py --obs state --seeds $s & done; wait
+    python benchmarks/manipulation.py --obs state --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, append_result, load_results, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
@@ -228,9 +234,7 @@ def main() -> None:
         args.recipes[algo] = Path(path).resolve()
     recipe_text = {a: args.recipes[a].read_text() for a in args.algos}
 
-    results_path = args.results
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    saved = [] if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
+    saved = load_results(args.results, fresh=args.fresh)
     same = lambda r: (r["steps"] == args.steps and r.get("set", []) == args.set  # noqa: E731
                       and r.get("recipe") == recipe_text.get(r["algo"]))
     pretrained = {(t, o): ensure_pretrained(t, o) for t in args.tasks for o in args.obs}
@@ -243,9 +247,8 @@ def main() -> None:
                     print(f"[bench] {task} {obs} {algo} seed {seed}: saved result reused", flush=True)
                     continue
                 print(f"[bench] {task} {obs} {algo} seed {seed}: {args.steps:,} env steps", flush=True)
-                saved.append(run_one(args, task, obs, algo, seed, pretrained[(task, obs)])
-                             | {"set": args.set, "recipe": recipe_text[algo]})
-                results_path.write_text(json.dumps(saved))
+                saved = append_result(args.results, run_one(args, task, obs, algo, seed, pretrained[(task, obs)])
+                                      | {"set": args.set, "recipe": recipe_text[algo]})
     runs = [r for r in saved if r["algo"] in args.algos and same(r) and r["task"] in args.tasks and r["obs"] in args.obs]
     table = summarise(args, runs, pretrained)
     print(table)
