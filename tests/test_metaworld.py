@@ -137,3 +137,15 @@ def test_evaluation_metrics_only_on_iterations_that_evaluated():
     assert on["eval_return_mean"] == -900.0 and on["eval_success_rate"] == 0.5
     assert "eval_return_mean" not in stale and "eval_success_rate" not in stale
     assert "eval_return_mean" not in iteration_metrics({"training_iteration": 4, **evaluation}, eval_every=0)
+
+
+def test_sampled_env_steps_counts_base_env_steps_and_survives_a_nan_count():
+    """The chunk callback's count first; RLlib's policy steps x Ta when that count is NaN (RLlib's
+    value for a sum no EnvRunner logged to in the iteration) or absent; 0 when neither is usable."""
+    from ncdpo_rllib.experiment.metrics import sampled_env_steps
+    from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
+
+    assert sampled_env_steps({"env_runners": {BASE_ENV_STEPS: 7896.0, "num_env_steps_sampled": 2000}}, 4) == 7896
+    assert sampled_env_steps({"env_runners": {BASE_ENV_STEPS: float("nan"), "num_env_steps_sampled": 2000}}, 4) == 8000
+    assert sampled_env_steps({"env_runners": {"num_env_steps_sampled": 256}}) == 256
+    assert sampled_env_steps({"env_runners": {"num_env_steps_sampled": float("nan")}}, 4) == 0

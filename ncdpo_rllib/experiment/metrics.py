@@ -15,6 +15,22 @@ def _num(x: Any) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
+def sampled_env_steps(result: dict, action_chunk: int = 1) -> int:
+    """Base-env steps sampled in an iteration: the chunk callback's count (a chunk cut by the episode's
+    end counts the steps it executed), else RLlib's policy-step count x ``action_chunk``, else 0. RLlib
+    reports NaN for a sum that no EnvRunner logged to in the iteration (seen once, under heavy CPU
+    contention); such a count falls through to the next source."""
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
+
+    from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
+
+    runners = result.get(ENV_RUNNER_RESULTS, {})
+    for value, scale in ((runners.get(BASE_ENV_STEPS), 1), (runners.get(NUM_ENV_STEPS_SAMPLED), action_chunk)):
+        if (v := _num(value)) is not None:
+            return int(v * scale)
+    return 0
+
+
 def iteration_metrics(result: dict, eval_every: int = 0) -> dict[str, float]:
     """Flatten an ``algo.train()`` result into the stable MLflow metric names.
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
-from ncdpo_rllib.rl.callbacks import BASE_ENV_STEPS
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 
 from .build import build_algo_config, check_experiment, init_ray, rllib_validation
@@ -27,7 +26,7 @@ from .checkpoints import (
 )
 from .config import ExperimentConfig
 from .loader import flatten
-from .metrics import iteration_metrics
+from .metrics import iteration_metrics, sampled_env_steps
 from .pretrained import check_compatible, load_module_state, load_pretrained_meta
 from .tracking import Tracker
 
@@ -224,9 +223,7 @@ def train(
                     f"last good checkpoint: {last[-1] if last else 'none (set checkpoint.every)'}"
                 ) from None
             iter_s = time.perf_counter() - t0
-            runners = result["env_runners"]
-            # Base-env steps (with action chunks RLlib counts policy steps).
-            sampled = int(runners.get(BASE_ENV_STEPS, runners.get("num_env_steps_sampled", 0)))
+            sampled = sampled_env_steps(result, exp.env.action_chunk)  # base-env steps, not RLlib's chunks
             state.iteration += 1
             state.env_steps += sampled
             state.wall_s += iter_s
