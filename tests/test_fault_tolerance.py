@@ -16,19 +16,25 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import TINY, last_json, run_cli
 
 
-@pytest.mark.slow
-def test_sigkill_between_checkpoints_then_resume_has_no_gap_or_duplicate(tmp_path):
+def _spawn_train(tmp_path, config_text: str, args=(), env_extra=None) -> tuple[subprocess.Popen, str]:
+    """``ncdpo train`` on ``config_text`` in a process group of its own (killable as a whole), with
+    its own MLflow store; returns (the process, the store's URI)."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 5, env_steps: null}")
-        .replace("checkpoint: {every: 1}", "checkpoint: {every: 2}")
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": uri}
+    config.write_text(config_text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": uri, **(env_extra or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ncdpo_rllib.cli", "train", str(config), "--set", "tracking.run_name=killed"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-m", "ncdpo_rllib.cli", "train", str(config), *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
+    return proc, uri
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_resume_has_no_gap_or_duplicate(tmp_path):
+    proc, uri = _spawn_train(tmp_path, TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 5, env_steps: null}")
+                             .replace("checkpoint: {every: 1}", "checkpoint: {every: 2}"), ["--set", "tracking.run_name=killed"])
     try:
         deadline = time.time() + 240
         for line in proc.stderr:  # wait for iteration 3: checkpoint 2 is on disk, 3 is not covered
@@ -76,20 +82,14 @@ def _marked_env_runner_pids(marker: str) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_env_runner_is_restarted_and_training_finishes(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
+    marker = uuid.uuid4().hex
+    proc, uri = _spawn_train(
+        tmp_path,
         # 10 iterations: the restarted runner must come back (a new process importing torch and
         # RLlib) before the run ends, which takes a while on a loaded 2-core machine
         TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 10, env_steps: null}")
-        .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}")
-    )
-    marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"MLFLOW_TRACKING_URI": uri, "NCDPO_TEST_MARK": marker}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ncdpo_rllib.cli", "train", str(config), "--json"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}"),
+        ["--json"], {"NCDPO_TEST_MARK": marker},
     )
     lines, killed = [], None
     try:
