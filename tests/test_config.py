@@ -119,6 +119,10 @@ def test_mapping_onto_rllib():
     assert isinstance(cfg, NCDPOConfig)
     assert cfg.lambda_ == 0.9 and cfg.lr == 1e-4 and cfg.critic_lr == 5e-4 and cfg.target_kl == 0.05
     assert cfg.num_env_runners == 2 and cfg.num_envs_per_env_runner == 4 and cfg.seed == 7
+    assert cfg.sample_timeout_s == 600.0  # RLlib's 60 s drops whole rounds of slow (pixel) sampling
+    assert build_algo_config(parse_config({"resources": {"sample_timeout_s": None}})).sample_timeout_s is None
+    with pytest.raises(ConfigError, match="sample_timeout_s must be > 0"):
+        parse_config({"resources": {"sample_timeout_s": 0}})
     assert cfg.use_kl_loss is False
     spec = cfg.get_default_rl_module_spec()
     assert spec.module_class is DiffusionPolicyModule and spec.model_config["diffusion"]["denoising_steps"] == 8

@@ -102,6 +102,7 @@ def build_algo_config(
         num_env_runners=r.env_runners,
         num_envs_per_env_runner=r.envs_per_runner,
         num_cpus_per_env_runner=r.cpus_per_runner,
+        sample_timeout_s=r.sample_timeout_s,
         env_to_module_connector=connector,
     )
     cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)

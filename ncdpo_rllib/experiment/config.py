@@ -139,10 +139,16 @@ class ResourcesConfig:
     (restarts are logged as ``env_runner_restarts``)."""
     max_env_runner_restarts: int = 1000
     """Give up (fail the run) after this many EnvRunner restarts."""
+    sample_timeout_s: Optional[float] = 600.0
+    """How long one round of remote EnvRunner sampling may take before RLlib drops it and the
+    iteration trains on what arrived (RLlib's default, 60 s, is too short for rendered pixels on a
+    few loaded cores: whole iterations then sample nothing); null = wait for ever."""
 
     def __post_init__(self):
         if min(self.env_runners, self.learners, self.gpus_per_learner) < 0:
             raise ValueError("resources: env_runners, learners and gpus_per_learner must be >= 0")
+        if self.sample_timeout_s is not None and self.sample_timeout_s <= 0:
+            raise ValueError("resources.sample_timeout_s must be > 0 (or null: no timeout)")
         if self.envs_per_runner < 1 or self.cpus_per_runner < 1:
             raise ValueError("resources: envs_per_runner and cpus_per_runner must be >= 1")
 

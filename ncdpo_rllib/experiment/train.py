@@ -224,6 +224,9 @@ def train(
                 ) from None
             iter_s = time.perf_counter() - t0
             sampled = sampled_env_steps(result, exp.env.action_chunk)  # base-env steps, not RLlib's chunks
+            if not sampled:
+                log(f"iteration {state.iteration + 1} sampled no env steps: the EnvRunners returned nothing "
+                    f"within resources.sample_timeout_s ({exp.resources.sample_timeout_s} s); raise it for a slow env")
             state.iteration += 1
             state.env_steps += sampled
             state.wall_s += iter_s
