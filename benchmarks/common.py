@@ -37,8 +37,9 @@ def machine() -> str:
 
 
 def command_line() -> str:
+    """The command that makes the section (``--report-only``, which re-renders saved runs, left out)."""
     script = Path(sys.argv[0]).resolve().relative_to(ROOT)
-    return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
+    return " ".join(["python", str(script), *map(shlex.quote, (a for a in sys.argv[1:] if a != "--report-only"))])
 
 
 def git_commit() -> str:

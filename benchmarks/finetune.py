@@ -211,6 +211,8 @@ def main() -> None:
     p.add_argument("--section", default="locomotion", help="docs/benchmarks.md section to (re)write")
     p.add_argument("--results", type=Path, default=RESULTS, help="run results JSON (resumable)")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the section from the saved runs (a missing run is left out and said)")
     args = p.parse_args()
     budgets = args.budgets or [args.steps // 4, args.steps // 2, args.steps]
 
@@ -238,6 +240,9 @@ def main() -> None:
             for variant in args.variants:
                 if any(same(r, env, variant) and r["seed"] == seed for r in saved):
                     print(f"[bench] {env} {variant} seed {seed}: saved result reused", flush=True)
+                    continue
+                if args.report_only:
+                    print(f"[bench] {env} {variant} seed {seed}: no saved run, left out (--report-only)", flush=True)
                     continue
                 print(f"[bench] {env} {variant} seed {seed}: {args.steps:,} env steps", flush=True)
                 k = variant_k(env, variant)

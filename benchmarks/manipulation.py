@@ -221,6 +221,8 @@ def main() -> None:
                         ", ".join(f"{a}={v.relative_to(ROOT)}" for a, v in RECIPES.items()) + ")")
     p.add_argument("--set", action="append", default=[], help="extra override for every fine-tuning run")
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the section from the saved runs (a missing run is left out and said)")
     p.add_argument("--dev-task", default="button_press", help="the task the defaults were tuned on: "
                    "left out of the aggregate")
     p.add_argument("--section", default="metaworld-recipes", help="docs/benchmarks.md section to (re)write")
@@ -246,10 +248,14 @@ def main() -> None:
                 if any(same(r) and (r["task"], r["obs"], r["algo"], r["seed"]) == (task, obs, algo, seed) for r in saved):
                     print(f"[bench] {task} {obs} {algo} seed {seed}: saved result reused", flush=True)
                     continue
+                if args.report_only:
+                    print(f"[bench] {task} {obs} {algo} seed {seed}: no saved run, left out (--report-only)", flush=True)
+                    continue
                 print(f"[bench] {task} {obs} {algo} seed {seed}: {args.steps:,} env steps", flush=True)
                 saved = append_result(args.results, run_one(args, task, obs, algo, seed, pretrained[(task, obs)])
                                       | {"set": args.set, "recipe": recipe_text[algo]})
-    runs = [r for r in saved if r["algo"] in args.algos and same(r) and r["task"] in args.tasks and r["obs"] in args.obs]
+    runs = [r for r in saved if r["algo"] in args.algos and same(r) and r["task"] in args.tasks and r["obs"] in args.obs
+            and r["seed"] in args.seeds]
     table = summarise(args, runs, pretrained)
     print(table)
     image = plot(args, runs, pretrained)
