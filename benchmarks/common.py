@@ -127,16 +127,20 @@ def load_results(path: Path, fresh: bool = False) -> list[dict]:
     with locked(path):
         if fresh:
             _write_json(path, [])
-        return json.loads(path.read_text()) if path.exists() else []
+        return _read_json_list(path)
 
 
 def append_result(path: Path, run: dict) -> list[dict]:
     """Add one finished run to the results file and return all its runs. Re-read under the lock, so
     that several benchmark processes (disjoint seeds or tasks) can share one file."""
     with locked(path):
-        saved = (json.loads(path.read_text()) if path.exists() else []) + [run]
+        saved = _read_json_list(path) + [run]
         _write_json(path, saved)
     return saved
+
+
+def _read_json_list(path: Path) -> list:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _write_json(path: Path, data) -> None:
@@ -188,14 +192,13 @@ def plot_runs(axes, runs: list[dict], key: str, label: str, start: float | None 
     """One variant's seeds on a pair of axes: curve ``key`` vs env steps and vs wall-clock seconds (the
     x of each point averaged over seeds), every run cut to the shortest, band = min..max over seeds."""
     import numpy as np
+    from matplotlib.ticker import EngFormatter
 
     n = min(len(r["curve"]["env_steps"]) for r in runs)
     ys = [r["curve"][key][:n] for r in runs]
     for ax, xkey in zip(axes, ("env_steps", "wall_s")):
         plot_seed_band(ax, np.mean([np.asarray(r["curve"][xkey][:n], dtype=float) for r in runs], axis=0), ys,
                        label, start=start)
-    from matplotlib.ticker import EngFormatter
-
     axes[0].xaxis.set_major_formatter(EngFormatter(sep=""))  # 300k, 1M: env-step ticks that do not collide
 
 

@@ -63,12 +63,13 @@ def _training_args(ppo, names: dict[str, str]) -> dict:
 
 
 def lr_schedules(exp: ExperimentConfig) -> dict:
-    """``ppo.lr_anneal``: RLlib lr schedules [[0, lr], [T, 0]] for each learning rate, T = stop.env_steps
-    in RLlib's timesteps (which count policy steps: one per action chunk)."""
+    """``ppo.lr_anneal``: RLlib lr schedules [[0, lr], [T, 0]] for each learning rate set, T = stop.env_steps
+    in RLlib's timesteps (which count policy steps: one per action chunk). A critic without its own
+    rate runs on ``lr``, schedule included (the learner's fallback)."""
     horizon = max(1, exp.stop.env_steps // exp.env.action_chunk)
     rates = {"lr": exp.ppo.lr}
-    if exp.algorithm != "ppo":
-        rates["critic_lr"] = exp.ppo.critic_lr or exp.ppo.lr
+    if exp.algorithm != "ppo" and exp.ppo.critic_lr is not None:
+        rates["critic_lr"] = exp.ppo.critic_lr
     return {name: [[0, lr], [horizon, 0.0]] for name, lr in rates.items()}
 
 
