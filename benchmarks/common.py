@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -13,6 +12,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from ncdpo_rllib.experiment.filelock import exclusive
 from ncdpo_rllib.experiment.report import markdown_table  # noqa: F401  (the scripts import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,19 +107,10 @@ def train_with_curve(exp, metrics: dict[str, str] | None = None) -> tuple[dict, 
     return train(exp, on_iteration=record), curve
 
 
-@contextlib.contextmanager
 def locked(path: Path):
     """An exclusive lock on ``<path>.lock``: benchmark processes that share a results file or a pinned
     checkpoint (e.g. one process per seed on a bigger machine) take turns."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return exclusive(path.with_name(path.name + ".lock"))
 
 
 def load_results(path: Path, fresh: bool = False) -> list[dict]:

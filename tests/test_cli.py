@@ -162,3 +162,33 @@ def test_resume_from_an_earlier_checkpoint_and_run_name_collisions(tmp_path, tin
     assert not (other_cwd / "mlflow.db").exists() and not (other_cwd / "runs").exists()
     changed = run_cli(["train", "--resume", run_dir, "--set", "diffusion.denoising_steps=7"], tmp_path)
     _assert_one_line_error(changed, "changes diffusion.denoising_steps")
+
+
+OPEN_TOGETHER = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start signal, so that the processes reach the store together
+from ncdpo_rllib.experiment.tracking import experiment_id, mlflow_client
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+print(experiment_id(mlflow_client(f"sqlite:///{sys.argv[1]}"), "shared"))
+"""
+
+
+def test_processes_that_open_a_fresh_store_together_all_get_it(tmp_path):
+    """Two trainings started at once on a fresh sqlite store: without taking turns, MLflow's schema
+    creation fails in all but one of them ("table ... already exists", a migration error)."""
+    import subprocess
+    import sys
+    import time
+
+    db, go = tmp_path / "store.db", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, str(db), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(8)  # let every process import MLflow
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in results]
+    ids = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(ids) == 1  # one experiment, made once, found by the others
+    assert [e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()].count("shared") == 1

@@ -18,6 +18,7 @@ from typing import Optional
 from ncdpo_rllib.errors import UserError, one_line
 
 from .config import ExperimentConfig
+from .filelock import exclusive
 from .loader import flatten
 
 DEFAULT_DB = "mlflow.db"
@@ -36,7 +37,16 @@ def mlflow_client(uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # The client creates the store's schema, and two processes that create one file at once (two
+    # `ncdpo train` started together on a fresh store) fail with "table ... already exists" or a
+    # migration error: they take turns on the store's folder for it.
+    folder = Path(uri[len("sqlite:///"):]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder), mlflow_errors(uri, "opening the store"):
+        client = MlflowClient(tracking_uri=uri)
+    return client
 
 
 @contextlib.contextmanager
@@ -72,8 +82,18 @@ def find_experiment(client, name: str):
 
 def experiment_id(client, name: str) -> str:
     """The id of the experiment ``name``, created if it does not exist."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another process made it meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
