@@ -10,7 +10,8 @@ Pipeline per env (each stage reused when its output exists, so an interrupted be
 3. per variant and seed, a real ``ncdpo train`` run. ``ncdpo`` / ``dppo`` fine-tune the pre-trained
    policy with ``configs/<env>_finetune_<algo>.yaml`` (the task, the shared locomotion settings and
    the algorithm's frozen recipe from configs/recipes/); ``ncdpo:K`` / ``dppo:K`` at K denoising
-   steps instead of the file's; ``ppo`` trains RLlib's MLP PPO from scratch (``configs/<env>_ppo.yaml``).
+   steps instead of the file's; ``ppo`` trains RLlib's MLP PPO from scratch (``configs/tasks/locomotion_ppo.yaml``, the experts'
+   settings, then ``configs/<env>_ppo.yaml``).
    Every run evaluates the deterministic policy every ``eval.every`` iterations.
 
 Results (curves per run, keyed by the variant's resolved config so that a changed recipe reruns)
@@ -56,8 +57,9 @@ CURVE_METRICS = {"return": "return_mean", "eval_return": "eval_return_mean",
 
 def variant_files(env: str, variant: str) -> list[Path]:
     algo = variant.partition(":")[0]
-    name = f"{env}_ppo.yaml" if algo == "ppo" else f"{env}_finetune_{algo}.yaml"
-    return [ROOT / "configs" / name]
+    if algo == "ppo":  # the locomotion PPO settings (the experts' too), whatever the env's file sets
+        return [ROOT / "configs" / "tasks" / "locomotion_ppo.yaml", ROOT / "configs" / f"{env}_ppo.yaml"]
+    return [ROOT / "configs" / f"{env}_finetune_{algo}.yaml"]
 
 
 def variant_k(env: str, variant: str) -> int | None:
@@ -260,7 +262,7 @@ def main() -> None:
         f"over seeds {args.seeds}; best eval: the best evaluation of each run; KL-stopped: the mean fraction of "
         f"epochs that `target_kl` stopped. ncdpo / dppo fine-tune the pinned pre-trained policy with "
         f"`configs/<env>_finetune_<algo>.yaml` (task + `configs/tasks/locomotion_finetune.yaml` + the frozen recipe "
-        f"in `configs/recipes/`); ppo is RLlib's MLP PPO from scratch (`configs/<env>_ppo.yaml`). Wall-clock includes "
+        f"in `configs/recipes/`); ppo is RLlib's MLP PPO from scratch (`configs/tasks/locomotion_ppo.yaml`, then `configs/<env>_ppo.yaml`). Wall-clock includes "
         f"the periodic evaluations.\n\n{table}\n\n{agg}\n\n![fine-tuning curves]({image.relative_to(ROOT / 'docs')})\n"
     )
     write_section(args.section, "Fine-tuning from demonstrations: MuJoCo locomotion (recipes)", body)
