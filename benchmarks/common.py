@@ -12,7 +12,6 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from ncdpo_rllib.experiment.filelock import exclusive
 from ncdpo_rllib.experiment.report import markdown_table  # noqa: F401  (the scripts import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,18 +64,80 @@ def write_section(name: str, title: str, body: str) -> None:
     print(f"wrote section {name!r} of {DOCS.relative_to(ROOT)}")
 
 
-def learner_cost(learner, episodes, minibatch: int, warmup_episodes) -> tuple[float, int]:
-    """(seconds for one update epoch over ``episodes``, bytes autograd saved for backward in
-    a second epoch), after a warm-up update: the learner side of throughput.py and
-    latency_memory.py."""
+def library_at(rev: str) -> Path:
+    """A read-only copy of the library (``ncdpo_rllib/``) at git revision ``rev``, for a "before"
+    row measured in the same run as "after" (``with_library``); made once per revision."""
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dest = ROOT / "runs" / "library-at" / commit
+    if not (dest / "ncdpo_rllib").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit, "ncdpo_rllib"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+LIBRARY_ENV = "NCDPO_BENCH_LIBRARY"
+"""A child process of a benchmark imports ncdpo_rllib from this folder (``library_at``) when set."""
+
+
+def use_library_from_env() -> None:
+    """Called by a benchmark script at import, before it imports ncdpo_rllib."""
+    if os.environ.get(LIBRARY_ENV):
+        sys.path.insert(0, os.environ[LIBRARY_ENV])
+
+
+def runner_and_learner(env_id: str, algorithm: str = "ncdpo", *, batch: int, minibatch: int, chunk: int = 1,
+                       envs: int = 8, **diffusion):
+    """(EnvRunner, Learner) for the speed benchmarks: one in-process EnvRunner with ``envs`` vector
+    envs and the observation filter, a local learner (one epoch per update), torch on one thread;
+    ``diffusion``: DiffusionConfig fields (unused for ``algorithm="ppo"``, RLlib's MLP PPO)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
+    from ncdpo_rllib.tasks.envs import register
+
+    torch.set_num_threads(1)
+    if algorithm == "ppo":
+        cfg = PPOConfig().training(use_kl_loss=False)
+    else:
+        cfg = (NCDPOConfig() if algorithm == "ncdpo" else DPPOConfig()).diffusion(
+            **{k: v for k, v in diffusion.items() if v is not None})
+    cfg.environment(register(), env_config={"id": env_id, "action_chunk": chunk}).env_runners(
+        num_env_runners=0, num_envs_per_env_runner=envs, env_to_module_connector=mean_std_filter_connector
+    ).training(train_batch_size_per_learner=batch, minibatch_size=minibatch, num_epochs=1).debugging(seed=0)
+    runner = SingleAgentEnvRunner(config=cfg)
+    learner = cfg.build_learner(env=runner.env)
+    runner.module.set_state(learner.module["default_policy"].get_state())
+    return runner, learner
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (the one least disturbed by other work on
+    the machine)."""
     import time
 
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def learner_cost(learner, episodes, minibatch: int, warmup_episodes, repeats: int = 3) -> tuple[float, int]:
+    """(seconds for one update epoch over ``episodes``, the fastest of ``repeats``; bytes autograd
+    saved for backward in one more epoch), after a warm-up update: the learner side of
+    throughput.py and latency_memory.py."""
     import torch
 
     learner.update(episodes=warmup_episodes, num_epochs=1, minibatch_size=minibatch)
-    t0 = time.perf_counter()
-    learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch)
-    update_s = time.perf_counter() - t0
+    update_s = best_seconds(lambda: learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch), repeats)
     saved = {"bytes": 0}
 
     def pack(t):
@@ -110,6 +171,8 @@ def train_with_curve(exp, metrics: dict[str, str] | None = None) -> tuple[dict, 
 def locked(path: Path):
     """An exclusive lock on ``<path>.lock``: benchmark processes that share a results file or a pinned
     checkpoint (e.g. one process per seed on a bigger machine) take turns."""
+    from ncdpo_rllib.experiment.filelock import exclusive
+
     return exclusive(path.with_name(path.name + ".lock"))
 
 

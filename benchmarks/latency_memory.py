@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import learner_cost, machine, markdown_table, write_section  # noqa: E402
+from benchmarks.common import learner_cost, machine, markdown_table, runner_and_learner, write_section  # noqa: E402
 
 MINIBATCH, BATCH = 128, 2000
 
@@ -44,24 +44,11 @@ def _latency_ms(fn, calls: int = 300) -> tuple[float, float]:
 
 
 def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dict:
-    import warnings
-
-    warnings.filterwarnings("ignore")
     import torch
     from ray.rllib.core.columns import Columns
-    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    from ncdpo_rllib.rl import NCDPOConfig
-    from ncdpo_rllib.tasks.envs import register
-
-    torch.set_num_threads(1)
-    cfg = NCDPOConfig().diffusion(denoising_steps=k, grad_checkpointing=checkpointing,
-                                  **({"hidden": hidden} if hidden else {}))
-    cfg.environment(register(), env_config={"id": env_id, "action_chunk": chunk}).env_runners(
-        num_env_runners=0, num_envs_per_env_runner=8
-    ).training(train_batch_size_per_learner=BATCH, minibatch_size=MINIBATCH, num_epochs=1).debugging(seed=0)
-    runner = SingleAgentEnvRunner(config=cfg)
-    learner = cfg.build_learner(env=runner.env)
+    runner, learner = runner_and_learner(env_id, batch=BATCH, minibatch=MINIBATCH, chunk=chunk, denoising_steps=k,
+                                         grad_checkpointing=checkpointing, hidden=hidden)
     module = learner.module["default_policy"]
     obs_dim = runner.env.single_observation_space.shape[0]
     with torch.no_grad():
@@ -69,7 +56,6 @@ def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dic
         eight = {Columns.OBS: torch.zeros(8, obs_dim)}
         infer = _latency_ms(lambda: module.forward_inference(one))
         explore = _latency_ms(lambda: module.forward_exploration(eight))
-    runner.module.set_state(module.get_state())
     episodes = runner.sample(num_timesteps=BATCH)
     steps = sum(len(e) for e in episodes)
     update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=400))

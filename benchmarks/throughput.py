@@ -5,11 +5,15 @@
         --hidden 256 256 --action-chunk 4       # the fine-tuning configs' architecture
 
 - rollout env steps/s: one in-process EnvRunner with 8 vector envs, exploration forward
-  (K denoiser calls per env step for NCDPO), after a warm-up;
-- learner samples/s: one update epoch over a 4000-step batch, minibatches of 128;
+  (K denoiser calls per env step for NCDPO), after a warm-up; the best of 3 rounds of 4000 steps;
+- learner samples/s: one update epoch over a 4000-step batch, minibatches of 128; the best of 3;
 - learner memory: bytes of the tensors autograd keeps for the backward pass, per minibatch
   (what backprop through K steps costs, device-independent; measured with
-  torch.autograd.graph.saved_tensors_hooks), with and without gradient checkpointing.
+  torch.autograd.graph.saved_tensors_hooks), with and without gradient checkpointing;
+- each NCDPO/DPPO configuration eager and with ``diffusion.compile`` (``--compile MODE``, ``none`` to
+  skip), the eager row being the comparison; the warm-up calls compile;
+- ``--before REV``: NCDPO (eager) once more with the library as it was at git revision REV, in the
+  same run (a before/after table on one machine on one day).
 Each configuration runs in its own subprocess.
 """
 
@@ -17,50 +21,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import learner_cost, markdown_table, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LIBRARY_ENV, best_seconds, learner_cost, library_at, markdown_table, runner_and_learner, use_library_from_env, write_section)
+
+use_library_from_env()
 
 BATCH, MINIBATCH = 4000, 128
+REPEATS = 3
+"""Each rate is the best of this many rounds (one sampling round, one update epoch)."""
 
 
-def measure(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=None, chunk: int = 1) -> dict:
+def measure(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=None, chunk: int = 1,
+            compile_mode=None) -> dict:
     """Runs in a child process: build runner + learner, time sampling and one update epoch."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-
-    from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
-    from ncdpo_rllib.tasks.envs import register
-
-    torch.set_num_threads(1)
-    if algorithm == "ppo":
-        cfg = PPOConfig().training(use_kl_loss=False)
-    else:
-        cfg = (NCDPOConfig() if algorithm == "ncdpo" else DPPOConfig()).diffusion(
-            denoising_steps=k, grad_checkpointing=checkpointing, **({"hidden": hidden} if hidden else {})
-        )
-    env_config = {"id": env_id, "action_chunk": chunk}
-    cfg.environment(register(), env_config=env_config).env_runners(
-        num_env_runners=0, num_envs_per_env_runner=8, env_to_module_connector=mean_std_filter_connector
-    ).training(train_batch_size_per_learner=BATCH, minibatch_size=MINIBATCH, num_epochs=1).debugging(seed=0)
-    runner = SingleAgentEnvRunner(config=cfg)
-    learner = cfg.build_learner(env=runner.env)
-    runner.module.set_state(learner.module["default_policy"].get_state())
-    runner.sample(num_timesteps=800)  # warm-up
-    t0 = time.perf_counter()
-    episodes = runner.sample(num_timesteps=BATCH)
-    sample_s = time.perf_counter() - t0
+    runner, learner = runner_and_learner(env_id, algorithm, batch=BATCH, minibatch=MINIBATCH, chunk=chunk,
+                                         denoising_steps=k, grad_checkpointing=checkpointing, compile=compile_mode,
+                                         hidden=hidden)
+    runner.sample(num_timesteps=800)  # warm-up (and, with compile, the rollout chain's compilation)
+    rounds = []
+    sample_s = best_seconds(lambda: rounds.append(runner.sample(num_timesteps=BATCH)), REPEATS)
+    episodes = rounds[-1]
     steps = sum(len(e) for e in episodes)
-    update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=800))
+    update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=800), REPEATS)
     minibatches = -(-steps // MINIBATCH)
     return {
         "env_steps_per_s": steps * chunk / sample_s,  # base-env steps (a chunk executes Ta of them)
@@ -77,29 +66,39 @@ def main() -> None:
     p.add_argument("--algorithms", nargs="+", default=["ncdpo"], choices=["ncdpo", "dppo"])
     p.add_argument("--hidden", type=int, nargs="+", help="denoiser MLP sizes (default: the library's)")
     p.add_argument("--action-chunk", type=int, default=1, help="Ta (the policy's action is Ta x D)")
+    p.add_argument("--compile", default="default", help="torch.compile mode of the compiled rows ('none': no such rows)")
+    p.add_argument("--before", metavar="REV",
+                   help="also measure NCDPO (eager) with the library at this git revision, in the same run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(**json.loads(args.child))))
         return
 
-    configs = [("ppo", 0, False)] + [
-        (a, k, c) for a in args.algorithms for k in args.ks for c in ((False, True) if a == "ncdpo" else (False,))
-    ]
+    # (algorithm, K, grad checkpointing, compile mode): the eager rows are the comparison for the compiled ones.
+    compiled = [] if args.compile == "none" else [(False, args.compile)]
+    configs = [("ppo", 0, False, None, None)] + [
+        (a, k, c, m, None) for a in args.algorithms for k in args.ks
+        for c, m in ([(False, None), (True, None)] if a == "ncdpo" else [(False, None)]) + compiled
+    ] + ([("ncdpo", k, False, None, args.before) for k in args.ks] if args.before else [])
     rows = []
-    for algorithm, k, ckpt in configs:
+    for algorithm, k, ckpt, mode, rev in configs:
         spec = {"env_id": args.env, "algorithm": algorithm, "k": k, "checkpointing": ckpt,
-                "hidden": args.hidden, "chunk": args.action_chunk}
+                "hidden": args.hidden, "chunk": args.action_chunk, "compile_mode": mode}
+        env = {**os.environ, LIBRARY_ENV: str(library_at(rev))} if rev else None
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        name = "MLP PPO" if algorithm == "ppo" else f"{algorithm.upper()} K={k}"
-        rows.append([name, "-" if algorithm != "ncdpo" else ("on" if ckpt else "off"),
+        name = "MLP PPO" if algorithm == "ppo" else f"{algorithm.upper()} K={k}" + (f" (library at {rev})" if rev else "")
+        # autograd's saved-tensor hooks do not see inside a compiled graph: no memory figure there
+        memory = "-" if mode else f"{r['saved_mb_per_minibatch']:.2f}"
+        rows.append([name, "-" if algorithm == "ppo" else (f"compiled ({mode})" if mode else "eager"),
+                     "-" if algorithm != "ncdpo" else ("on" if ckpt else "off"),
                      f"{r['env_steps_per_s']:,.0f}", f"{r['learner_samples_per_s']:,.0f}",
-                     f"{r['ms_per_minibatch']:.1f}", f"{r['saved_mb_per_minibatch']:.2f}"])
+                     f"{r['ms_per_minibatch']:.1f}", memory])
         print(rows[-1], flush=True)
     table = markdown_table(
-        ["policy", "grad checkpointing", "rollout env steps/s (1 runner x 8 envs)",
+        ["policy", "chain", "grad checkpointing", "rollout env steps/s (1 runner x 8 envs)",
          f"learner samples/s (minibatch {MINIBATCH})", "ms / minibatch", "saved for backward (MB / minibatch)"], rows)
     print(table)
     arch = (f"denoiser {args.hidden or 'default [128, 128]'}, action chunk Ta={args.action_chunk}; "
@@ -111,7 +110,8 @@ def main() -> None:
         "(the memory that backprop through the K-step chain costs, device-independent; the MLP PPO "
         "row is the baseline). DPPO scores the stored chain in one batched denoiser call (no "
         "backprop through the chain), so its memory does not grow with the chain's depth the same "
-        "way.\n\n" + table
+        "way. Compiled rows: `diffusion.compile`, timed after warm-up calls that compile (compilation "
+        "not included).\n\n" + table
     )
     suffix = f":{args.env}" + (":finetune-arch" if arch else "")
     write_section(f"throughput{suffix}", f"Throughput and learner memory vs K: {args.env}"

@@ -90,8 +90,8 @@ def test_step_means_and_stds_match_the_sequential_sampler(diffusion):
     cond, noise = torch.randn(5, OBS_DIM), torch.randn(5, S + 1, ACT_DIM)
     chain = sampler(cond, noise, keep_chain=True)
     states = torch.stack(chain.states, dim=1)
-    k_prev = [*sampler.timesteps[1:], 0]
-    ref = [sampler._step(states[:, i], k, k_prev[i], cond) for i, k in enumerate(sampler.timesteps)]
+    terms = net.prepare(sampler.step_k, cond)
+    ref = [sampler._step(states[:, i], i, net, terms) for i in range(S)]
     assert torch.allclose(sampler.step_means(cond, states), torch.stack([m for _, m, _ in ref], 1), atol=1e-6)
     assert torch.allclose(sampler.step_means(cond, states, first=S - 1)[:, 0], chain.mean, atol=1e-6)
     assert torch.allclose(sampler.transition_stds(), torch.stack([s for _, _, s in ref[:-1]]).reshape(S - 1))
@@ -190,7 +190,7 @@ def test_only_the_last_finetune_steps_enter_the_loss():
     learner.before_gradient_based_update(timesteps={})
     seen_k = []
     denoiser = module.actor.sampler.denoiser
-    hook = denoiser.register_forward_pre_hook(lambda m, args: seen_k.append(set(args[1].tolist())))
+    hook = denoiser.step_embed.register_forward_pre_hook(lambda m, args: seen_k.append(set(args[0].tolist())))
 
     def loss(b):
         fwd = module.forward_train(b)
@@ -345,11 +345,12 @@ def test_frozen_base_runs_the_early_steps_and_never_changes():
     with torch.no_grad():
         states = module.actor.chain(cond, noise).states
         x = states[0]
-        for i, k in enumerate(sampler.timesteps[: S - S_ft]):
-            _, mean, std = sampler._step(x, k, sampler.timesteps[i + 1], cond, sampler.base_denoiser)
+        base, fine_tuned = sampler.base_denoiser, sampler.denoiser
+        for i in range(S - S_ft):
+            _, mean, std = sampler._step(x, i, base, base.prepare(sampler.step_k, cond))
             x = mean + std * noise[:, i + 1]
             assert torch.allclose(states[i + 1], x, atol=1e-6)
-            _, fine, _ = sampler._step(states[i], k, sampler.timesteps[i + 1], cond)
+            _, fine, _ = sampler._step(states[i], i, fine_tuned, fine_tuned.prepare(sampler.step_k, cond))
             assert not torch.allclose(mean, fine, atol=1e-4)  # the updated weights would differ
 
     # A state without the base (a pre-trained module) fills it with that state's denoiser.

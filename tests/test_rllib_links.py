@@ -70,6 +70,24 @@ def test_stored_noise_reaches_learner_and_first_ratio_is_one(K):
     assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+def test_a_compiled_chain_samples_and_updates_through_rllib():
+    """``diffusion.compile`` on a real EnvRunner and Learner: the compiled update re-scores what
+    the compiled rollout sampled (first ratio 1), and the per-step gradient norms still arrive."""
+    RecordingModule.first_train_call = None
+    _, runner, learner = make_pair(RecordingModule, denoising_steps=3, compile="default")
+    episodes = runner.sample(num_timesteps=400, random_actions=False)
+    results = learner.update(episodes=episodes, num_epochs=1, minibatch_size=100, shuffle_batch_per_epoch=True)
+    for module in (runner.module, learner.module[MODULE]):
+        sampler = module.unwrapped().actor.sampler
+        assert sampler._compiled is not None and not sampler._compile_failed
+    seen = RecordingModule.first_train_call
+    ratio = seen["ratio"][seen["mask"]]
+    assert ratio.numel() > 0 and (ratio - 1).abs().max() < 1e-4
+    stats = learner_stats(results, MODULE)
+    assert stats["grad_norm_step_first"] > 0 and stats["grad_norm_step_last"] > 0
+
+
 def test_stored_logp_equals_gaussian_logp_recomputed_from_stored_noise():
     _, runner, _ = make_pair(denoising_steps=5, init_std=0.8)
     episodes = runner.sample(num_timesteps=200, random_actions=False)

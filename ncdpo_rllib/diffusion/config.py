@@ -62,6 +62,10 @@ class DiffusionConfig:
     run the fine-tuned weights (without grad) and drift with them."""
     grad_checkpointing: bool = False
     """Recompute each denoiser call in the backward pass: less memory, ~1 more forward."""
+    compile: Optional[Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]] = None
+    """``torch.compile`` the denoising chain (rollouts and the update) with this mode; null = eager.
+    The first calls compile (tens of seconds on a CPU): it pays on long runs. Where compiling
+    fails, the chain falls back to eager with one warning."""
     # --- denoiser network ------------------------------------------------------------
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     """Denoiser MLP layer sizes (residual: the first is the block width, one block per extra entry)."""

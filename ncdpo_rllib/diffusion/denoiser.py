@@ -39,7 +39,21 @@ class ResidualBlock(nn.Module):
         return x + self.net(x)
 
 
-class DenoiserMLP(nn.Module):
+class Denoiser(nn.Module):
+    """f_theta(x_k, k, c): ``forward(x (B, D), k (B,), cond (B, C))`` predicts x0 or epsilon.
+
+    A chain runs ``prepare(k (S,), cond)`` once and ``step(x, step_terms[i], cond_term)`` per
+    step; by default these call ``forward``. A denoiser overrides them to compute what does not
+    depend on x (the step embedding, the cond's share of the first layer) once per chain."""
+
+    def prepare(self, k: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, cond
+
+    def step(self, x: torch.Tensor, step_term: torch.Tensor, cond_term: torch.Tensor) -> torch.Tensor:
+        return self(x, step_term.expand(x.shape[0]), cond_term)
+
+
+class DenoiserMLP(Denoiser):
     """Predicts x0 or epsilon from (x_k, embed(k), cond).
 
     The output layer starts near zero, so that an untrained x0-predictor outputs ~0 for
@@ -57,6 +71,7 @@ class DenoiserMLP(nn.Module):
     ):
         super().__init__()
         act = ACTIVATIONS[activation]
+        self.action_dim = action_dim
         self.step_embed = SinusoidalStepEmbedding(step_embed_dim, activation)
         in_dim = action_dim + step_embed_dim + cond_dim
         layers: list[nn.Module] = []
@@ -75,7 +90,26 @@ class DenoiserMLP(nn.Module):
         nn.init.uniform_(self.out.weight, -1e-3, 1e-3)
         nn.init.zeros_(self.out.bias)
 
+    # The first layer reads [x, embed(k), cond]; it is applied as three terms, so that a chain,
+    # which sees one cond for all its steps and the same K steps for every row, computes the
+    # embedding and cond terms once (``prepare``) and only the x term per step (``step``).
+    def _first_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first layer's weight split by input: (W_x, W_embed, W_cond)."""
+        d, e = self.action_dim, self.step_embed.dim
+        w = self.body[0].weight
+        return w[:, :d], w[:, d : d + e], w[:, d + e :]
+
+    def prepare(self, k: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step terms (N_k, H), cond term (B, H)): the first layer's embed(k) and cond parts
+        (its bias included in the cond term)."""
+        _, w_e, w_c = self._first_weights()
+        return self.step_embed(k) @ w_e.T, torch.nn.functional.linear(cond, w_c, self.body[0].bias)
+
+    def step(self, x: torch.Tensor, step_term: torch.Tensor, cond_term: torch.Tensor) -> torch.Tensor:
+        """The prediction from x (B, D) and prepared terms (broadcastable to (B, H))."""
+        h = self.body[1](x @ self._first_weights()[0].T + step_term + cond_term)
+        return self.out(self.body[2:](h))
+
     def forward(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x: (B, D) noisy action, k: (B,) integer steps in 1..K, cond: (B, C)."""
-        h = torch.cat([x, self.step_embed(k), cond], dim=-1)
-        return self.out(self.body(h))
+        return self.step(x, *self.prepare(k, cond))

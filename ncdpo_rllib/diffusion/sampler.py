@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+import logging
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ncdpo_rllib.errors import one_line
+
 from .config import DiffusionConfig
+from .denoiser import Denoiser
 from .schedules import NoiseSchedule
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class Chain:
@@ -48,27 +49,43 @@ def sampler_timesteps(cfg: DiffusionConfig) -> list[int]:
 class StepGradNorms:
     """The norm of d(loss)/d(output of each denoising step), filled during the backward pass: give
     one to ``NoiseConditionedSampler.forward(grad_probe=...)``, read it after ``backward()``. Does
-    the gradient survive K steps? (step 0 is the first denoising step, at x_K)."""
+    the gradient survive K steps? (step 0 is the first denoising step, at x_K).
+
+    No hooks (a compiled chain has no intermediate tensors to hook): the chain adds ``tap[i]``, a
+    zero leaf tensor, to the output of each step i that has grad, and d(loss)/d(tap[i]) is then
+    d(loss)/d(output of step i)."""
 
     def __init__(self):
-        self.norms: dict[int, torch.Tensor] = {}
+        self.tap: Optional[torch.Tensor] = None
+        self.steps: range = range(0)
 
-    def watch(self, x: torch.Tensor, step: int) -> None:
-        x.register_hook(lambda g: self.norms.__setitem__(step, g.detach().norm()))
+    def make_tap(self, steps: range, like: torch.Tensor) -> torch.Tensor:
+        """The zero leaf (S, B, D) for the chain to add, watching ``steps``."""
+        self.steps = steps
+        self.tap = torch.zeros((steps.stop, *like.shape), dtype=like.dtype, device=like.device, requires_grad=True)
+        return self.tap
+
+    @property
+    def norms(self) -> dict[int, torch.Tensor]:
+        """{step: gradient norm}; empty before a backward pass."""
+        if self.tap is None or self.tap.grad is None:
+            return {}
+        return {i: self.tap.grad[i].norm() for i in self.steps}
 
     def first_mid_last(self) -> dict[str, torch.Tensor]:
         """{grad_norm_step_first, _mid, _last}; empty before a backward pass (or without grad)."""
-        if not self.norms:
+        norms = self.norms
+        if not norms:
             return {}
-        steps = sorted(self.norms)
+        steps = sorted(norms)
         picks = {"first": steps[0], "mid": steps[len(steps) // 2], "last": steps[-1]}
-        return {f"grad_norm_step_{name}": self.norms[step] for name, step in picks.items()}
+        return {f"grad_norm_step_{name}": norms[step] for name, step in picks.items()}
 
 
 class NoiseConditionedSampler(nn.Module):
     """Runs the reverse chain x_K -> ... -> m_theta from explicit noise."""
 
-    def __init__(self, cfg: DiffusionConfig, denoiser: nn.Module):
+    def __init__(self, cfg: DiffusionConfig, denoiser: Denoiser):
         super().__init__()
         self.cfg = cfg
         self.denoiser = denoiser
@@ -86,9 +103,18 @@ class NoiseConditionedSampler(nn.Module):
             "c_xk": c_xk,
         }.items():
             self.register_buffer(name, value.float(), persistent=False)
+        self._compiled: Optional[Callable] = None  # built on first use (``_steps``)
+        self._compile_failed = False
         self.timesteps = sampler_timesteps(cfg)
         if len(self.timesteps) != cfg.sampler_steps:
             raise ValueError(f"ddim_steps={cfg.ddim_steps} gives duplicate steps for K={cfg.denoising_steps}")
+        # Step i goes from k[i] to k_prev[i]; the last k_prev is 0 (the clean action).
+        self.register_buffer("step_k", torch.tensor(self.timesteps), persistent=False)
+        self.register_buffer("step_k_prev", torch.tensor([*self.timesteps[1:], 0]), persistent=False)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the compiled chain behind (it is bound to this instance)."""
+        return {**self.__dict__, "_compiled": None}
 
     @property
     def num_steps(self) -> int:
@@ -98,9 +124,9 @@ class NoiseConditionedSampler(nn.Module):
         return (self.num_steps + 1, action_dim)
 
     # --- one step ------------------------------------------------------------------
-    def _x0(self, x: torch.Tensor, k: torch.Tensor, cond: torch.Tensor, denoiser: Optional[nn.Module] = None):
-        """x0_hat for a batch of states x at steps k (a (N,) tensor), the x0 clip applied."""
-        pred = (denoiser or self.denoiser)(x, k, cond)
+    def _x0(self, pred: torch.Tensor, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """x0_hat from the denoiser's prediction for states x at steps k (a (N,) or (1,) tensor),
+        the x0 clip applied."""
         if self.cfg.prediction == "x0":
             x0 = pred
         else:
@@ -124,17 +150,18 @@ class NoiseConditionedSampler(nn.Module):
             mean = torch.sqrt(abar_p) * x0 + torch.sqrt((1 - abar_p - sigma**2).clamp(min=0)) * eps
         return torch.where((k_prev == 0)[:, None], x0, mean)
 
-    def _step(self, x: torch.Tensor, k: int, k_prev: int, cond: torch.Tensor, denoiser=None,
+    def _step(self, x: torch.Tensor, i: int, denoiser: nn.Module, terms: tuple[torch.Tensor, torch.Tensor],
               floor: Optional[float] = None, eta: Optional[float] = None):
-        """Returns (x0_hat, mean of x_{k_prev}, std of x_{k_prev}); k_prev = 0 is the end (std None)."""
+        """Sampler step i from x with the denoiser's prepared ``terms`` (``DenoiserMLP.prepare``).
+        Returns (x0_hat, mean of the next state, its std); the last step has no std (None)."""
         eta = self.cfg.ddim_eta if eta is None else eta
-        ks = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
-        ks_prev = torch.full_like(ks, k_prev)
-        x0 = self._x0(x, ks, cond, denoiser)
-        mean = self._mean(x, x0, ks, ks_prev, eta)
-        if k_prev == 0:
+        k, k_prev = self.step_k[i : i + 1], self.step_k_prev[i : i + 1]
+        step_terms, cond_term = terms
+        x0 = self._x0(denoiser.step(x, step_terms[i], cond_term), x, k)
+        mean = self._mean(x, x0, k, k_prev, eta)
+        if i == self.num_steps - 1:
             return x0, mean, None
-        sigma = self._sigma_at(ks[:1], ks_prev[:1], eta)[0]
+        sigma = self._sigma_at(k, k_prev, eta)[0]
         return x0, mean, sigma.clamp(min=self.cfg.sigma_min if floor is None else floor)
 
     # --- the chain -----------------------------------------------------------------
@@ -163,32 +190,64 @@ class NoiseConditionedSampler(nn.Module):
         floor, eta: the intermediate steps' std floor and DDIM eta (default: the config's
         sampling values; evaluation passes its own).
         """
-        S = self.num_steps
+        first_grad_step = self.first_finetuned_step
+        # The per-step and per-observation terms of each denoiser, once per chain.
+        terms = self.denoiser.prepare(self.step_k, cond)
+        base_terms = None
+        if self.base_denoiser is not None and first_grad_step > 0:
+            with torch.no_grad():
+                base_terms = self.base_denoiser.prepare(self.step_k, cond if base_cond is None else base_cond)
+        tap = None
+        if grad_probe is not None and torch.is_grad_enabled():
+            tap = grad_probe.make_tap(range(first_grad_step, self.num_steps), noise[:, 0])
+        states, x0_preds = self._steps()(noise, terms, base_terms, tap, floor, eta, keep_chain)
+        return Chain(mean=states[-1], states=states if keep_chain else [], x0_preds=x0_preds)
+
+    def _run_steps(self, noise, terms, base_terms, tap, floor, eta, keep_chain: bool):
+        """The loop of the chain: (states: x_K then the state after each step (the last only,
+        unless keep_chain), x0_hat of each step (keep_chain)). What ``diffusion.compile`` compiles."""
         x = noise[:, 0]
         if self.cfg.noise_clip is not None:
             x = x.clamp(-self.cfg.noise_clip, self.cfg.noise_clip)
-        chain = Chain(mean=x, states=[x] if keep_chain else [])
+        states, x0_preds = [x], []
         first_grad_step = self.first_finetuned_step
-        base = self.base_denoiser
         grad_on = torch.is_grad_enabled()
-        for i, k in enumerate(self.timesteps):
-            k_prev = self.timesteps[i + 1] if i + 1 < S else 0
-            frozen = base is not None and i < first_grad_step
-            denoiser, c = (base, cond if base_cond is None else base_cond) if frozen else (self.denoiser, cond)
+        for i in range(self.num_steps):
+            frozen = base_terms is not None and i < first_grad_step
             with torch.set_grad_enabled(grad_on and i >= first_grad_step):
-                args = (x, k, k_prev, c, denoiser, floor, eta)
+                args = (x, i, *((self.base_denoiser, base_terms) if frozen else (self.denoiser, terms)), floor, eta)
                 if self.cfg.grad_checkpointing and torch.is_grad_enabled():
                     x0, mean, std = checkpoint(self._step, *args, use_reentrant=False)
                 else:
                     x0, mean, std = self._step(*args)
                 x = mean if std is None else mean + std * noise[:, i + 1]
-            if grad_probe is not None and x.requires_grad:
-                grad_probe.watch(x, i)
+                if tap is not None and i >= first_grad_step:
+                    x = x + tap[i]
             if keep_chain:
-                chain.states.append(x)
-                chain.x0_preds.append(x0)
-        chain.mean = x
-        return chain
+                states.append(x)
+                x0_preds.append(x0)
+        return (states if keep_chain else [x]), x0_preds
+
+    def _steps(self) -> Callable:
+        """``_run_steps``, compiled once per sampler with ``diffusion.compile`` (eager: as it is).
+        A platform where compiling fails (no C++ compiler, an unsupported op) falls back to eager
+        for good, with one warning."""
+        if self.cfg.compile is None or self._compile_failed:
+            return self._run_steps
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self._run_steps, mode=self.cfg.compile))
+
+        def run(*args):
+            try:
+                return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 (whatever the compiler raised; eager below re-raises real errors)
+                object.__setattr__(self, "_compile_failed", True)
+                logging.getLogger(__name__).warning(
+                    f"diffusion.compile={self.cfg.compile}: torch.compile failed here ({one_line(e)}); "
+                    f"the denoising chain runs eagerly")
+                return self._run_steps(*args)
+
+        return run
 
     # --- every step at once, from a stored chain (DPPO's per-step likelihoods) ---------
     def _abar_at(self, k: torch.Tensor) -> torch.Tensor:
@@ -203,12 +262,6 @@ class NoiseConditionedSampler(nn.Module):
         abar_t, abar_p = self.abar[k - 1], self._abar_at(k_prev)
         return eta * torch.sqrt((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p))
 
-    def _step_pairs(self, first: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, k_prev) of sampler steps first..S-1; the last k_prev is 0."""
-        k = torch.tensor(self.timesteps[first:], device=device, dtype=torch.long)
-        k_prev = torch.tensor([*self.timesteps[first + 1 :], 0], device=device, dtype=torch.long)
-        return k, k_prev
-
     def transition_stds(self, floor: Optional[float] = None) -> torch.Tensor:
         """(S-1,) floored std of each intermediate step (floor: default the sampling floor,
         ``sigma_min``, exactly as ``_step`` draws it; DPPO scores with its own floor).
@@ -216,8 +269,7 @@ class NoiseConditionedSampler(nn.Module):
         It depends on the schedule only, so a step's log-prob needs no denoiser call for
         it. The last step has none here: its Gaussian is the policy's final one.
         """
-        k, k_prev = self._step_pairs(0, self.abar.device)
-        return self._sigma_at(k[:-1], k_prev[:-1]).clamp(min=self.cfg.sigma_min if floor is None else floor)
+        return self._sigma_at(self.step_k[:-1], self.step_k_prev[:-1]).clamp(min=self.cfg.sigma_min if floor is None else floor)
 
     def step_means(self, cond: torch.Tensor, states: torch.Tensor, first: int = 0) -> torch.Tensor:
         """Mean of sampler steps first..S-1 given stored chain states, (B, S - first, D).
@@ -228,7 +280,9 @@ class NoiseConditionedSampler(nn.Module):
         ``_x0``/``_mean`` as the chain; the last step's mean is its x0_hat, i.e. m_theta.
         """
         B, n = states.shape[0], self.num_steps - first
-        x = states[:, first : self.num_steps].reshape(B * n, -1)
-        k, k_prev = (t.repeat(B) for t in self._step_pairs(first, x.device))
-        x0 = self._x0(x, k, cond.repeat_interleave(n, dim=0))
-        return self._mean(x, x0, k, k_prev, self.cfg.ddim_eta).view(B, n, -1)
+        x = states[:, first : self.num_steps].reshape(B * n, -1)  # row b * n + j: step first + j of draw b
+        k, k_prev = self.step_k[first:], self.step_k_prev[first:]
+        step_terms, cond_term = self.denoiser.prepare(k, cond)
+        pred = self.denoiser.step(x, torch.cat([step_terms] * B), cond_term.repeat_interleave(n, dim=0))
+        k, k_prev = k.repeat(B), k_prev.repeat(B)
+        return self._mean(x, self._x0(pred, x, k), k, k_prev, self.cfg.ddim_eta).view(B, n, -1)

@@ -61,6 +61,9 @@ class NCDPOConfig(PPOConfig):
         super().__init__(algo_class=algo_class or NCDPO)
         self.use_kl_loss = False
         self.grad_clip = None  # NCDPO clips the actor's and the critic's gradients separately
+        # The learner skips a step with non-finite gradients itself (UpdateControl). True makes RLlib's
+        # apply_gradients check no gradient (False: it zeroes NaNs and steps, a host sync per parameter).
+        self.torch_skip_nan_gradients = True
         for f in fields(AlgorithmDefaults):
             if f.name not in DPPO_ONLY:
                 setattr(self, f.name, getattr(DEFAULTS, f.name))

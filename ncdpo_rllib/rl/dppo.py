@@ -81,7 +81,7 @@ class DPPOModule(DiffusionPolicyModule):
 
     def _forward_exploration(self, batch: dict, **kwargs) -> dict:
         cfg = self.diffusion_config
-        with torch.no_grad():
+        with torch.inference_mode():
             cond = self._cond(batch)
             B = cond.shape[0]
             noise = self.actor.sample_noise(B)

@@ -230,7 +230,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         return torch.cat(self.actor(cond, noise, **chain_kwargs), dim=-1)
 
     def _forward_exploration(self, batch: dict, **kwargs) -> dict:
-        with torch.no_grad():
+        with torch.inference_mode():
             cond = self._cond(batch)
             noise = self.actor.sample_noise(cond.shape[0])
             if self.discrete:
@@ -246,7 +246,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         }
 
     def _forward_inference(self, batch: dict, **kwargs) -> dict:
-        with torch.no_grad():
+        with torch.inference_mode():
             cond = self._cond(batch)
             noise = self.actor.sample_noise(cond.shape[0])
             if self.diffusion_config.inference_noise == "zero":
