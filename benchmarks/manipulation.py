@@ -1,7 +1,10 @@
 """Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
 
-    python benchmarks/manipulation.py --tasks reach drawer_open door_open pick_place --obs state \
-        --algos ncdpo dppo --seeds 0 1 2 --steps 300000
+    python benchmarks/manipulation.py --obs state --seeds 0 1 2 --steps 300000
+    python benchmarks/manipulation.py --tasks reach button_press --obs pixels --seeds 0 1 2 \
+        --steps 100000 --section metaworld-recipes-pixels
+
+(one budget per call: state and pixels each get their own section.)
 
 Each algorithm runs its recipe (``--recipe ALGO=PATH``; default ``configs/recipes/<algo>_*.yaml``:
 NCDPO's frozen defaults and DPPO as its reference does it) composed over the task file.
@@ -262,7 +265,7 @@ def main() -> None:
     agg = aggregate_section(args, runs, pretrained)
     print(agg)
     recipes = ", ".join(f"{a}: `{args.recipes[a].relative_to(ROOT)}`" for a in args.algos)
-    write_section(args.section, "Meta-World from state and pixels: NCDPO vs DPPO fine-tuning (recipes)",
+    write_section(args.section, f"Meta-World from {' and '.join(args.obs)}: NCDPO vs DPPO fine-tuning (recipes)",
                   f"Recipes over each task file: {recipes}.\n\n{table}\n\n{agg}\n\n"
                   f"![success vs env steps and wall-clock]({image.relative_to(ROOT / 'docs')})\n")
 
