@@ -66,7 +66,8 @@ def write_section(name: str, title: str, body: str) -> None:
 
 def library_at(rev: str) -> Path:
     """A read-only copy of the library (``ncdpo_rllib/``) at git revision ``rev``, for a "before"
-    row measured in the same run as "after" (``with_library``); made once per revision."""
+    row measured in the same run as "after" (a child process with LIBRARY_ENV set to it imports
+    that library: ``use_library_from_env``); made once per revision."""
     commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()
     dest = ROOT / "runs" / "library-at" / commit

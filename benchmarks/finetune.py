@@ -115,10 +115,10 @@ def run_one(args, env: str, variant: str, seed: int, pretrained: dict | None) ->
     return {"env": env, "variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
 
 
-def eval_at(run: dict, steps: float) -> float:
-    """The last evaluation at or before ``steps`` env steps."""
+def eval_at(run: dict, steps: float, key: str = "eval_return") -> float:
+    """The last evaluation (``key="return"``: training episode return) at or before ``steps`` env steps."""
     c = run["curve"]
-    vals = [r for s, r in zip(c["env_steps"], c["eval_return"]) if s <= steps * 1.0001 and not np.isnan(r)]
+    vals = [r for s, r in zip(c["env_steps"], c[key]) if s <= steps * 1.0001 and not np.isnan(r)]
     return float(vals[-1]) if vals else float("nan")
 
 
@@ -128,23 +128,27 @@ def normalised(env: str, value: float) -> float:
 
 
 def summarise(args, runs, budgets, pretrained) -> str:
-    header = ["env", "variant", "seeds"] + [f"eval return @ {b:,}" for b in budgets] + ["best eval", "KL-stopped", "wall s"]
+    header = (["env", "variant", "seeds"] + [f"eval return @ {b:,}" for b in budgets]
+              + ["best eval", f"training return @ {budgets[-1]:,}", "KL-stopped", "wall s"])
     rows = []
     for env in args.envs:
         for k, pre in sorted(pretrained.get(env, {}).items()):
             ev = pre["eval"] or {}
             cell = f"{ev.get('return_mean', float('nan')):.0f} ± {ev.get('return_std', float('nan')):.0f}"
-            rows.append([ENVS[env], f"pre-trained K={k}", "-", *[cell] * len(budgets), "-", "-", f"{pre['wall_s']:.0f} (BC)"])
+            rows.append([ENVS[env], f"pre-trained K={k}", "-", *[cell] * len(budgets), "-", "-", "-",
+                         f"{pre['wall_s']:.0f} (BC)"])
         for v in args.variants:
             vr = [r for r in runs if r["env"] == env and r["variant"] == v]
             if not vr:
                 continue
             cells = [f"{np.nanmean(x):.0f} ± {np.nanstd(x):.0f}" for x in ([eval_at(r, b) for r in vr] for b in budgets)]
             best = [np.nanmax(r["curve"]["eval_return"]) for r in vr]
+            train = [eval_at(r, budgets[-1], "return") for r in vr]
             stops = [np.nanmean(r["curve"]["kl_stop_fraction"]) for r in vr]
             stop = "-" if np.isnan(stops).all() else f"{100 * np.nanmean(stops):.0f}%"
             wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
-            rows.append([ENVS[env], v, len(vr), *cells, f"{np.mean(best):.0f} ± {np.std(best):.0f}", stop, f"{wall:.0f}"])
+            rows.append([ENVS[env], v, len(vr), *cells, f"{np.mean(best):.0f} ± {np.std(best):.0f}",
+                         f"{np.nanmean(train):.0f} ± {np.nanstd(train):.0f}", stop, f"{wall:.0f}"])
     return markdown_table(header, rows)
 
 
@@ -259,10 +263,12 @@ def main() -> None:
     body = (
         f"Datasets: `data/<env>/medium` (from `ncdpo collect configs/<env>_collect.yaml`). Evaluation return = mean "
         f"of {args.eval_episodes} deterministic episodes, the last evaluation at or before each budget, then mean ± std "
-        f"over seeds {args.seeds}; best eval: the best evaluation of each run; KL-stopped: the mean fraction of "
+        f"over seeds {args.seeds}; best eval: the best evaluation of each run; training return: the mean return of the "
+        f"(stochastic) training episodes of the last iteration at or before the budget; KL-stopped: the mean fraction of "
         f"epochs that `target_kl` stopped. ncdpo / dppo fine-tune the pinned pre-trained policy with "
         f"`configs/<env>_finetune_<algo>.yaml` (task + `configs/tasks/locomotion_finetune.yaml` + the frozen recipe "
-        f"in `configs/recipes/`); ppo is RLlib's MLP PPO from scratch (`configs/tasks/locomotion_ppo.yaml`, then `configs/<env>_ppo.yaml`). Wall-clock includes "
+        f"in `configs/recipes/`); ppo is RLlib's MLP PPO from scratch (`configs/tasks/locomotion_ppo.yaml`, then "
+        f"`configs/<env>_ppo.yaml`). Wall-clock includes "
         f"the periodic evaluations.\n\n{table}\n\n{agg}\n\n![fine-tuning curves]({image.relative_to(ROOT / 'docs')})\n"
     )
     write_section(args.section, "Fine-tuning from demonstrations: MuJoCo locomotion (recipes)", body)
