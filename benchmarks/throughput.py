@@ -75,7 +75,8 @@ def main() -> None:
         print(json.dumps(measure(**json.loads(args.child))))
         return
 
-    # (algorithm, K, grad checkpointing, compile mode): the eager rows are the comparison for the compiled ones.
+    # (algorithm, K, grad checkpointing, compile mode, library revision): the eager rows are the comparison
+    # for the compiled ones; the revision rows (--before) for both.
     compiled = [] if args.compile == "none" else [(False, args.compile)]
     configs = [("ppo", 0, False, None, None)] + [
         (a, k, c, m, None) for a in args.algorithms for k in args.ks

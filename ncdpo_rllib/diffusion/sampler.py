@@ -13,8 +13,8 @@ deterministic, differentiable function of (cond, zeta, theta).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 import logging
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +26,7 @@ from ncdpo_rllib.errors import one_line
 from .config import DiffusionConfig
 from .denoiser import Denoiser
 from .schedules import NoiseSchedule
+
 
 @dataclass
 class Chain:
@@ -103,7 +104,7 @@ class NoiseConditionedSampler(nn.Module):
             "c_xk": c_xk,
         }.items():
             self.register_buffer(name, value.float(), persistent=False)
-        self._compiled: Optional[Callable] = None  # built on first use (``_steps``)
+        self._compiled: Optional[Callable] = None  # built on first use (``_run_compiled``)
         self._compile_failed = False
         self.timesteps = sampler_timesteps(cfg)
         if len(self.timesteps) != cfg.sampler_steps:
@@ -152,7 +153,7 @@ class NoiseConditionedSampler(nn.Module):
 
     def _step(self, x: torch.Tensor, i: int, denoiser: nn.Module, terms: tuple[torch.Tensor, torch.Tensor],
               floor: Optional[float] = None, eta: Optional[float] = None):
-        """Sampler step i from x with the denoiser's prepared ``terms`` (``DenoiserMLP.prepare``).
+        """Sampler step i from x with the denoiser's prepared ``terms`` (``Denoiser.prepare``).
         Returns (x0_hat, mean of the next state, its std); the last step has no std (None)."""
         eta = self.cfg.ddim_eta if eta is None else eta
         k, k_prev = self.step_k[i : i + 1], self.step_k_prev[i : i + 1]
@@ -200,7 +201,8 @@ class NoiseConditionedSampler(nn.Module):
         tap = None
         if grad_probe is not None and torch.is_grad_enabled():
             tap = grad_probe.make_tap(range(first_grad_step, self.num_steps), noise[:, 0])
-        states, x0_preds = self._steps()(noise, terms, base_terms, tap, floor, eta, keep_chain)
+        run = self._run_steps if self.cfg.compile is None or self._compile_failed else self._run_compiled
+        states, x0_preds = run(noise, terms, base_terms, tap, floor, eta, keep_chain)
         return Chain(mean=states[-1], states=states if keep_chain else [], x0_preds=x0_preds)
 
     def _run_steps(self, noise, terms, base_terms, tap, floor, eta, keep_chain: bool):
@@ -228,26 +230,20 @@ class NoiseConditionedSampler(nn.Module):
                 x0_preds.append(x0)
         return (states if keep_chain else [x]), x0_preds
 
-    def _steps(self) -> Callable:
-        """``_run_steps``, compiled once per sampler with ``diffusion.compile`` (eager: as it is).
-        A platform where compiling fails (no C++ compiler, an unsupported op) falls back to eager
-        for good, with one warning."""
-        if self.cfg.compile is None or self._compile_failed:
-            return self._run_steps
+    def _run_compiled(self, *args):
+        """``_run_steps`` through ``torch.compile`` (``diffusion.compile``), compiled on first use. A
+        platform where compiling fails (no C++ compiler, an unsupported op) falls back to eager for
+        good, with one warning."""
         if self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self._run_steps, mode=self.cfg.compile))
-
-        def run(*args):
-            try:
-                return self._compiled(*args)
-            except Exception as e:  # noqa: BLE001 (whatever the compiler raised; eager below re-raises real errors)
-                object.__setattr__(self, "_compile_failed", True)
-                logging.getLogger(__name__).warning(
-                    f"diffusion.compile={self.cfg.compile}: torch.compile failed here ({one_line(e)}); "
-                    f"the denoising chain runs eagerly")
-                return self._run_steps(*args)
-
-        return run
+            self._compiled = torch.compile(self._run_steps, mode=self.cfg.compile)
+        try:
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001 (whatever the compiler raised; eager below re-raises real errors)
+            self._compile_failed = True
+            logging.getLogger(__name__).warning(
+                f"diffusion.compile={self.cfg.compile}: torch.compile failed here ({one_line(e)}); "
+                f"the denoising chain runs eagerly")
+            return self._run_steps(*args)
 
     # --- every step at once, from a stored chain (DPPO's per-step likelihoods) ---------
     def _abar_at(self, k: torch.Tensor) -> torch.Tensor:
@@ -269,7 +265,8 @@ class NoiseConditionedSampler(nn.Module):
         It depends on the schedule only, so a step's log-prob needs no denoiser call for
         it. The last step has none here: its Gaussian is the policy's final one.
         """
-        return self._sigma_at(self.step_k[:-1], self.step_k_prev[:-1]).clamp(min=self.cfg.sigma_min if floor is None else floor)
+        floor = self.cfg.sigma_min if floor is None else floor
+        return self._sigma_at(self.step_k[:-1], self.step_k_prev[:-1]).clamp(min=floor)
 
     def step_means(self, cond: torch.Tensor, states: torch.Tensor, first: int = 0) -> torch.Tensor:
         """Mean of sampler steps first..S-1 given stored chain states, (B, S - first, D).
