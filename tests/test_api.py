@@ -82,6 +82,37 @@ def test_remote_runner_and_remote_learner_checkpoint_carries_filter_state(local_
     assert any(not np.allclose(np.asarray(trained[k]), np.asarray(init[k])) for k in trained if "denoiser" in k)
 
 
+def test_evaluation_normalises_observations_with_the_training_statistics(local_ray):
+    """RLlib copies the MeanStdFilter's statistics to remote evaluation EnvRunners only; ours is
+    local, and evaluated on statistics of its own evaluation episodes until the callback copied
+    the training ones. RLlib merges the remote runners' statistics into the driver's one
+    iteration late, so an evaluation sees the previous iteration's counts plus its own episode."""
+    from ncdpo_rllib.experiment.build import build_algo_config
+    from ncdpo_rllib.experiment.config import parse_config
+
+    exp = parse_config({"algorithm": "ppo", "env": {"id": "Pendulum-v1", "max_episode_steps": 50},
+                        "eval": {"every": 1, "episodes": 1},
+                        "ppo": {"train_batch_size": 200, "minibatch_size": 100, "num_epochs": 1},
+                        "resources": {"env_runners": 1, "envs_per_runner": 1}})
+    algo = build_algo_config(exp).build_algo()
+
+    def pushes(runner) -> tuple[int, int]:
+        stats = runner.get_state(components="env_to_module_connector")["env_to_module_connector"]
+        stats = stats["MeanStdFilter"][None]["running_stats"][0]
+        return stats["num_pushes"], stats["num_pushes_delta"]
+
+    try:
+        trained = []
+        for _ in range(3):
+            algo.train()
+            trained.append(pushes(algo.env_runner)[0])
+        evaluated, own = pushes(algo.eval_env_runner)
+    finally:
+        algo.stop()
+    assert own == 51 and trained[1] > 400  # one 50-step episode (51 observations); 2 x 200 steps trained
+    assert evaluated - own == trained[1], (evaluated, own, trained)  # not 3 x 51: the training statistics
+
+
 def _reseed(learner=None):
     import random
 

@@ -12,6 +12,7 @@ from ray.rllib.core.columns import Columns
 
 from ncdpo_rllib.diffusion import gaussian_log_prob
 from ncdpo_rllib.rl import NOISE, DiffusionPolicyModule, NCDPOConfig, NonFiniteParametersError
+from ncdpo_rllib.rl.learner import value_loss
 from tests.conftest import learner_stats, runner_and_learner
 
 MODULE = "default_policy"
@@ -140,6 +141,18 @@ def test_separate_actor_and_critic_optimizers():
     critic_ids = {id(p) for g in opts["critic"].param_groups for p in g["params"]}
     assert actor_ids == {id(p) for p in module.actor.parameters()}
     assert critic_ids == {id(p) for p in module.critic.parameters()}
+
+
+def test_the_default_value_loss_gives_large_errors_a_gradient():
+    """RLlib's vf_clip_param (10, on the squared error) zeroes the gradient of every error above 3.2:
+    a fresh critic on returns of 20+ never learned. The default is no clip; a set clip still clips."""
+    values = torch.zeros(3, requires_grad=True)
+    targets = torch.tensor([1.0, 5.0, 30.0])
+    value_loss(values, targets, NCDPOConfig().vf_clip_param).sum().backward()
+    torch.testing.assert_close(values.grad, -2 * targets)
+    values.grad = None
+    value_loss(values, targets, 10.0).sum().backward()
+    torch.testing.assert_close(values.grad, torch.tensor([-2.0, 0.0, 0.0]))
 
 
 def test_update_logs_diagnostics_and_per_step_gradient_norms():
@@ -274,8 +287,7 @@ def test_kl_to_reference_and_critic_warmup():
         torch.testing.assert_close(module.reference.state_dict()[k], v)
 
     # Critic warm-up: the actor's optimizer never steps, the critic's does.
-    # (no value-loss clip: with RLlib's 10 on squared errors, Pendulum's early errors get no gradient)
-    cfg_w = cfg.copy(copy_frozen=False).training(critic_warmup_iters=1, vf_clip_param=1e9)
+    cfg_w = cfg.copy(copy_frozen=False).training(critic_warmup_iters=1)
     learner_w = cfg_w.build_learner(env=runner.env)
     actor0 = [p.detach().clone() for p in learner_w.module[MODULE].actor_parameters()]
     critic0 = [p.detach().clone() for p in learner_w.module[MODULE].critic_parameters()]

@@ -58,8 +58,9 @@ class PPOSection:
     """GAE lambda (RLlib's ``lambda_``)."""
     clip_param: float = DEFAULTS.clip_param
     """PPO ratio clip epsilon."""
-    vf_clip_param: float = DEFAULTS.vf_clip_param
-    """Clip of the squared value error (RLlib's convention)."""
+    vf_clip_param: Optional[float] = DEFAULTS.vf_clip_param
+    """Clip of the squared value error (RLlib's convention); null: no clip. RLlib's default 10
+    zeroes the critic's gradient wherever a value error exceeds 3.2, i.e. on most tasks' returns."""
     vf_loss_coeff: float = 1.0
     """Weight of the value loss (ncdpo: the critic has its own optimizer, so mostly a scale)."""
     entropy_coeff: float = DEFAULTS.entropy_coeff

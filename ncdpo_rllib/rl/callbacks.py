@@ -1,4 +1,4 @@
-"""RLlib callbacks: per-iteration episode statistics.
+"""RLlib callbacks: per-iteration episode statistics, and the evaluation runner's observation filter.
 
 RLlib's ``episode_return_mean`` is smoothed over the last 100 episodes; researchers
 comparing curves want the mean over the episodes that ended in *this* iteration too.
@@ -69,9 +69,27 @@ def per_iteration_timers(metrics_logger) -> None:
         metrics_logger.log_value((TIMERS, name), float("nan"), reduce="item")
 
 
+def sync_local_eval_connectors(algorithm) -> None:
+    """Give a *local* evaluation EnvRunner the training EnvRunners' connector states (the
+    MeanStdFilter's statistics). RLlib broadcasts them to remote evaluation EnvRunners only
+    (``EnvRunnerGroup.sync_env_runner_states`` returns early without remote ones), so with
+    ``evaluation_num_env_runners=0`` the deterministic policy was evaluated on observations
+    normalised by statistics of the evaluation episodes alone."""
+    from ray.rllib.core import COMPONENT_ENV_TO_MODULE_CONNECTOR, COMPONENT_MODULE_TO_ENV_CONNECTOR
+
+    group, source = algorithm.eval_env_runner_group, algorithm.env_runner
+    if group is None or group.num_healthy_remote_workers() > 0 or group.local_env_runner is None or source is None:
+        return
+    components = [COMPONENT_ENV_TO_MODULE_CONNECTOR, COMPONENT_MODULE_TO_ENV_CONNECTOR]
+    group.local_env_runner.set_state(source.get_state(components=components))
+
+
 class EpisodeReturnCallback(RLlibCallback):
     def on_algorithm_init(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
         per_iteration_timers(metrics_logger if metrics_logger is not None else algorithm.metrics)
+
+    def on_evaluate_start(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
+        sync_local_eval_connectors(algorithm)
 
     def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None:

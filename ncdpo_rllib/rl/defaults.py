@@ -21,7 +21,8 @@ class AlgorithmDefaults:
     gamma: float = 0.99
     lambda_: float = 0.95
     clip_param: float = 0.2
-    vf_clip_param: float = 10.0
+    vf_clip_param: Optional[float] = None  # no clip: RLlib's 10 (on the SQUARED error) zeroes a fresh
+    # critic's gradient wherever |value error| > 3.2, i.e. on the returns of most tasks
     entropy_coeff: float = 0.0
     num_epochs: int = 10
     minibatch_size: int = 128
