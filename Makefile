@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --env HalfCheetah-v5
 	$(PY) benchmarks/sample_efficiency.py --config configs/pendulum_ncdpo.yaml --steps 160000
 	$(PY) benchmarks/sample_efficiency.py --config configs/halfcheetah_ncdpo.yaml --steps 200000
+	$(PY) benchmarks/scratch_suite.py --steps 300000 --seeds 0 1 2
 	$(PY) benchmarks/grad_flow.py --env Pendulum-v1
 	$(PY) benchmarks/grad_flow.py --env HalfCheetah-v5
 	$(PY) benchmarks/scaling.py --config configs/halfcheetah_ncdpo.yaml --runners 0 1 2 --learners 0 1 2
