@@ -249,8 +249,8 @@ def main() -> None:
     body = (
         f"Knobs: `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` for every task "
         f"and variant{' plus ' + ', '.join(args.set) if args.set else ''}. Return = mean training-episode return of "
-        f"the last 3 iterations up to the budget (the final column: the run's last 3), mean ± std over seeds {args.seeds}. Normalised score = (R - random) / "
-        f"(PPO's mean final R - random), random = a uniform-random policy's mean return over {RANDOM_EPISODES} "
+        f"the last 3 iterations up to the budget (the final column: the run's last 3), mean ± std over seeds "
+        f"{args.seeds}. Normalised score = (R - random) / (PPO's mean final R - random), random = a uniform-random policy's mean return over {RANDOM_EPISODES} "
         f"episodes ({', '.join(f'{TASKS[t]} {random[t]:.1f}' for t in args.tasks)}). 's to PPO's final return': run "
         f"time until the 3-iteration mean return first reached PPO's mean final return (seeds that reached it).\n\n"
         f"{table}\n\nAggregates over tasks x seeds (rliable):\n\n{at_steps}\n\n{at_wall}\n\n"
