@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,13 +113,17 @@ def mean_std(values) -> str:
 
 
 def seconds_to(run: dict, target: float, window: int = 3) -> float:
-    """Run time at which the ``window``-iteration mean return first reached ``target`` (inf: never)."""
+    """Run time at which the ``window``-iteration mean return first reached ``target`` (inf: never);
+    ``ncdpo compare --threshold``'s rule (``first_reaching``) on that smoothed curve."""
+    from ncdpo_rllib.experiment.curves import first_reaching
+
     c = run["curve"]
     r = np.asarray(c["return"], dtype=float)
-    for i in range(len(r)):
-        if np.nanmean(r[max(0, i - window + 1): i + 1]) >= target:
-            return float(c["wall_s"][i])
-    return float("inf")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows stay NaN: never reached there
+        smoothed = np.array([np.nanmean(r[max(0, i - window + 1): i + 1]) for i in range(len(r))])
+    hit = first_reaching(np.asarray(c["wall_s"], dtype=float), smoothed, target)
+    return float("inf") if hit is None else hit
 
 
 def task_table(args, runs: list[dict], random: dict[str, float]) -> tuple[str, dict]:
