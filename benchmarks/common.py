@@ -194,6 +194,46 @@ def append_result(path: Path, run: dict) -> list[dict]:
     return saved
 
 
+def late_return(run: dict, upto: float = float("inf"), key: str = "env_steps", window: int = 3) -> float:
+    """Mean return of the run's last ``window`` iterations (with a finished episode) whose ``key``
+    (env_steps or wall_s) is at most ``upto``; NaN if there are none: a benchmark's "return at N
+    env steps" (the curve's ``return`` list, NaN where no episode ended)."""
+    import numpy as np
+
+    c = run["curve"]
+    vals = [r for x, r in zip(c[key], c["return"]) if x <= upto * 1.0001 and not np.isnan(r)]
+    return float(np.mean(vals[-window:])) if vals else float("nan")
+
+
+def run_cells(path: Path, cells, *, fresh: bool = False, report_only: bool = False) -> list[dict]:
+    """The resumable loop of every benchmark that trains a grid of runs. ``cells``: (label, match,
+    train) per run, in order; ``match`` (a dict) is what a saved run must equal field by field to be
+    reused (its identity, e.g. task/variant/seed, and whatever changes its result: steps, overrides,
+    the resolved config); ``train()`` trains it and returns its fields, saved together with
+    ``match``. The file is re-read before each cell, so processes that share it (disjoint seeds or
+    tasks) see each other's finished runs. ``report_only``: train nothing, leave missing runs out.
+    Returns the runs of ``cells`` (one per cell that has one), in order."""
+    saved = load_results(path, fresh=fresh)
+    runs = []
+    for label, match, train in cells:
+        found = _find(saved, match) or _find(saved := load_results(path), match)
+        if found:
+            print(f"[bench] {label}: saved result reused", flush=True)
+        elif report_only:
+            print(f"[bench] {label}: no saved run, left out (--report-only)", flush=True)
+        else:
+            print(f"[bench] {label}: training", flush=True)
+            found = train() | match
+            saved = append_result(path, found)
+        if found:
+            runs.append(found)
+    return runs
+
+
+def _find(saved: list[dict], match: dict) -> dict | None:
+    return next((r for r in saved if all(r.get(k) == v for k, v in match.items())), None)
+
+
 def _read_json_list(path: Path) -> list:
     return json.loads(path.read_text()) if path.exists() else []
 

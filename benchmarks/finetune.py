@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, append_result, load_results, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, run_cells, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 from ncdpo_rllib.experiment.loader import read_config_data  # noqa: E402
 
@@ -222,8 +222,6 @@ def main() -> None:
     args = p.parse_args()
     budgets = args.budgets or [args.steps // 4, args.steps // 2, args.steps]
 
-    saved = load_results(args.results, fresh=args.fresh)
-
     @functools.cache
     def key(env: str, variant: str) -> dict:
         """What a saved run must match to be reused: the resolved files (includes read) and the settings."""
@@ -233,28 +231,21 @@ def main() -> None:
         return {"steps": args.steps, "set": args.set, "eval_every": args.eval_every,
                 "eval_episodes": args.eval_episodes, "config": config}
 
-    def same(r: dict, env: str, variant: str) -> bool:
-        return r["env"] == env and r["variant"] == variant and all(r.get(k) == v for k, v in key(env, variant).items())
-
     pretrained: dict[str, dict[int, dict]] = {}
     for env in args.envs:
         for k in sorted({variant_k(env, v) for v in args.variants} - {None}):
             pretrained.setdefault(env, {})[k] = ensure_pretrained(env, k, args.eval_episodes)
             print(f"[bench] {env} pre-trained K={k}: {pretrained[env][k]['eval']}", flush=True)
-    for seed in args.seeds:
-        for env in args.envs:
-            for variant in args.variants:
-                if any(same(r, env, variant) and r["seed"] == seed for r in saved):
-                    print(f"[bench] {env} {variant} seed {seed}: saved result reused", flush=True)
-                    continue
-                if args.report_only:
-                    print(f"[bench] {env} {variant} seed {seed}: no saved run, left out (--report-only)", flush=True)
-                    continue
-                print(f"[bench] {env} {variant} seed {seed}: {args.steps:,} env steps", flush=True)
-                k = variant_k(env, variant)
-                run = run_one(args, env, variant, seed, None if k is None else pretrained[env][k])
-                saved = append_result(args.results, run | key(env, variant))
-    runs = [r for r in saved if r["seed"] in args.seeds and any(same(r, e, v) for e in args.envs for v in args.variants)]
+
+    def train_one(env: str, variant: str, seed: int) -> dict:
+        k = variant_k(env, variant)
+        return run_one(args, env, variant, seed, None if k is None else pretrained[env][k])
+
+    cells = ((f"{env} {variant} seed {seed} ({args.steps:,} env steps)",
+              {"env": env, "variant": variant, "seed": seed} | key(env, variant),
+              functools.partial(train_one, env, variant, seed))
+             for seed in args.seeds for env in args.envs for variant in args.variants)
+    runs = run_cells(args.results, cells, fresh=args.fresh, report_only=args.report_only)
     table = summarise(args, runs, budgets, pretrained)
     print(table)
     agg = aggregate_section(args, runs, pretrained)

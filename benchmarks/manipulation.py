@@ -32,6 +32,7 @@ lock), e.g. one per seed on a bigger machine, then once more with every seed for
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -42,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, append_result, load_results, markdown_table, pinned_pretrained, plot_runs, save_figure, train_with_curve, write_section)
+    IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, run_cells, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
@@ -239,26 +240,15 @@ def main() -> None:
         args.recipes[algo] = Path(path).resolve()
     recipe_text = {a: args.recipes[a].read_text() for a in args.algos}
 
-    saved = load_results(args.results, fresh=args.fresh)
-    same = lambda r: (r["steps"] == args.steps and r.get("set", []) == args.set  # noqa: E731
-                      and r.get("recipe") == recipe_text.get(r["algo"]))
     pretrained = {(t, o): ensure_pretrained(t, o) for t in args.tasks for o in args.obs}
     for key, pre in pretrained.items():
         print(f"[bench] pre-trained {key}: {pre['eval']} (dataset success {pre['dataset_success']:.2f})", flush=True)
-    for seed in args.seeds:
-        for task, obs in pretrained:
-            for algo in args.algos:
-                if any(same(r) and (r["task"], r["obs"], r["algo"], r["seed"]) == (task, obs, algo, seed) for r in saved):
-                    print(f"[bench] {task} {obs} {algo} seed {seed}: saved result reused", flush=True)
-                    continue
-                if args.report_only:
-                    print(f"[bench] {task} {obs} {algo} seed {seed}: no saved run, left out (--report-only)", flush=True)
-                    continue
-                print(f"[bench] {task} {obs} {algo} seed {seed}: {args.steps:,} env steps", flush=True)
-                saved = append_result(args.results, run_one(args, task, obs, algo, seed, pretrained[(task, obs)])
-                                      | {"set": args.set, "recipe": recipe_text[algo]})
-    runs = [r for r in saved if r["algo"] in args.algos and same(r) and r["task"] in args.tasks and r["obs"] in args.obs
-            and r["seed"] in args.seeds]
+    cells = ((f"{task} {obs} {algo} seed {seed} ({args.steps:,} env steps)",
+              {"task": task, "obs": obs, "algo": algo, "seed": seed, "steps": args.steps, "set": args.set,
+               "recipe": recipe_text[algo]},
+              functools.partial(run_one, args, task, obs, algo, seed, pretrained[(task, obs)]))
+             for seed in args.seeds for task, obs in pretrained for algo in args.algos)
+    runs = run_cells(args.results, cells, fresh=args.fresh, report_only=args.report_only)
     table = summarise(args, runs, pretrained)
     print(table)
     image = plot(args, runs, pretrained)

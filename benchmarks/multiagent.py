@@ -19,7 +19,7 @@ Writes tables and a learning-curve PNG into docs/benchmarks.md. One training at 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import shutil
 import sys
 import time
@@ -29,8 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, markdown_table, plot_runs, save_figure, train_with_curve, write_section  # noqa: E402
-from benchmarks.sample_efficiency import return_at  # noqa: E402
+from benchmarks.common import ROOT, late_return, markdown_table, plot_runs, run_cells, save_figure, train_with_curve, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "multiagent.json"
@@ -71,7 +70,7 @@ def summarise(runs: list[dict], steps: int) -> str:
             vr = [r for r in runs if r["config"] == config and r["variant"] == variant]
             cells = []
             for f in FRACTIONS:
-                vals = np.array([return_at(r, f * steps) for r in vr])
+                vals = np.array([late_return(r, f * steps) for r in vr])
                 cells.append(f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}")
             start = np.nanmean([np.nanmean(r["curve"]["return"][:3]) for r in vr])
             wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
@@ -146,21 +145,12 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="discard saved results")
     args = p.parse_args()
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    saved = [] if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
-    runs = [r for r in saved if r["steps"] == args.steps]
-    for seed in args.seeds:
-        for config in args.configs:
-            for variant in args.variants:
-                if variant.endswith("-local") and config not in args.local_on:
-                    continue
-                if any((r["config"], r["variant"], r["seed"]) == (config, variant, seed) for r in runs):
-                    print(f"[bench] {config} {variant} seed {seed}: saved result reused", flush=True)
-                    continue
-                print(f"[bench] {config} {variant} seed {seed}: training {args.steps:,} env steps", flush=True)
-                runs.append(run_one(args, config, variant, seed))
-                RESULTS.write_text(json.dumps(runs))
-    runs = [r for r in runs if r["config"] in args.configs and r["variant"] in args.variants and r["seed"] in args.seeds]
+    cells = ((f"{config} {variant} seed {seed} ({args.steps:,} env steps)",
+              {"config": config, "variant": variant, "seed": seed, "steps": args.steps},
+              functools.partial(run_one, args, config, variant, seed))
+             for seed in args.seeds for config in args.configs for variant in args.variants
+             if not variant.endswith("-local") or config in args.local_on)
+    runs = run_cells(RESULTS, cells, fresh=args.fresh)
     table = summarise(runs, args.steps)
     image = plot(runs)
     print(table)

@@ -13,7 +13,7 @@ vs wall-clock) into docs/benchmarks.md. Runs one training at a time.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, markdown_table, plot_runs, save_figure, train_with_curve, write_section  # noqa: E402
+from benchmarks.common import ROOT, late_return, markdown_table, plot_runs, run_cells, save_figure, train_with_curve, write_section  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -55,14 +55,6 @@ def run_one(args, variant: str, seed: int) -> dict:
     return {"variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
 
 
-def return_at(run: dict, steps: float, window: int = 3) -> float:
-    """Mean of the last ``window`` iterations' returns up to ``steps`` env steps."""
-    c = run["curve"]
-    idx = [i for i, s in enumerate(c["env_steps"]) if s <= steps * 1.0001]
-    vals = [c["return"][i] for i in idx[-window:]]
-    return float(np.nanmean(vals)) if vals else float("nan")
-
-
 def summarise(runs: list[dict], variants: list[str], steps: int) -> str:
     header = ["variant", "seeds"] + [f"return @ {int(f * steps):,}" for f in FRACTIONS] + ["wall s (mean)", "final vs PPO"]
     rows = []
@@ -73,9 +65,9 @@ def summarise(runs: list[dict], variants: list[str], steps: int) -> str:
             continue
         cells = []
         for f in FRACTIONS:
-            vals = np.array([return_at(r, f * steps) for r in vr])
+            vals = np.array([late_return(r, f * steps) for r in vr])
             cells.append(f"{np.nanmean(vals):.1f} ± {np.nanstd(vals):.1f}")
-        finals[v] = float(np.nanmean([return_at(r, steps) for r in vr]))
+        finals[v] = float(np.nanmean([late_return(r, steps) for r in vr]))
         wall = np.mean([r["curve"]["wall_s"][-1] for r in vr])
         rows.append([v, len(vr), *cells, f"{wall:.0f}", None])
     ppo = finals.get("ppo")
@@ -120,19 +112,11 @@ def main() -> None:
     args.env_id = load_config(args.config).env.id
 
     results_file = ROOT / "benchmarks" / "results" / f"sample_efficiency_{args.env_id}.json"
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    saved = [] if args.fresh or not results_file.exists() else json.loads(results_file.read_text())
-    runs = [r for r in saved if r.get("steps") == args.steps and r.get("set") == args.set]
-    for seed in args.seeds:
-        for variant in args.variants:
-            if any(r["variant"] == variant and r["seed"] == seed for r in runs):
-                print(f"[bench] {variant} seed {seed}: saved result reused", flush=True)
-                continue
-            print(f"[bench] {variant} seed {seed}: training {args.steps:,} env steps", flush=True)
-            run = run_one(args, variant, seed) | {"steps": args.steps, "set": args.set}
-            runs.append(run)
-            results_file.write_text(json.dumps(runs))
-    runs = [r for r in runs if r["variant"] in args.variants and r["seed"] in args.seeds]
+    cells = ((f"{variant} seed {seed} ({args.steps:,} env steps)",
+              {"variant": variant, "seed": seed, "steps": args.steps, "set": args.set},
+              functools.partial(run_one, args, variant, seed))
+             for seed in args.seeds for variant in args.variants)
+    runs = run_cells(results_file, cells, fresh=args.fresh)
     table = summarise(runs, args.variants, args.steps)
     image = plot(runs, args.variants, args.env_id)
     print(table)

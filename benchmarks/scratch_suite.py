@@ -25,6 +25,7 @@ Several processes may share the results file (e.g. one per seed on a bigger mach
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import warnings
@@ -35,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    IMAGES, ROOT, append_result, load_results, locked, markdown_table, plot_runs, save_figure, train_with_curve,
+    IMAGES, ROOT, late_return, locked, markdown_table, plot_runs, run_cells, save_figure, train_with_curve,
     write_section)
 from benchmarks.sample_efficiency import variant_overrides  # noqa: E402
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
@@ -95,14 +96,6 @@ def run_one(args, task: str, variant: str, seed: int) -> dict:
     return {"task": task, "variant": variant, "seed": seed, "curve": curve, "mlflow_run_id": summary["mlflow_run_id"]}
 
 
-def late_return(run: dict, key: str = "env_steps", upto: float = float("inf"), window: int = 3) -> float:
-    """Mean return of the run's last ``window`` iterations (with a finished episode) whose ``key``
-    (env_steps or wall_s) is at most ``upto``; NaN if there are none."""
-    c = run["curve"]
-    vals = [r for x, r in zip(c[key], c["return"]) if x <= upto * 1.0001 and not np.isnan(r)]
-    return float(np.mean(vals[-window:])) if vals else float("nan")
-
-
 def final_return(run: dict) -> float:
     return late_return(run)
 
@@ -140,7 +133,7 @@ def task_table(args, runs: list[dict], random: dict[str, float]) -> tuple[str, d
         for v, vr in by_variant.items():
             if not vr:
                 continue
-            cells = [mean_std([late_return(r, upto=f * args.steps if f < 1 else float("inf")) for r in vr])
+            cells = [mean_std([late_return(r, f * args.steps if f < 1 else float("inf")) for r in vr])
                      for f in FRACTIONS]
             norm = [(final_return(r) - random[task]) / span for r in vr] if span > 0 else []
             scores.setdefault(v, {})[task] = norm
@@ -168,7 +161,7 @@ def wall_scores(args, runs: list[dict], random: dict[str, float]) -> dict:
         for v in args.variants:
             vr = [r for r in runs if r["task"] == task and r["variant"] == v]
             if vr:
-                at = [late_return(r, "wall_s", budget) for r in vr]
+                at = [late_return(r, budget, "wall_s") for r in vr]
                 out.setdefault(v, {})[task] = [0.0 if np.isnan(x) else (x - random[task]) / span for x in at]
     return out
 
@@ -229,22 +222,11 @@ def main() -> None:
         variant_overrides(v)  # an unknown variant fails before anything runs
 
     key = {"steps": args.steps, "set": args.set, "config": read_config_data(args.config)}
-    saved = load_results(args.results, fresh=args.fresh)
-
-    def same(r: dict, task: str, variant: str, seed: int) -> bool:
-        return (r["task"], r["variant"], r["seed"]) == (task, variant, seed) and all(r.get(k) == v for k, v in key.items())
-
-    for seed in args.seeds:
-        for task in args.tasks:
-            for variant in args.variants:
-                if any(same(r, task, variant, seed) for r in saved):
-                    print(f"[bench] {task} {variant} seed {seed}: saved result reused", flush=True)
-                elif args.report_only:
-                    print(f"[bench] {task} {variant} seed {seed}: no saved run, left out", flush=True)
-                else:
-                    print(f"[bench] {task} {variant} seed {seed}: {args.steps:,} env steps", flush=True)
-                    saved = append_result(args.results, run_one(args, task, variant, seed) | key)
-    runs = [r for r in saved if any(same(r, t, v, s) for t in args.tasks for v in args.variants for s in args.seeds)]
+    cells = ((f"{task} {variant} seed {seed} ({args.steps:,} env steps)",
+              {"task": task, "variant": variant, "seed": seed} | key,
+              functools.partial(run_one, args, task, variant, seed))
+             for seed in args.seeds for task in args.tasks for variant in args.variants)
+    runs = run_cells(args.results, cells, fresh=args.fresh, report_only=args.report_only)
     random = {task: random_return(TASKS[task]) for task in args.tasks}
     table, final_scores = task_table(args, runs, random)
     at_steps = aggregate(args, final_scores, f"at {args.steps:,} env steps", f"{args.section}-aggregate-steps")
