@@ -82,19 +82,36 @@ def test_remote_runner_and_remote_learner_checkpoint_carries_filter_state(local_
     assert any(not np.allclose(np.asarray(trained[k]), np.asarray(init[k])) for k in trained if "denoiser" in k)
 
 
-def test_evaluation_normalises_observations_with_the_training_statistics(local_ray):
+def _hand_built_ncdpo_with_local_evaluation():
+    """NCDPOConfig as a user of the Python API writes it, without build_algo_config's callbacks."""
+    from ncdpo_rllib.rl import NCDPOConfig, mean_std_filter_connector
+    from ncdpo_rllib.tasks.envs import register
+
+    return (NCDPOConfig().environment(register(), env_config={"id": "Pendulum-v1", "max_episode_steps": 50})
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=1, env_to_module_connector=mean_std_filter_connector)
+            .training(train_batch_size_per_learner=200, minibatch_size=100, num_epochs=1)
+            .evaluation(evaluation_interval=1, evaluation_duration=1, evaluation_duration_unit="episodes",
+                        evaluation_num_env_runners=0))
+
+
+@pytest.mark.parametrize("built", ["ppo by build_algo_config", "NCDPOConfig by hand"])
+def test_evaluation_normalises_observations_with_the_training_statistics(local_ray, built):
     """RLlib copies the MeanStdFilter's statistics to remote evaluation EnvRunners only; ours is
     local, and evaluated on statistics of its own evaluation episodes until the callback copied
-    the training ones. RLlib merges the remote runners' statistics into the driver's one
-    iteration late, so an evaluation sees the previous iteration's counts plus its own episode."""
+    the training ones (NCDPOConfig's default callback, also without build_algo_config). RLlib
+    merges the remote runners' statistics into the driver's one iteration late, so an evaluation
+    sees the previous iteration's counts plus its own episode."""
     from ncdpo_rllib.experiment.build import build_algo_config
     from ncdpo_rllib.experiment.config import parse_config
 
-    exp = parse_config({"algorithm": "ppo", "env": {"id": "Pendulum-v1", "max_episode_steps": 50},
-                        "eval": {"every": 1, "episodes": 1},
-                        "ppo": {"train_batch_size": 200, "minibatch_size": 100, "num_epochs": 1},
-                        "resources": {"env_runners": 1, "envs_per_runner": 1}})
-    algo = build_algo_config(exp).build_algo()
+    if built == "NCDPOConfig by hand":
+        config = _hand_built_ncdpo_with_local_evaluation()
+    else:
+        config = build_algo_config(parse_config({
+            "algorithm": "ppo", "env": {"id": "Pendulum-v1", "max_episode_steps": 50}, "eval": {"every": 1, "episodes": 1},
+            "ppo": {"train_batch_size": 200, "minibatch_size": 100, "num_epochs": 1},
+            "resources": {"env_runners": 1, "envs_per_runner": 1}}))
+    algo = config.build_algo()
 
     def pushes(runner) -> tuple[int, int]:
         stats = runner.get_state(components="env_to_module_connector")["env_to_module_connector"]

@@ -20,6 +20,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from ncdpo_rllib.diffusion import DiffusionConfig
 
+from .callbacks import EpisodeReturnCallback
 from .defaults import DEFAULTS, DPPO_ONLY, AlgorithmDefaults
 from .learner import NCDPOTorchLearner
 from .module import DIFFUSION, DiffusionPolicyModule
@@ -64,6 +65,9 @@ class NCDPOConfig(PPOConfig):
         # The learner skips a step with non-finite gradients itself (UpdateControl). True makes RLlib's
         # apply_gradients check no gradient (False: it zeroes NaNs and steps, a host sync per parameter).
         self.torch_skip_nan_gradients = True
+        # Per-iteration returns, and a local evaluation EnvRunner given the training observation
+        # filter (RLlib syncs remote ones only): also for a config built by hand, not by build_algo_config.
+        self.callbacks_class = EpisodeReturnCallback
         for f in fields(AlgorithmDefaults):
             if f.name not in DPPO_ONLY:
                 setattr(self, f.name, getattr(DEFAULTS, f.name))
