@@ -20,6 +20,7 @@ def test_train_resume_evaluate(tmp_path, tiny_config):
     for key in ("final_return", "best_return", "wall_s", "checkpoint", "mlflow_run_id"):
         assert s1[key] is not None, key
     assert "iter    2 | env steps       512" in first.stderr  # one progress line per iteration
+    assert "| KL-stopped " in first.stderr  # NCDPO: the fraction of epochs target_kl stopped
     ckpt = tmp_path / s1["checkpoint"]
     assert (ckpt / "ncdpo_state.json").is_file() and (ckpt / "experiment.yaml").is_file()
     assert (ckpt / "env_runner").is_dir() and (ckpt / "learner_group").is_dir()
@@ -192,3 +193,18 @@ def test_processes_that_open_a_fresh_store_together_all_get_it(tmp_path):
     ids = {out.strip().splitlines()[-1] for out, _ in results}
     assert len(ids) == 1  # one experiment, made once, found by the others
     assert [e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()].count("shared") == 1
+
+
+def test_progress_line_shows_success_evaluation_and_kl_stops_when_reported():
+    from ncdpo_rllib.experiment.checkpoints import RunState
+    from ncdpo_rllib.experiment.train import _progress
+
+    state = RunState(iteration=4, env_steps=32000, wall_s=50.0)
+    plain = _progress(state, {"return_mean": -150.0}, 800.0, 10.0)
+    assert plain == ("iter    4 | env steps    32,000 | return   -150.00 |     800 steps/s |  10.0 s/iter |"
+                     "    50.0 s total")
+    line = _progress(state, {"return_mean": 12.5, "success_rate": 0.25, "eval_return_mean": 30.0,
+                             "eval_success_rate": 0.9, "learner/a/kl_stop_fraction": 0.5,
+                             "learner/b/kl_stop_fraction": 1.0}, 800.0, 10.0)
+    assert "| success 0.25 | eval 30.00, success 0.90 | KL-stopped  75% |" in line
+    assert "return       n/a" in _progress(state, {}, 0.0, 1.0)

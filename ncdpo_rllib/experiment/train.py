@@ -36,12 +36,25 @@ def _run_name(exp: ExperimentConfig) -> str:
     return exp.tracking.run_name or f"{exp.algorithm}-{exp.env.id}-s{exp.seed}-{stamp}"
 
 
-def _progress(state: RunState, ret: Optional[float], steps_per_s: float, iter_s: float) -> str:
-    ret_s = f"{ret:9.2f}" if ret is not None else "      n/a"
-    return (
-        f"iter {state.iteration:4d} | env steps {state.env_steps:9,d} | return {ret_s} | "
-        f"{steps_per_s:7,.0f} steps/s | {iter_s:5.1f} s/iter | {state.wall_s:7.1f} s total"
-    )
+def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, iter_s: float) -> str:
+    """One line per iteration: the training return, then what the run reports of: the success rate
+    (envs with ``info["success"]``), this iteration's evaluation, the fraction of epochs that
+    ``target_kl`` stopped (NCDPO / DPPO; the mean over policies)."""
+    ret = metrics.get("return_mean")
+    parts = [f"iter {state.iteration:4d}", f"env steps {state.env_steps:9,d}",
+             f"return {ret:9.2f}" if ret is not None else "return       n/a"]
+    if "success_rate" in metrics:
+        parts.append(f"success {metrics['success_rate']:4.2f}")
+    evaluation = [f"{metrics['eval_return_mean']:.2f}"] if "eval_return_mean" in metrics else []
+    if "eval_success_rate" in metrics:
+        evaluation.append(f"success {metrics['eval_success_rate']:.2f}")
+    if evaluation:
+        parts.append("eval " + ", ".join(evaluation))
+    stops = [v for k, v in metrics.items() if k.startswith("learner/") and k.endswith("/kl_stop_fraction")]
+    if stops:
+        parts.append(f"KL-stopped {sum(stops) / len(stops):4.0%}")
+    parts += [f"{steps_per_s:7,.0f} steps/s", f"{iter_s:5.1f} s/iter", f"{state.wall_s:7.1f} s total"]
+    return " | ".join(parts)
 
 
 def _done(exp: ExperimentConfig, state: RunState) -> bool:
@@ -247,7 +260,7 @@ def train(
             # MLflow gets an iteration's metrics once a checkpoint covers it: a run killed
             # between checkpoints and resumed then logs no step twice and skips none.
             pending.append((state.env_steps, metrics))
-            log(_progress(state, ret, sampled / iter_s, iter_s))
+            log(_progress(state, metrics, sampled / iter_s, iter_s))
             restarts = int(metrics.get("env_runner_restarts") or 0)
             if restarts > seen_restarts:  # RLlib's count, for this process
                 log(f"env runner failure: restarted ({restarts} restart(s) so far, "
