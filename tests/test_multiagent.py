@@ -130,6 +130,30 @@ def test_an_agent_that_leaves_early_is_zeros_with_alive_bit_zero():
     np.testing.assert_array_equal(a[:, 6:], [[1, 1]] * 3 + [[1, 0]] * 3)  # ... and alive bit 0
 
 
+def test_auto_policies_share_where_spaces_match_and_split_where_they_differ():
+    """The default (``policies: auto``): simple_spread's identical agents share one policy;
+    speaker/listener and tag's predators/prey get one policy per kind of agent."""
+    from ncdpo_rllib.tasks.multiagent import describe_mapping
+
+    assert parse_config({"env": {"kind": "pettingzoo", "id": "mpe2.simple_spread_v3"}}).multi_agent.policies == "auto"
+    spread = policy_mapping("auto", {}, check_pettingzoo_env("mpe2.simple_spread_v3", {}, diffusion=True))
+    assert spread == {"agent_0": "shared", "agent_1": "shared", "agent_2": "shared"}
+    speaker = policy_mapping("auto", {}, check_pettingzoo_env("mpe2.simple_speaker_listener_v4", {}, diffusion=True))
+    assert speaker == {"speaker_0": "speaker", "listener_0": "listener"}
+    tag = policy_mapping("auto", {}, check_pettingzoo_env("mpe2.simple_tag_v3", {}, diffusion=True))
+    assert tag == {"adversary_0": "adversary", "adversary_1": "adversary", "adversary_2": "adversary",
+                   "agent_0": "agent"}
+    assert describe_mapping(tag) == "adversary <- adversary_0, adversary_1, adversary_2; agent <- agent_0"
+
+
+def test_a_minimal_speaker_listener_config_trains_and_says_which_agent_got_which_policy(tmp_path):
+    config = tmp_path / "minimal.yaml"
+    config.write_text("env:\n  kind: pettingzoo\n  id: mpe2.simple_speaker_listener_v4\n")
+    proc = run_cli(["train", config, *TINY], tmp_path, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "policies (auto): speaker <- speaker_0; listener <- listener_0" in proc.stderr
+
+
 def test_pettingzoo_env_and_mapping_errors():
     with pytest.raises(ConfigError, match="cannot import module 'mpe2.nope_v0'"):
         check_pettingzoo_env("mpe2.nope_v0", {}, diffusion=True)

@@ -33,15 +33,17 @@ def rllib_validation():
         raise ConfigError(f"RLlib rejected the configuration: {one_line(e)}") from None
 
 
-def check_experiment(exp: ExperimentConfig) -> None:
+def check_experiment(exp: ExperimentConfig):
     """Before anything runs or is written: the env, built once on the driver (``tasks.envs.check_env``),
-    what the algorithm needs of its spaces, and RLlib's validation of the mapped config."""
+    what the algorithm needs of its spaces, and RLlib's validation of the mapped config. Returns
+    ``check_env``'s spaces."""
     spaces = check_env(exp.env, exp.multi_agent, for_diffusion=exp.algorithm != "ppo")
     if exp.algorithm == "dppo" and not isinstance(spaces[1], gym.spaces.Box):
         raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {spaces[1]} "
                           "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
     with rllib_validation():
         build_algo_config(exp).validate()
+    return spaces
 
 
 PPO_ARGS = {"lr": "lr", "gamma": "gamma", "gae_lambda": "lambda_", "clip_param": "clip_param",

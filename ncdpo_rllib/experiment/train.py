@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
+from ncdpo_rllib.tasks.multiagent import describe_mapping, policy_mapping
 
 from .build import build_algo_config, check_experiment, init_ray, rllib_validation
 from .checkpoints import (
@@ -180,7 +181,7 @@ def train(
     if resume is not None:
         ckpt_path, ckpt_exp, state = load_checkpoint_meta(resume)
         _check_resume_compatible(ckpt_exp, exp)
-    check_experiment(exp)
+    spaces = check_experiment(exp)
     pretrained_state = None
     if exp.init_from is not None and ckpt_path is None:
         pre_dir, pre_exp, _ = load_pretrained_meta(exp.init_from)
@@ -220,6 +221,9 @@ def train(
             f"{exp.algorithm} on {exp.env.id} (seed {exp.seed}) | {_layout(exp)} | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id} at {tracker.uri}" if tracker.enabled else "")
         )
+        if exp.env.kind == "pettingzoo":
+            mapping = policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
+            log(f"policies ({exp.multi_agent.policies}): {describe_mapping(mapping)}")
         pending: list[tuple[int, dict]] = []
         seen_restarts = 0
         while not _done(exp, state):

@@ -93,9 +93,11 @@ class EncoderConfig:
 class MultiAgentConfig:
     """PettingZoo envs (``env.kind: pettingzoo``): which agents share a policy, and the critic."""
 
-    policies: Literal["shared", "independent", "groups"] = "shared"
-    """shared = one policy for all agents (parameter sharing); independent = one per agent;
-    groups = one per entry of ``groups``. Agents sharing a policy need the same spaces."""
+    policies: Literal["auto", "shared", "independent", "groups"] = "auto"
+    """auto = one policy per distinct (observation, action) space: shared by all agents when their
+    spaces match, else one per kind of agent (named by the agents' common prefix, e.g. speaker,
+    listener); shared = one policy for all agents (parameter sharing); independent = one per
+    agent; groups = one per entry of ``groups``. Agents sharing a policy need the same spaces."""
     groups: dict = field(default_factory=dict)
     """policies: groups only: policy name -> agent-name glob (``adversary_*``); every agent
     must match exactly one pattern, every pattern at least one agent."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import os
+import re
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -94,6 +96,8 @@ def check_pettingzoo_env(env_id: str, kwargs: dict, *, diffusion: bool) -> Agent
 
 def policy_mapping(policies: str, groups: dict, spaces: AgentSpaces) -> dict[str, str]:
     """agent id -> policy (module) id; agents sharing a policy must have the same spaces."""
+    if policies == "auto":
+        return _auto_mapping(spaces)
     if policies == "shared":
         mapping = {a: SHARED_POLICY for a in spaces.agents}
     elif policies == "independent":
@@ -122,3 +126,33 @@ def policy_mapping(policies: str, groups: dict, spaces: AgentSpaces) -> dict[str
                 f"{spaces.action[a]}); use multi_agent.policies: independent or groups"
             )
     return mapping
+
+
+def _auto_mapping(spaces: AgentSpaces) -> dict[str, str]:
+    """``policies: auto``: agents with the same (observation, action) spaces share a policy; one
+    kind of agent -> ``shared``, several -> each named by its agents' common name prefix without
+    the trailing index (speaker_0 -> speaker; adversary_0, adversary_1 -> adversary), or by its
+    first agent where prefixes are empty or clash."""
+    kinds: list[tuple[tuple, list[str]]] = []
+    for a in spaces.agents:
+        signature = (spaces.observation[a], spaces.action[a])
+        for sig, members in kinds:
+            if sig == signature:
+                members.append(a)
+                break
+        else:
+            kinds.append((signature, [a]))
+    if len(kinds) == 1:
+        return {a: SHARED_POLICY for a in spaces.agents}
+    names = [re.sub(r"[^A-Za-z0-9_-]", "_", os.path.commonprefix(members)).rstrip("0123456789_-") or members[0]
+             for _, members in kinds]
+    names = [n if names.count(n) == 1 else members[0] for n, (_, members) in zip(names, kinds)]
+    return {a: name for name, (_, members) in zip(names, kinds) for a in members}
+
+
+def describe_mapping(mapping: dict[str, str]) -> str:
+    """'policy <- agents' for each policy, for the start line."""
+    by_policy: dict[str, list[str]] = {}
+    for agent, pid in mapping.items():
+        by_policy.setdefault(pid, []).append(agent)
+    return "; ".join(f"{pid} <- {', '.join(agents)}" for pid, agents in by_policy.items())
