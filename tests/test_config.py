@@ -237,3 +237,17 @@ def test_algorithm_defaults_have_one_source():
     # a module saved before the nesting kept the fields at the top level: still read
     legacy = diffusion_config_from_model_config({**spec.model_config.pop("diffusion"), "critic_hidden": [8]})
     assert nested == legacy == DiffusionConfig(denoising_steps=7)
+
+
+def test_saved_configs_from_before_policies_auto_still_load():
+    """Resolved configs saved while ``multi_agent.policies`` defaulted to ``shared`` carry the whole
+    section for every env: the pinned pre-trained policies and every checkpoint of that time."""
+    from ncdpo_rllib.experiment.pretrained import load_pretrained_meta
+    from ncdpo_rllib.tasks.config import MultiAgentConfig
+
+    pinned = Path(__file__).parent.parent / "benchmarks" / "results" / "pretrained" / "locomotion-hopper-k10"
+    assert "policies: shared" in (pinned / "experiment.yaml").read_text()
+    _, exp, _ = load_pretrained_meta(str(pinned))
+    assert exp.multi_agent == MultiAgentConfig()
+    with pytest.raises(ConfigError, match="the multi_agent section is for env.kind: pettingzoo"):
+        parse_config({"multi_agent": {"policies": "independent"}})

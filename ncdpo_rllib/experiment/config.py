@@ -338,6 +338,10 @@ class ExperimentConfig:
                     raise ValueError(f"{key} is for single-agent envs (env.kind: gymnasium); unset it for PettingZoo")
             if self.algorithm == "dppo":
                 raise ValueError("algorithm: dppo is single-agent here; use ncdpo or ppo with env.kind: pettingzoo")
+        elif self.multi_agent == MultiAgentConfig(policies="shared"):
+            # The default before "auto": resolved configs saved then (checkpoints, pre-trained policies)
+            # carry it for every env; for a Gymnasium env it means "no multi_agent section".
+            self.multi_agent = MultiAgentConfig()
         elif self.multi_agent != MultiAgentConfig():
             raise ValueError("the multi_agent section is for env.kind: pettingzoo; remove it for a Gymnasium env")
 
