@@ -73,6 +73,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.export import export
+
+    summary = export(args.checkpoint, args.format, args.out)
+    return _report(args, f"exported {summary['env']} ({summary['algorithm']}) to {summary['file']} "
+                         f"({summary['format']}, {summary['bytes'] / 1e6:.2f} MB); run it with "
+                         f"ncdpo_rllib.load_policy({summary['file']!r})", summary)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.config import load_config
     from ncdpo_rllib.experiment.pretrain import pretrain
@@ -205,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not log an MLflow run (default: one run tagged stage=evaluate in the checkpoint's store)")
     e.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("export", help="the deterministic policy as one TorchScript or ONNX file (no Ray needed to run it)")
+    x.add_argument("checkpoint", help="a checkpoint, a run directory or a pre-trained policy")
+    x.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    x.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt for torchscript, .onnx)")
+    x.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    x.set_defaults(func=_cmd_export)
 
     _config_command(sub, "pretrain", _cmd_pretrain, "behaviour-clone the diffusion policy on a dataset (pretrain: section)",
                     "experiment YAML(s) with pretrain.dataset set (merged in order)")

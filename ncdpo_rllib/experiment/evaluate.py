@@ -61,10 +61,9 @@ def deterministic_episodes(runner, episodes: int):
     return finished_episode_stats(done, episodes)
 
 
-def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
-    """(returns, success rate or None) of a module state dict (a pre-trained policy, which
-    normalises observations itself) on exp's env; the success rate for envs reporting
-    ``info["success"]``."""
+def pretrained_env_runner(exp, module_state: dict, seed: int = 12345):
+    """A local SingleAgentEnvRunner with a module state dict (a pre-trained policy, which
+    normalises observations itself: no observation filter)."""
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     cfg = build_algo_config(exp, pretrained=True)
@@ -72,7 +71,13 @@ def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
     cfg.debugging(seed=seed)
     runner = SingleAgentEnvRunner(config=cfg)
     runner.module.set_state(module_state)
-    _, returns, success_rate = deterministic_episodes(runner, episodes)
+    return runner
+
+
+def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
+    """(returns, success rate or None) of a module state dict (a pre-trained policy) on exp's env;
+    the success rate for envs reporting ``info["success"]``."""
+    _, returns, success_rate = deterministic_episodes(pretrained_env_runner(exp, module_state, seed), episodes)
     return returns, success_rate
 
 
