@@ -110,7 +110,7 @@ def test_evaluation_normalises_observations_with_the_training_statistics(local_r
         config = build_algo_config(parse_config({
             "algorithm": "ppo", "env": {"id": "Pendulum-v1", "max_episode_steps": 50}, "eval": {"every": 1, "episodes": 1},
             "ppo": {"train_batch_size": 200, "minibatch_size": 100, "num_epochs": 1},
-            "resources": {"env_runners": 1, "envs_per_runner": 1}}))
+            "resources": {"env_runners": 1, "envs_per_runner": 2}}))
     algo = config.build_algo()
 
     def pushes(runner) -> tuple[int, int]:
@@ -124,8 +124,13 @@ def test_evaluation_normalises_observations_with_the_training_statistics(local_r
             algo.train()
             trained.append(pushes(algo.env_runner)[0])
         evaluated, own = pushes(algo.eval_env_runner)
+        # one env: a vector of envs would report the episodes that finished first, the short ones
+        eval_envs = algo.eval_env_runner.num_envs
+        train_envs = algo.env_runner_group.foreach_env_runner(lambda r: r.num_envs, local_env_runner=False)
     finally:
         algo.stop()
+    if built != "NCDPOConfig by hand":  # build_algo_config's evaluation: one env, whatever training uses
+        assert (eval_envs, train_envs) == (1, [2])
     assert own == 51 and trained[1] > 400  # one 50-step episode (51 observations); 2 x 200 steps trained
     assert evaluated - own == trained[1], (evaluated, own, trained)  # not 3 x 51: the training statistics
 

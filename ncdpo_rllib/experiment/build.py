@@ -122,7 +122,9 @@ def build_algo_config(
             evaluation_duration=exp.eval.episodes,
             evaluation_duration_unit="episodes",
             evaluation_num_env_runners=0,
-            evaluation_config={"explore": False},
+            # One env: with a vector of N, RLlib keeps the first `episodes` to finish, i.e. the shortest.
+            # Measured on a Hopper checkpoint with an early-fall mode: 275 with 8 envs vs 1079 with 1.
+            evaluation_config={"explore": False, "num_envs_per_env_runner": 1},
         )
     cfg.callbacks(ChunkedEnvStepsCallback if exp.env.action_chunk > 1 else EpisodeReturnCallback)
     cfg.debugging(seed=exp.seed, log_level="ERROR")
