@@ -63,12 +63,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.evaluate import evaluate
 
-    summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track)
+    summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track,
+                       video=args.video, video_dir=args.video_dir)
     return _report(
         args,
         f"{summary['env']}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f} "
         + (f"success rate {summary['success_rate']:.2f} " if "success_rate" in summary else "")
-        + f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})",
+        + f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})"
+        + (f"\n  videos: {', '.join(summary['videos'])}" if summary.get("videos") else ""),
         summary,
     )
 
@@ -212,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--no-track", action="store_true",
                    help="do not log an MLflow run (default: one run tagged stage=evaluate in the checkpoint's store)")
+    e.add_argument("--video", type=int, default=0, metavar="N",
+                   help="record the first N episodes as MP4 (logged with the evaluation's MLflow run)")
+    e.add_argument("--video-dir", metavar="DIR",
+                   help="where the videos go (default: <run dir>/videos/evaluate-<checkpoint>-seed<seed>/)")
     e.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -84,7 +84,8 @@ def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
 
 
 def build_algo_config(
-    exp: ExperimentConfig, *, record_dir: Optional[str] = None, pretrained: Optional[bool] = None
+    exp: ExperimentConfig, *, record_dir: Optional[str] = None, pretrained: Optional[bool] = None,
+    video: Optional[dict] = None
 ) -> AlgorithmConfig:
     """``pretrained``: the module brings its own observation normaliser, so RLlib's
     MeanStdFilter is left out (default: whether ``exp.init_from`` is set)."""
@@ -97,7 +98,7 @@ def build_algo_config(
         cfg.training(**_training_args(p, DIFFUSION_ONLY))
     else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
         cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
-    cfg.environment(env=register(), env_config=env_context(exp.env, record_dir))
+    cfg.environment(env=register(), env_config=env_context(exp.env, record_dir, video))
     connector = mean_std_filter_connector if use_filter else None
     if exp.env.kind == "pettingzoo":
         connector = _multi_agent(cfg, exp, use_filter)

@@ -6,6 +6,7 @@ evaluation both come through ``deterministic_episodes``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -23,7 +24,7 @@ RL_MODULE_DIR = Path("learner_group") / "learner" / "rl_module"
 MODULE_DIR = RL_MODULE_DIR / DEFAULT_MODULE_ID
 
 
-def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: int = 1):
+def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: int = 1, video: Optional[dict] = None):
     """A local Single/MultiAgentEnvRunner with the checkpoint's connector state (observation
     filter) and the trained module weights (every policy's, for a PettingZoo env).
 
@@ -34,7 +35,7 @@ def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: in
     from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    cfg = build_algo_config(exp, record_dir=record_dir)
+    cfg = build_algo_config(exp, record_dir=record_dir, video=video)
     cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=num_envs)
     cfg.debugging(seed=seed)
     multi = exp.env.kind == "pettingzoo"
@@ -61,12 +62,12 @@ def deterministic_episodes(runner, episodes: int):
     return finished_episode_stats(done, episodes)
 
 
-def pretrained_env_runner(exp, module_state: dict, seed: int = 12345):
+def pretrained_env_runner(exp, module_state: dict, seed: int = 12345, video: Optional[dict] = None):
     """A local SingleAgentEnvRunner with a module state dict (a pre-trained policy, which
     normalises observations itself: no observation filter)."""
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-    cfg = build_algo_config(exp, pretrained=True)
+    cfg = build_algo_config(exp, pretrained=True, video=video)
     cfg.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
     cfg.debugging(seed=seed)
     runner = SingleAgentEnvRunner(config=cfg)
@@ -81,14 +82,36 @@ def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
     return returns, success_rate
 
 
-def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int) -> tuple[dict, object, dict]:
+def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int, video: int = 0,
+                        video_dir: Optional[str] = None) -> tuple[dict, object, dict]:
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
     check_experiment(exp)
-    returns, success_rate = evaluate_module(exp, load_module_state(ckpt), episodes, seed=seed)
+    spec = _video_spec(video, video_dir, ckpt / "videos" / f"evaluate-seed{seed}")
+    runner = pretrained_env_runner(exp, load_module_state(ckpt), seed, video=spec)
+    _, returns, success_rate = deterministic_episodes(runner, episodes)
     summary = _summary(exp, ckpt, returns, trained_env_steps=0)
     if success_rate is not None:
         summary["success_rate"] = success_rate
+    if spec:
+        summary["videos"] = _videos(spec)
     return summary, exp, meta
+
+
+def _video_spec(episodes: int, video_dir: Optional[str], default: Path) -> Optional[dict]:
+    """``--video N``: where the first N evaluation episodes go (earlier videos there removed)."""
+    if not episodes:
+        return None
+    if episodes < 0:
+        raise CheckpointError("--video must be >= 0")
+    out = Path(video_dir) if video_dir else default
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("episode-*.mp4"):
+        old.unlink()
+    return {"dir": str(out.resolve()), "episodes": episodes}
+
+
+def _videos(spec: dict) -> list[str]:
+    return [str(p) for p in sorted(Path(spec["dir"]).glob("episode-*.mp4"))]
 
 
 def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
@@ -113,6 +136,8 @@ def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
     tracker = Tracker(exp, uri=uri, tags=tags)
     metrics = {f"eval/{k}": summary[k] for k in ("return_mean", "return_std", "return_min", "return_max", "episodes")}
     metrics.update({f"eval/agent_return_mean/{a}": r for a, r in summary.get("agent_return_mean", {}).items()})
+    for video in summary.get("videos", []):
+        tracker.log_artifact(Path(video), "videos")
     if "success_rate" in summary:
         metrics["eval/success_rate"] = summary["success_rate"]
     status = "FAILED"
@@ -124,21 +149,31 @@ def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
     return tracker.run_id
 
 
-def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: bool = True) -> dict:
+def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: bool = True, video: int = 0,
+             video_dir: Optional[str] = None) -> dict:
     """A training checkpoint (or run dir), or a pre-trained one (``ncdpo pretrain`` output).
 
     ``track``: log the result as its own MLflow run (tag ``stage: evaluate``) in the store and
-    experiment the checkpoint was trained with (unless its config disabled tracking)."""
+    experiment the checkpoint was trained with (unless its config disabled tracking).
+    ``video``: record the first N episodes as MP4 in ``video_dir`` (default: the run directory's
+    ``videos/evaluate-<checkpoint>-seed<seed>/``), logged with the MLflow run."""
     if episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
+    if video > episodes:
+        raise CheckpointError(f"--video {video} > --episodes {episodes}: record at most the episodes evaluated")
     if is_pretrained(checkpoint):
-        summary, exp, meta = evaluate_pretrained(checkpoint, episodes=episodes, seed=seed)
+        summary, exp, meta = evaluate_pretrained(checkpoint, episodes=episodes, seed=seed, video=video,
+                                                 video_dir=video_dir)
         source, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
     else:
         ckpt, exp, state = load_checkpoint_meta(checkpoint)
         check_experiment(exp)
-        finished, returns, success_rate = deterministic_episodes(load_env_runner(ckpt, exp, seed=seed), episodes)
+        spec = _video_spec(video, video_dir, ckpt.parent.parent / "videos" / f"evaluate-{ckpt.name}-seed{seed}")
+        runner = load_env_runner(ckpt, exp, seed=seed, video=spec)
+        finished, returns, success_rate = deterministic_episodes(runner, episodes)
         summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        if spec:
+            summary["videos"] = _videos(spec)
         if success_rate is not None:  # Meta-World: share of episodes that succeeded
             summary["success_rate"] = success_rate
         if exp.env.kind == "pettingzoo":

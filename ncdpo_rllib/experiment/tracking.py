@@ -197,9 +197,9 @@ class Tracker:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
-            self.client.log_artifact(self.run_id, str(path))
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, path: Path, artifact_path: str) -> None:
         if self.enabled:

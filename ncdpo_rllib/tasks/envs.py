@@ -23,33 +23,40 @@ from .config import EnvConfig, MultiAgentConfig
 
 ENV_NAME = "ncdpo_env"
 RECORD_DIR = "record_dir"
-"""The one key of RLlib's ``env_config`` that is not an ``EnvConfig`` field: where ``ncdpo collect``
+"""A key of RLlib's ``env_config`` that is not an ``EnvConfig`` field: where ``ncdpo collect``
 records raw transitions."""
+VIDEO = "video"
+"""The other one: ``{"dir": ..., "episodes": N}``, record the first N episodes as MP4 (``tasks.video``)."""
 
 
-def env_context(env: EnvConfig, record_dir: Optional[str] = None) -> dict:
+def env_context(env: EnvConfig, record_dir: Optional[str] = None, video: Optional[dict] = None) -> dict:
     """The env section as the plain mapping RLlib hands to ``make_env`` on every EnvRunner."""
     out = dataclasses.asdict(env)
     if record_dir:
         out[RECORD_DIR] = str(record_dir)
+    if video:
+        out[VIDEO] = dict(video)
     return out
 
 
-def as_env_config(env_config: Union[EnvConfig, Mapping]) -> tuple[EnvConfig, Optional[str]]:
-    """(EnvConfig, record_dir) from an EnvConfig or from ``env_context``'s mapping (missing keys
-    take EnvConfig's defaults)."""
+def as_env_config(env_config: Union[EnvConfig, Mapping]) -> tuple[EnvConfig, dict]:
+    """(EnvConfig, the extra keys: RECORD_DIR, VIDEO) from an EnvConfig or from ``env_context``'s
+    mapping (missing keys take EnvConfig's defaults)."""
     if isinstance(env_config, EnvConfig):
-        return env_config, None
+        return env_config, {}
     fields = {f.name for f in dataclasses.fields(EnvConfig)}
-    unknown = set(env_config) - fields - {RECORD_DIR}
+    unknown = set(env_config) - fields - {RECORD_DIR, VIDEO}
     if unknown:
         raise ConfigError(f"env: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(fields))}")
-    return EnvConfig(**{k: v for k, v in env_config.items() if k in fields}), env_config.get(RECORD_DIR)
+    extras = {k: env_config[k] for k in (RECORD_DIR, VIDEO) if env_config.get(k)}
+    return EnvConfig(**{k: v for k, v in env_config.items() if k in fields}), extras
 
 
-def make_base_env(env: EnvConfig, pixels: bool = True) -> gym.Env:
+def make_base_env(env: EnvConfig, pixels: bool = True, render: bool = False) -> gym.Env:
     """The single-agent env before chunking: a Gymnasium env with its time limit, or a Meta-World
-    task (rendering its camera image when ``pixels`` and the config asks for pixels)."""
+    task (rendering its camera image when ``pixels`` and the config asks for pixels). ``render``:
+    a Gymnasium env made with ``render_mode="rgb_array"`` (for videos; a one-line error where it
+    cannot render)."""
     if env.kind == "metaworld":
         from .metaworld import make_metaworld_env
 
@@ -63,6 +70,12 @@ def make_base_env(env: EnvConfig, pixels: bool = True) -> gym.Env:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"env.id {env.id!r} is not a registered Gymnasium env{hint}") from None
     limit = {"max_episode_steps": env.max_episode_steps} if env.max_episode_steps else {}
+    if render:
+        modes = _render_modes(env.id)
+        if "rgb_array" not in modes:
+            raise ConfigError(f"env {env.id!r} cannot render rgb_array frames (render modes: "
+                              f"{', '.join(modes) or 'none'}), so it cannot be recorded; drop --video")
+        limit["render_mode"] = "rgb_array"
     try:
         return gym.make(env.id, **limit, **env.kwargs)
     except gym.error.DependencyNotInstalled as e:
@@ -71,23 +84,44 @@ def make_base_env(env: EnvConfig, pixels: bool = True) -> gym.Env:
         raise ConfigError(f"env.kwargs for {env.id!r} are not accepted: {e}") from None
 
 
+def _render_modes(env_id: str) -> list[str]:
+    """The render modes an env class declares (``metadata["render_modes"]``), without making it."""
+    entry = gym.spec(env_id).entry_point
+    if callable(entry):
+        cls = entry
+    else:
+        import importlib
+
+        module, _, name = str(entry).partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    return list(getattr(cls, "metadata", {}).get("render_modes", []))
+
+
 def make_env(env_config: Union[EnvConfig, Mapping]):
     """The env factory RLlib calls on every EnvRunner (registered as ``ncdpo_env``), with
     ``env_context``'s mapping; an ``EnvConfig`` works as well.
 
     Pixels are rendered above the chunking when the policy sees one observation (To = 1):
     one frame per policy step instead of one per env step (Ta times fewer renders)."""
-    cfg, record_dir = as_env_config(env_config)
+    cfg, extras = as_env_config(env_config)
     if cfg.kind == "pettingzoo":
+        if VIDEO in extras:
+            raise ConfigError("--video: recording PettingZoo envs is not supported yet")
         from .multiagent import make_multi_agent_env
 
         return make_multi_agent_env(cfg)
     pixels_on_top = cfg.pixels and cfg.obs_history == 1
-    env = make_base_env(cfg, pixels=not pixels_on_top)
-    if record_dir:
+    video = extras.get(VIDEO)
+    env = make_base_env(cfg, pixels=not pixels_on_top, render=bool(video) and cfg.kind == "gymnasium")
+    if video:
+        from .video import EpisodeVideo, video_fps, video_frames
+
+        env = EpisodeVideo(env, video["dir"], int(video["episodes"]), video_frames(env, cfg.kind, cfg.camera),
+                           video_fps(env), prefix=video.get("prefix", "episode"))
+    if RECORD_DIR in extras:
         from ncdpo_rllib.data import RecordingWrapper
 
-        env = RecordingWrapper(env, record_dir)
+        env = RecordingWrapper(env, extras[RECORD_DIR])
     if cfg.action_chunk > 1 or cfg.obs_history > 1:
         from .wrappers import ActionChunkObsHistory
 

@@ -38,6 +38,39 @@ def pixel_dim(image_size: int) -> int:
     return image_size * image_size * CHANNELS
 
 
+class CameraRenderer:
+    """MuJoCo's offscreen renderer for one camera at size x size, made at the first frame (building
+    an env for its spaces opens no GL context); shadows, reflections and skybox off."""
+
+    def __init__(self, model, size: int, camera: str):
+        self.model, self.size, self.camera = model, size, camera
+        self._renderer = None
+
+    def render(self, data) -> np.ndarray:
+        """(H, W, 3) uint8."""
+        import mujoco
+
+        if self._renderer is None:
+            try:
+                self._renderer = mujoco.Renderer(self.model, self.size, self.size)
+            except Exception as e:  # mujoco raises FatalError / AttributeError without a GL context
+                raise ConfigError(f"MuJoCo offscreen rendering is unavailable ({type(e).__name__}: "
+                                  f"{one_line(e, 120)}); {gl_hint()}") from None
+            flags = self._renderer.scene.flags
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                         mujoco.mjtRndFlag.mjRND_SKYBOX):
+                flags[flag] = 0
+        self._renderer.update_scene(data, camera=self.camera)
+        # Flipped vertically: Meta-World's corner cameras (the useful ones) render upside down
+        # without it; the others (topview, gripperPOV, behindGripper) come out flipped instead.
+        return self._renderer.render()[::-1]
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
 class PixelObservations(gym.ObservationWrapper):
     """Appends a rendered (image_size x image_size x 3) camera frame to the state observation.
 
@@ -57,33 +90,16 @@ class PixelObservations(gym.ObservationWrapper):
         low = np.concatenate([np.full(self.state_dim, -np.inf), np.zeros(pixel_dim(image_size))]).astype(np.float32)
         high = np.concatenate([np.full(self.state_dim, np.inf), np.full(pixel_dim(image_size), 255.0)]).astype(np.float32)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
-        self._renderer = None
+        self._renderer = CameraRenderer(env.unwrapped.model, image_size, camera)
 
     def render_frame(self) -> np.ndarray:
         """(H, W, 3) uint8 from the configured camera."""
-        import mujoco
-
-        if self._renderer is None:
-            try:
-                self._renderer = mujoco.Renderer(self.env.unwrapped.model, self.image_size, self.image_size)
-            except Exception as e:  # mujoco raises FatalError / AttributeError without a GL context
-                raise ConfigError(f"MuJoCo offscreen rendering is unavailable ({type(e).__name__}: "
-                                  f"{one_line(e, 120)}); {gl_hint()}") from None
-            flags = self._renderer.scene.flags
-            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                         mujoco.mjtRndFlag.mjRND_SKYBOX):
-                flags[flag] = 0
-        self._renderer.update_scene(self.env.unwrapped.data, camera=self.camera)
-        # Flipped vertically: Meta-World's corner cameras (the useful ones) render upside down
-        # without it; the others (topview, gripperPOV, behindGripper) come out flipped instead.
-        return self._renderer.render()[::-1]
+        return self._renderer.render(self.env.unwrapped.data)
 
     def observation(self, observation):
         frame = self.render_frame().reshape(-1).astype(np.float32)
         return np.concatenate([np.asarray(observation, dtype=np.float32).reshape(-1), frame])
 
     def close(self):
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        self._renderer.close()
         super().close()

@@ -1,0 +1,79 @@
+"""Rollout videos: the first episodes an env runs, one MP4 per episode (``ncdpo evaluate --video N``).
+
+``EpisodeVideo`` sits right on the base env (below the action-chunk wrapper), so a video has one
+frame per env step, rendered after the step. Gymnasium envs render with ``render_mode="rgb_array"``
+(their own camera, e.g. the one tracking Hopper); Meta-World renders ``env.camera`` at
+``VIDEO_SIZE`` (not the policy's 64x64 input). Files are written whole (a temporary name, then a
+rename), with imageio's ffmpeg (``imageio-ffmpeg`` ships its own binary).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+
+VIDEO_SIZE = 256
+"""Side of a Meta-World video frame, in pixels."""
+
+
+class EpisodeVideo(gym.Wrapper):
+    """Records the first ``episodes`` episodes to ``out_dir/<prefix>-NNN.mp4``; ``written`` lists them."""
+
+    def __init__(self, env: gym.Env, out_dir: str, episodes: int, frame: Callable[[], np.ndarray], fps: float,
+                 prefix: str = "episode"):
+        super().__init__(env)
+        self.out_dir, self.episodes, self.frame, self.fps, self.prefix = Path(out_dir), episodes, frame, fps, prefix
+        self.written: list[Path] = []
+        self._frames: list[np.ndarray] = []
+
+    @property
+    def recording(self) -> bool:
+        return len(self.written) < self.episodes
+
+    def reset(self, **kwargs):
+        self._frames = []
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        out = self.env.step(action)
+        if self.recording:
+            self._frames.append(np.asarray(self.frame(), dtype=np.uint8))
+            if out[2] or out[3]:
+                self._write()
+        return out
+
+    def _write(self) -> None:
+        import imageio.v2 as imageio
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{self.prefix}-{len(self.written):03d}.mp4"
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mp4")
+        try:
+            imageio.mimwrite(tmp, self._frames, fps=self.fps, macro_block_size=1)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.written.append(path)
+        self._frames = []
+
+
+def video_frames(env: gym.Env, kind: str, camera: str) -> Callable[[], np.ndarray]:
+    """How to render a frame of ``env`` (made with ``render=True``), for the video."""
+    if kind == "metaworld":
+        from .pixels import CameraRenderer
+
+        renderer = CameraRenderer(env.unwrapped.model, VIDEO_SIZE, camera)
+        return lambda: renderer.render(env.unwrapped.data)
+    return env.render
+
+
+def video_fps(env: gym.Env) -> float:
+    fps = env.metadata.get("render_fps")
+    if fps:
+        return float(fps)
+    dt = getattr(env.unwrapped, "dt", None)
+    return float(1.0 / dt) if dt else 30.0

@@ -1,0 +1,57 @@
+"""``ncdpo evaluate --video N``: one playable MP4 per episode, one frame per env step, logged with
+the evaluation's MLflow run; an env that cannot render is a one-line error and writes nothing."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY, last_json, run_cli
+
+
+class NoRenderEnv(gym.Env):
+    """An env that declares no render modes."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 0.0, True, False, {}
+
+
+@pytest.mark.slow
+def test_evaluate_video_has_one_frame_per_env_step_and_is_logged(tmp_path):
+    import imageio.v3 as iio
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+    trained = run_cli(["train", tmp_path / "tiny.yaml", "--set", "env.max_episode_steps=30", "--json"], tmp_path, uri)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = last_json(trained.stdout)["checkpoint"]
+    proc = run_cli(["evaluate", ckpt, "--episodes", "3", "--video", "2", "--json"], tmp_path, uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json(proc.stdout)
+    videos = summary["videos"]
+    assert len(videos) == 2 and all("/videos/evaluate-final-seed12345/episode-" in v for v in videos)
+    for video in videos:
+        frames = iio.imread(video)  # playable: imageio reads every frame back
+        assert frames.shape[0] == 30 and frames.shape[-1] == 3 and frames.std() > 0  # 30 env steps, not blank
+    logged = [a.path for a in MlflowClient(uri["MLFLOW_TRACKING_URI"]).list_artifacts(summary["mlflow_run_id"], "videos")]
+    assert logged == ["videos/episode-000.mp4", "videos/episode-001.mp4"]
+
+
+def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_path):
+    from ncdpo_rllib.errors import ConfigError
+    from ncdpo_rllib.tasks.config import EnvConfig
+    from ncdpo_rllib.tasks.envs import env_context, make_env
+
+    gym.register("NoRender-v0", entry_point=NoRenderEnv)
+    video = {"dir": str(tmp_path / "videos"), "episodes": 1}
+    with pytest.raises(ConfigError, match="'NoRender-v0' cannot render rgb_array frames"):
+        make_env(env_context(EnvConfig(id="NoRender-v0"), video=video))
+    assert not (tmp_path / "videos").exists()
+    proc = run_cli(["evaluate", tmp_path / "nowhere", "--video", "5", "--episodes", "2"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
