@@ -55,3 +55,22 @@ def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_pa
     assert not (tmp_path / "videos").exists()
     proc = run_cli(["evaluate", tmp_path / "nowhere", "--video", "5", "--episodes", "2"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_records_every_nth_evaluation_and_logs_it_to_the_run(tmp_path):
+    """eval.every 1, eval.video_every 2 over 3 iterations: evaluations 1 and 3 are recorded."""
+    import imageio.v3 as iio
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+    proc = run_cli(["train", tmp_path / "tiny.yaml", "--set", "env.max_episode_steps=20", "--set", "stop.iterations=3",
+                    "--set", "eval.every=1", "--set", "eval.episodes=1", "--set", "eval.video_every=2", "--json"],
+                   tmp_path, uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json(proc.stdout)
+    videos = sorted((tmp_path / summary["run_dir"] / "videos").glob("eval-*.mp4"))
+    assert [v.name for v in videos] == ["eval-000000256.mp4", "eval-000000768.mp4"]  # after iterations 1 and 3
+    assert all(iio.imread(v).shape[0] == 20 for v in videos)
+    logged = [a.path for a in MlflowClient(uri["MLFLOW_TRACKING_URI"]).list_artifacts(summary["mlflow_run_id"], "videos")]
+    assert logged == ["videos/eval-000000256.mp4", "videos/eval-000000768.mp4"]

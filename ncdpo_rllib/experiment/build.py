@@ -16,7 +16,7 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ncdpo_rllib.errors import ConfigError, one_line
 from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
 from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
-from ncdpo_rllib.tasks.envs import check_env, env_context, register
+from ncdpo_rllib.tasks.envs import check_env, env_context, make_base_env, register
 
 from .config import ExperimentConfig
 
@@ -41,6 +41,8 @@ def check_experiment(exp: ExperimentConfig):
     if exp.algorithm == "dppo" and not isinstance(spaces[1], gym.spaces.Box):
         raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {spaces[1]} "
                           "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
+    if exp.eval.video_every and exp.env.kind == "gymnasium":
+        make_base_env(exp.env, render=True).close()  # an env that cannot render fails here, in one line
     with rllib_validation():
         build_algo_config(exp).validate()
     return spaces
@@ -85,7 +87,7 @@ def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
 
 def build_algo_config(
     exp: ExperimentConfig, *, record_dir: Optional[str] = None, pretrained: Optional[bool] = None,
-    video: Optional[dict] = None
+    video: Optional[dict] = None, eval_video_dir: Optional[str] = None
 ) -> AlgorithmConfig:
     """``pretrained``: the module brings its own observation normaliser, so RLlib's
     MeanStdFilter is left out (default: whether ``exp.init_from`` is set)."""
@@ -125,7 +127,9 @@ def build_algo_config(
             evaluation_num_env_runners=0,
             # One env: with a vector of N, RLlib keeps the first `episodes` to finish, i.e. the shortest.
             # Measured on a Hopper checkpoint with an early-fall mode: 275 with 8 envs vs 1079 with 1.
-            evaluation_config={"explore": False, "num_envs_per_env_runner": 1},
+            evaluation_config={"explore": False, "num_envs_per_env_runner": 1, **({"env_config": env_context(
+                exp.env, video={"dir": eval_video_dir, "episodes": 0, "every": exp.eval.video_every,
+                                "prefix": "eval"})} if exp.eval.video_every and eval_video_dir else {})},
         )
     cfg.callbacks(ChunkedEnvStepsCallback if exp.env.action_chunk > 1 else EpisodeReturnCallback)
     cfg.debugging(seed=exp.seed, log_level="ERROR")

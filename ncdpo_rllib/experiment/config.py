@@ -194,10 +194,15 @@ class EvalConfig:
     """Evaluate every N iterations (0 = never; ``ncdpo evaluate`` works on any checkpoint)."""
     episodes: int = 10
     """Episodes per evaluation."""
+    video_every: int = 0
+    """Record the first episode of every Nth evaluation as MP4 (``<run dir>/videos/eval-<env steps>.mp4``,
+    logged to the training run); 0 = never. Gymnasium envs that render rgb_array, and Meta-World."""
 
     def __post_init__(self):
-        if self.every < 0 or self.episodes < 1:
-            raise ValueError("eval: every must be >= 0 and episodes >= 1")
+        if self.every < 0 or self.episodes < 1 or self.video_every < 0:
+            raise ValueError("eval: every and video_every must be >= 0 and episodes >= 1")
+        if self.video_every and not self.every:
+            raise ValueError("eval.video_every records evaluations: set eval.every too")
 
 
 @dataclass

@@ -85,9 +85,19 @@ def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) 
         )
 
 
-def _build_algo(exp: ExperimentConfig, record_dir: Optional[Path] = None):
+def _build_algo(exp: ExperimentConfig, record_dir: Optional[Path] = None, eval_video_dir: Optional[Path] = None):
     with rllib_validation():
-        return build_algo_config(exp, record_dir=record_dir).build_algo()
+        return build_algo_config(exp, record_dir=record_dir,
+                                 eval_video_dir=str(eval_video_dir) if eval_video_dir else None).build_algo()
+
+
+def _log_evaluation_videos(tracker: Tracker, staging: Path, run_dir: Path, env_steps: int) -> None:
+    """``eval.video_every``: move this iteration's evaluation video to videos/eval-<env steps>.mp4 and
+    log it to the training run."""
+    for video in sorted(staging.glob("eval-*.mp4")):
+        dest = run_dir / "videos" / f"eval-{env_steps:09d}.mp4"
+        video.replace(dest)
+        tracker.log_artifact(dest, "videos")
 
 
 def _start_from_pretrained(algo, state: dict) -> None:
@@ -199,7 +209,11 @@ def train(
 
     init_ray()
     exp = _fit_gpus(exp, log)
-    algo = _build_algo(exp, run_dir / "rollouts" if record_rollouts else None)
+    video_staging = run_dir / "videos" / ".staging"
+    if exp.eval.video_every:
+        video_staging.mkdir(parents=True, exist_ok=True)
+    algo = _build_algo(exp, run_dir / "rollouts" if record_rollouts else None,
+                       video_staging if exp.eval.video_every else None)
     tracker, status, final = None, "FAILED", None
     try:
         if ckpt_path is not None:
@@ -270,6 +284,8 @@ def train(
                 log(f"env runner failure: restarted ({restarts} restart(s) so far, "
                     f"{int(metrics.get('env_runners_healthy') or 0)} healthy); training goes on")
                 seen_restarts = restarts
+            if exp.eval.video_every:
+                _log_evaluation_videos(tracker, video_staging, run_dir, state.env_steps)
             if on_iteration is not None:
                 on_iteration(state, metrics)
             if exp.checkpoint.every and state.iteration % exp.checkpoint.every == 0 and not _done(exp, state):

@@ -84,12 +84,26 @@ def sync_local_eval_connectors(algorithm) -> None:
     group.local_env_runner.set_state(source.get_state(components=components))
 
 
+def arm_evaluation_video(algorithm, evaluations: int) -> None:
+    """``eval.video_every``: before every Nth evaluation (the 1st, N+1th, ...), arm the local
+    evaluation runner's video recorder for one episode."""
+    from ncdpo_rllib.tasks.envs import VIDEO
+    from ncdpo_rllib.tasks.video import arm_recorders
+
+    video = (algorithm.evaluation_config.env_config or {}).get(VIDEO) if algorithm.evaluation_config else None
+    runner = algorithm.eval_env_runner
+    if video and video.get("every") and runner is not None and (evaluations - 1) % video["every"] == 0:
+        arm_recorders(runner.env)
+
+
 class EpisodeReturnCallback(RLlibCallback):
     def on_algorithm_init(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
         per_iteration_timers(metrics_logger if metrics_logger is not None else algorithm.metrics)
 
     def on_evaluate_start(self, *, algorithm, metrics_logger=None, **kwargs) -> None:
         sync_local_eval_connectors(algorithm)
+        self.evaluations = getattr(self, "evaluations", 0) + 1
+        arm_evaluation_video(algorithm, self.evaluations)
 
     def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None:
