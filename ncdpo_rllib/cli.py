@@ -7,9 +7,12 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import re
 import sys
+import threading
 import warnings
 
 
@@ -24,6 +27,46 @@ def _quiet() -> None:
     # RLModuleConfig one every module construction logs) have a logger of their own.
     for name in ("ray", "ray.rllib", "ray._common.deprecation", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+NATIVE_NOISE = (
+    # Ray's C++ core worker, for every EnvRunner actor RLlib creates with restarts enabled (its
+    # config travels through the object store); harmless here, and it reads like an error.
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
+)
+
+
+def _filter_native_stderr() -> None:
+    """Drop ``NATIVE_NOISE`` lines from file descriptor 2, where Ray's C++ code writes directly
+    (Python's logging never sees them); everything else passes through unchanged, line by line.
+    ``--verbose`` skips this."""
+    read_end, write_end = os.pipe()
+    terminal = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            kept = b"".join(line + b"\n" for line in lines if not any(p.search(line) for p in NATIVE_NOISE))
+            if kept:
+                os.write(terminal, kept)
+        if pending:
+            os.write(terminal, pending)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(terminal, 2)  # this process's stderr is the terminal again; the pipe drains
+        thread.join(timeout=1.0)
+
+    atexit.register(restore)
 
 
 def _report(args: argparse.Namespace, message: str, summary: dict) -> int:
@@ -198,6 +241,11 @@ def _config_command(sub, name: str, func, help: str, config_help: str) -> argpar
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ncdpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true",
+                         help="show Ray's and RLlib's own log output (start-up notes, warnings) as well")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda name, **kwargs: add_parser(name, parents=[verbose], **kwargs)  # every verb takes --verbose
 
     t = sub.add_parser("train", help="train NCDPO (or the MLP+PPO baseline) from a YAML experiment file")
     t.add_argument("config", nargs="*", help="experiment YAML; several are merged in order, later ones on top "
@@ -282,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet()
+    if not args.verbose:
+        _quiet()
+        _filter_native_stderr()
     from ncdpo_rllib.errors import UserError
 
     try:

@@ -208,3 +208,18 @@ def test_progress_line_shows_success_evaluation_and_kl_stops_when_reported():
                              "learner/b/kl_stop_fraction": 1.0}, 800.0, 10.0)
     assert "| success 0.25 | eval 30.00, success 0.90 | KL-stopped  75% |" in line
     assert "return       n/a" in _progress(state, {}, 0.0, 1.0)
+
+
+def test_ray_start_up_noise_is_filtered_from_stderr_and_everything_else_passes():
+    """Ray's C++ code writes to file descriptor 2 directly; the CLI's filter drops its known noise
+    line and passes every other line, in order, including the last one without a newline."""
+    import subprocess
+    import sys
+
+    noise = (b"[2026-12-02 17:27:53,607 E 19007 19007] core_worker.cc:2465: Actor with class name: "
+             b"'SingleAgentEnvRunner' and ID: 'ab' has constructor arguments in the object store and max_restarts > 0.")
+    script = ("import os, sys\nfrom ncdpo_rllib.cli import _filter_native_stderr\n_filter_native_stderr()\n"
+              f"os.write(2, b'first\\n' + {noise!r} + b'\\nsecond\\n')\nprint('third', file=sys.stderr)\n"
+              "sys.stderr.write('last, no newline')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "first\nsecond\nthird\nlast, no newline", proc.stderr
