@@ -5,7 +5,8 @@
 Per K, in its own process (torch on 1 thread):
 - inference latency: ``forward_inference`` on one observation (what a deployed policy pays
   per action), and ``forward_exploration`` on a batch of 8 (one rollout step of 8 envs);
-  median and p95 over 300 calls after a warm-up;
+  median and p95 over 300 calls after a warm-up; the same deterministic action from the file
+  ``ncdpo export`` writes (TorchScript and ONNX, batch 1, through ``load_policy``, noise drawn);
 - learner: ms per 128-sample minibatch update (one epoch over a sampled batch), the tensors
   autograd saves for the backward pass per minibatch, and the process's peak RSS (on a GPU,
   ``torch.cuda.max_memory_allocated`` too).
@@ -56,6 +57,7 @@ def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dic
         eight = {Columns.OBS: torch.zeros(8, obs_dim)}
         infer = _latency_ms(lambda: module.forward_inference(one))
         explore = _latency_ms(lambda: module.forward_exploration(eight))
+    exported = {} if checkpointing else exported_latency(module, runner, chunk)
     episodes = runner.sample(num_timesteps=BATCH)
     steps = sum(len(e) for e in episodes)
     update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=400))
@@ -66,9 +68,34 @@ def measure(env_id: str, k: int, hidden, chunk: int, checkpointing: bool) -> dic
         "update_ms_per_minibatch": 1000 * update_s / minibatches,
         "saved_mb_per_minibatch": saved_bytes / minibatches / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **exported,
     }
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def exported_latency(module, runner, chunk: int) -> dict:
+    """Median / p95 ms of one action from the exported file (TorchScript, ONNX), batch 1."""
+    import tempfile
+
+    import torch
+
+    from ncdpo_rllib import load_policy
+    from ncdpo_rllib.experiment.export import ExportedPolicy, write_onnx, write_torchscript
+
+    policy = ExportedPolicy(module, obs_filter=None, action_space=runner.env.single_action_space,
+                            normalize_actions=True, clip_actions=False, chunk=chunk)
+    shape = runner.env.single_observation_space.shape
+    meta = {"obs_shape": list(shape), "noise_shape": list(module.actor.noise_shape)}
+    obs, noise = torch.zeros(2, *shape), torch.randn(2, *meta["noise_shape"])
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for name, write, suffix in (("torchscript", write_torchscript, ".pt"), ("onnx", write_onnx, ".onnx")):
+            path = Path(tmp) / f"policy{suffix}"
+            write(policy, obs, noise, meta, path)
+            loaded, one = load_policy(path), np.zeros(shape, np.float32)
+            out[f"export_{name}_ms"], out[f"export_{name}_p95_ms"] = _latency_ms(lambda: loaded(one))
     return out
 
 
@@ -113,12 +140,15 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[f"{k}:ckpt" if ckpt else f"{k}"] = r
-            rows.append([k, "on" if ckpt else "off", f"{r['inference_ms']:.2f} ({r['inference_p95_ms']:.2f})",
+            exported = (f"{r['export_torchscript_ms']:.2f} ({r['export_torchscript_p95_ms']:.2f})",
+                        f"{r['export_onnx_ms']:.2f} ({r['export_onnx_p95_ms']:.2f})") if not ckpt else ("-", "-")
+            rows.append([k, "on" if ckpt else "off", f"{r['inference_ms']:.2f} ({r['inference_p95_ms']:.2f})", *exported,
                          f"{r['explore8_ms']:.2f}", f"{r['update_ms_per_minibatch']:.1f}",
                          f"{r['saved_mb_per_minibatch']:.2f}", f"{r['peak_rss_mb']:.0f}"])
             print(rows[-1], flush=True)
     run_id = log_to_mlflow(args.experiment or f"profile-{args.env}", args, results)
-    table = markdown_table(["K", "grad checkpointing", "inference ms, 1 obs: median (p95)", "exploration ms, 8 obs",
+    table = markdown_table(["K", "grad checkpointing", "inference ms, 1 obs: median (p95)",
+                            "exported TorchScript ms, 1 obs", "exported ONNX ms, 1 obs", "exploration ms, 8 obs",
                             "learner ms / minibatch", "saved for backward MB / minibatch", "peak RSS MB"], rows)
     print(table)
     arch = f"denoiser {args.hidden or 'default'}, action chunk Ta={args.action_chunk}"

@@ -160,19 +160,19 @@ def export(checkpoint: str, fmt: Literal["torchscript", "onnx"], out: str) -> di
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
         with torch.no_grad():
-            (_torchscript if fmt == "torchscript" else _onnx)(policy, obs, noise, metadata, tmp)
+            (write_torchscript if fmt == "torchscript" else write_onnx)(policy, obs, noise, metadata, tmp)
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return {"file": str(out_path), "format": fmt, "bytes": out_path.stat().st_size, **metadata}
 
 
-def _torchscript(policy: ExportedPolicy, obs, noise, metadata: dict, path: Path) -> None:
+def write_torchscript(policy: ExportedPolicy, obs, noise, metadata: dict, path: Path) -> None:
     traced = torch.jit.trace(policy, (obs, noise), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={METADATA_KEY: json.dumps(metadata)})
 
 
-def _onnx(policy: ExportedPolicy, obs, noise, metadata: dict, path: Path) -> None:
+def write_onnx(policy: ExportedPolicy, obs, noise, metadata: dict, path: Path) -> None:
     import logging
 
     import onnx
