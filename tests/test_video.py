@@ -1,6 +1,8 @@
 """``ncdpo evaluate --video N``: one playable MP4 per episode, one frame per env step, logged with
 the evaluation's MLflow run; an env that cannot render is a one-line error and writes nothing."""
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -23,23 +25,34 @@ class NoRenderEnv(gym.Env):
 
 
 @pytest.mark.slow
-def test_evaluate_video_has_one_frame_per_env_step_and_is_logged(tmp_path):
+def test_training_and_evaluate_record_videos_with_one_frame_per_env_step_logged_to_mlflow(tmp_path):
+    """Training with eval.every 1 and eval.video_every 2 over 3 iterations records evaluations 1 and
+    3; then ``evaluate --video 2`` on the checkpoint records its first 2 of 3 episodes. Each file is
+    playable (imageio reads every frame back), has one frame per env step (20-step episodes) and is
+    logged to its MLflow run."""
     import imageio.v3 as iio
 
     (tmp_path / "tiny.yaml").write_text(TINY)
     uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
-    trained = run_cli(["train", tmp_path / "tiny.yaml", "--set", "env.max_episode_steps=30", "--json"], tmp_path, uri)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    ckpt = last_json(trained.stdout)["checkpoint"]
-    proc = run_cli(["evaluate", ckpt, "--episodes", "3", "--video", "2", "--json"], tmp_path, uri)
+    client = MlflowClient(uri["MLFLOW_TRACKING_URI"])
+    proc = run_cli(["train", tmp_path / "tiny.yaml", "--set", "env.max_episode_steps=20", "--set", "stop.iterations=3",
+                    "--set", "eval.every=1", "--set", "eval.episodes=1", "--set", "eval.video_every=2", "--json"],
+                   tmp_path, uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = last_json(proc.stdout)
-    videos = summary["videos"]
-    assert len(videos) == 2 and all("/videos/evaluate-final-seed12345/episode-" in v for v in videos)
-    for video in videos:
-        frames = iio.imread(video)  # playable: imageio reads every frame back
-        assert frames.shape[0] == 30 and frames.shape[-1] == 3 and frames.std() > 0  # 30 env steps, not blank
-    logged = [a.path for a in MlflowClient(uri["MLFLOW_TRACKING_URI"]).list_artifacts(summary["mlflow_run_id"], "videos")]
+    videos = sorted((tmp_path / summary["run_dir"] / "videos").glob("eval-*.mp4"))
+    assert [v.name for v in videos] == ["eval-000000256.mp4", "eval-000000768.mp4"]  # after iterations 1 and 3
+    logged = [a.path for a in client.list_artifacts(summary["mlflow_run_id"], "videos")]
+    assert logged == ["videos/eval-000000256.mp4", "videos/eval-000000768.mp4"]
+
+    evaluated = run_cli(["evaluate", summary["checkpoint"], "--episodes", "3", "--video", "2", "--json"], tmp_path, uri)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    ev = last_json(evaluated.stdout)
+    assert len(ev["videos"]) == 2 and all("/videos/evaluate-final-seed12345/episode-" in v for v in ev["videos"])
+    for video in [*videos, *map(Path, ev["videos"])]:
+        frames = iio.imread(video)
+        assert frames.shape[0] == 20 and frames.shape[-1] == 3 and frames.std() > 0  # 20 env steps, not blank
+    logged = [a.path for a in client.list_artifacts(ev["mlflow_run_id"], "videos")]
     assert logged == ["videos/episode-000.mp4", "videos/episode-001.mp4"]
 
 
@@ -55,22 +68,3 @@ def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_pa
     assert not (tmp_path / "videos").exists()
     proc = run_cli(["evaluate", tmp_path / "nowhere", "--video", "5", "--episodes", "2"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-
-
-@pytest.mark.slow
-def test_training_records_every_nth_evaluation_and_logs_it_to_the_run(tmp_path):
-    """eval.every 1, eval.video_every 2 over 3 iterations: evaluations 1 and 3 are recorded."""
-    import imageio.v3 as iio
-
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
-    proc = run_cli(["train", tmp_path / "tiny.yaml", "--set", "env.max_episode_steps=20", "--set", "stop.iterations=3",
-                    "--set", "eval.every=1", "--set", "eval.episodes=1", "--set", "eval.video_every=2", "--json"],
-                   tmp_path, uri)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = last_json(proc.stdout)
-    videos = sorted((tmp_path / summary["run_dir"] / "videos").glob("eval-*.mp4"))
-    assert [v.name for v in videos] == ["eval-000000256.mp4", "eval-000000768.mp4"]  # after iterations 1 and 3
-    assert all(iio.imread(v).shape[0] == 20 for v in videos)
-    logged = [a.path for a in MlflowClient(uri["MLFLOW_TRACKING_URI"]).list_artifacts(summary["mlflow_run_id"], "videos")]
-    assert logged == ["videos/eval-000000256.mp4", "videos/eval-000000768.mp4"]
