@@ -176,3 +176,52 @@ def test_bad_export_arguments_are_one_line_errors_and_write_nothing(tmp_path):
         load_policy(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="observation shape"):
         load_policy(tmp_path / "p.pt")(np.zeros(3))
+
+
+@pytest.mark.slow
+def test_multi_agent_export_writes_one_file_per_agent_with_its_own_filter(tmp_path):
+    """simple_spread: one shared policy, a centralised critic (the actor reads its own observation, the
+    first entries of [own, global state, alive bits]) and a MeanStdFilter per agent: each agent's
+    file takes the agent's own observation and matches RLlib's filter + module on the full vector."""
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.utils.filter import MeanStdFilter, RunningStat
+
+    from ncdpo_rllib.experiment.export import export, policy_runner
+
+    config = Path(__file__).parent.parent / "configs" / "spread_ncdpo.yaml"
+    tiny = ["--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=200",
+            "--set", "ppo.minibatch_size=100", "--set", "ppo.num_epochs=1", "--set", "resources.envs_per_runner=2",
+            "--set", "diffusion.denoising_steps=3"]
+    trained = run_cli(["train", config, *tiny, "--json"], tmp_path,
+                      {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = tmp_path / last_json(trained.stdout)["checkpoint"]
+    summary = export(str(ckpt), "onnx", str(tmp_path / "spread.onnx"))
+    assert summary["agents"] == {a: {"file": str(tmp_path / f"spread-{a}.onnx"), "policy": "shared"}
+                                 for a in ("agent_0", "agent_1")}
+    runner, _, _ = policy_runner(str(ckpt))
+    try:
+        state = runner.get_state(components="env_to_module_connector")["env_to_module_connector"]
+        filters = next(v for k, v in state.items() if "MeanStdFilter" in k)
+        module = runner.module["shared"]
+        full_dim = module.observation_space.shape[0]
+        rng = np.random.default_rng(0)
+        for agent, entry in summary["agents"].items():
+            policy = load_policy(entry["file"])
+            own = rng.normal(size=(4, *policy.metadata["obs_shape"])).astype(np.float32)
+            full = np.zeros((4, full_dim), np.float32)
+            full[:, : own.shape[1]] = own
+            s = filters[agent]
+            f = MeanStdFilter(tuple(s["shape"]), demean=s["de_mean_to_zero"], destd=s["de_std_to_one"],
+                              clip=s["clip_by_value"])
+            f.running_stats = RunningStat.from_state(s["running_stats"][0])
+            torch.manual_seed(3)
+            out = module.forward_inference({Columns.OBS: torch.as_tensor(f(full, update=False))})
+            expected = module.get_inference_action_dist_cls().from_logits(
+                out[Columns.ACTION_DIST_INPUTS]).to_deterministic().sample().numpy()
+            torch.manual_seed(3)
+            noise = module.actor.sample_noise(4).numpy()
+            np.testing.assert_array_equal(policy(own, noise=noise), expected, err_msg=agent)
+            assert not np.allclose(f.running_stats.mean[: own.shape[1]], 0)  # the agent's own statistics were used
+    finally:
+        runner.stop()

@@ -36,13 +36,15 @@ class ExportedPolicy(nn.Module):
         super().__init__()
         self.actor = copy.deepcopy(module.actor).eval().requires_grad_(False)
         self.discrete = bool(module.discrete)
-        self.actor_obs_dim = int(module.actor_obs_dim)
-        self.register_buffer("obs_shift", module.obs_shift.detach().clone())
-        self.register_buffer("obs_scale", module.obs_scale.detach().clone())
+        # The actor reads the first actor_obs_dim entries (its own observation, before a centralised
+        # critic's global state): the file takes just those, and every per-entry statistic is cut to them.
+        d = self.actor_obs_dim = int(module.actor_obs_dim)
+        self.register_buffer("obs_shift", module.obs_shift.detach().clone()[:d])
+        self.register_buffer("obs_scale", module.obs_scale.detach().clone()[:d])
         self.filtered = obs_filter is not None
         f = obs_filter or {"mean": np.zeros(1), "std": np.ones(1), "demean": False, "destd": False, "clip": 0.0}
-        self.register_buffer("filter_mean", torch.as_tensor(np.asarray(f["mean"], np.float32).reshape(-1)))
-        self.register_buffer("filter_std", torch.as_tensor(np.asarray(f["std"], np.float32).reshape(-1)))
+        self.register_buffer("filter_mean", torch.as_tensor(np.asarray(f["mean"], np.float32).reshape(-1)[:d]))
+        self.register_buffer("filter_std", torch.as_tensor(np.asarray(f["std"], np.float32).reshape(-1)[:d]))
         self.demean, self.destd, self.clip = bool(f["demean"]), bool(f["destd"]), float(f["clip"] or 0.0)
         self.chunk = chunk
         low = np.asarray(getattr(action_space, "low", np.zeros(1)), np.float32)
@@ -54,7 +56,7 @@ class ExportedPolicy(nn.Module):
         self.register_buffer("high", torch.as_tensor(high.reshape(-1)))
 
     def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        x = obs.reshape(obs.shape[0], -1).float()
+        x = obs.reshape(obs.shape[0], -1).float()[:, : self.actor_obs_dim]
         if self.filtered:
             if self.demean:
                 x = x - self.filter_mean
@@ -62,7 +64,7 @@ class ExportedPolicy(nn.Module):
                 x = x / (self.filter_std + 1e-6)  # RLlib's SMALL_NUMBER
             if self.clip:
                 x = x.clamp(-self.clip, self.clip)
-        x = ((x - self.obs_shift) / self.obs_scale)[:, : self.actor_obs_dim]
+        x = (x - self.obs_shift) / self.obs_scale
         if self.discrete:
             return self.actor(x, noise, evaluation=True).argmax(-1)
         action = self.actor(x, noise, evaluation=True)[0]
@@ -73,23 +75,21 @@ class ExportedPolicy(nn.Module):
         return action.reshape(action.shape[0], self.chunk, -1) if self.chunk > 1 else action
 
 
-def _filter_state(runner) -> Optional[dict]:
-    """The MeanStdFilter's statistics in the runner's env-to-module connector (None without one)."""
+def _filter_states(runner) -> dict:
+    """The MeanStdFilter's statistics in the runner's env-to-module connector, per agent (None: the
+    single agent); empty without a filter."""
     from ray.rllib.utils.filter import RunningStat
 
     state = runner.get_state(components="env_to_module_connector").get("env_to_module_connector", {})
     filters = [v for k, v in state.items() if "MeanStdFilter" in k]
-    if not filters:
-        return None
-    agents = filters[0]
-    if len(agents) != 1:
-        raise ConfigError("export: one observation filter per agent; multi-agent export is not supported yet")
-    s = next(iter(agents.values()))
-    stats = [RunningStat.from_state(r) for r in s["running_stats"]]
-    if len(stats) != 1:
-        raise ConfigError("export: a dict/tuple observation space is not supported")
-    return {"mean": stats[0].mean, "std": stats[0].std, "demean": s["de_mean_to_zero"],
-            "destd": s["de_std_to_one"], "clip": s["clip_by_value"]}
+    out = {}
+    for agent, s in (filters[0] if filters else {}).items():
+        stats = [RunningStat.from_state(r) for r in s["running_stats"]]
+        if len(stats) != 1:
+            raise ConfigError("export: a dict/tuple observation space is not supported")
+        out[agent] = {"mean": stats[0].mean, "std": stats[0].std, "demean": s["de_mean_to_zero"],
+                      "destd": s["de_std_to_one"], "clip": s["clip_by_value"]}
+    return out
 
 
 def policy_runner(checkpoint: str):
@@ -113,30 +113,36 @@ def _eager(exp):
     return dataclasses.replace(exp, diffusion=dataclasses.replace(exp.diffusion, compile=None))
 
 
-def build_exported(runner, exp) -> tuple[ExportedPolicy, dict]:
-    """The ExportedPolicy of a single-agent runner, and its metadata."""
+def build_exported(runner, exp) -> list[tuple]:
+    """(agent, ExportedPolicy, metadata) per file: one for a single-agent run (agent None), one per
+    agent for a PettingZoo run (its policy's weights with that agent's observation filter)."""
     from ncdpo_rllib.rl import DiffusionPolicyModule
 
-    module = runner.module
+    config, filters = runner.config, _filter_states(runner)
+    base = {"format_version": 1, "env": exp.env.id, "env_kind": exp.env.kind, "algorithm": exp.algorithm,
+            "action_chunk": exp.env.action_chunk, "obs_history": exp.env.obs_history, "observation": exp.env.observation,
+            "inference_noise": exp.diffusion.inference_noise, "denoising_steps": exp.diffusion.denoising_steps}
     if exp.env.kind == "pettingzoo":
-        raise ConfigError("export: multi-agent checkpoints are not supported yet; export a single-agent run")
-    if not isinstance(module, DiffusionPolicyModule):
-        raise ConfigError(f"export: the checkpoint's policy is {type(module).__name__} (algorithm: {exp.algorithm}); "
-                          "only diffusion policies (ncdpo, dppo, pretrain) export")
-    config = runner.config
-    space = runner.env.single_action_space
-    policy = ExportedPolicy(module, obs_filter=_filter_state(runner), action_space=space,
-                            normalize_actions=bool(config.normalize_actions), clip_actions=bool(config.clip_actions),
-                            chunk=exp.env.action_chunk)
-    obs_space = runner.env.single_observation_space
-    metadata = {
-        "format_version": 1, "env": exp.env.id, "env_kind": exp.env.kind, "algorithm": exp.algorithm,
-        "obs_shape": list(obs_space.shape), "noise_shape": list(module.actor.noise_shape),
-        "discrete": policy.discrete, "action_chunk": exp.env.action_chunk, "obs_history": exp.env.obs_history,
-        "observation": exp.env.observation, "inference_noise": exp.diffusion.inference_noise,
-        "denoising_steps": exp.diffusion.denoising_steps,
-    }
-    return policy, metadata
+        from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
+
+        spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
+        mapping = policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
+        parts = [(agent, runner.module[pid], spaces.observation[agent], spaces.action[agent], {"policy": pid})
+                 for agent, pid in mapping.items()]
+    else:
+        parts = [(None, runner.module, runner.env.single_observation_space, runner.env.single_action_space, {})]
+    out = []
+    for agent, module, obs_space, act_space, extra in parts:
+        if not isinstance(module, DiffusionPolicyModule):
+            raise ConfigError(f"export: the checkpoint's policy is {type(module).__name__} (algorithm: "
+                              f"{exp.algorithm}); only diffusion policies (ncdpo, dppo, pretrain) export")
+        policy = ExportedPolicy(module, obs_filter=filters.get(agent), action_space=act_space,
+                                normalize_actions=bool(config.normalize_actions), clip_actions=bool(config.clip_actions),
+                                chunk=exp.env.action_chunk)
+        meta = {**base, **extra, **({"agent": agent} if agent is not None else {}), "obs_shape": list(obs_space.shape),
+                "noise_shape": list(module.actor.noise_shape), "discrete": policy.discrete}
+        out.append((agent, policy, meta, obs_space))
+    return out
 
 
 def export(checkpoint: str, fmt: Literal["torchscript", "onnx"], out: str) -> dict:
@@ -150,21 +156,31 @@ def export(checkpoint: str, fmt: Literal["torchscript", "onnx"], out: str) -> di
         raise ConfigError(f"--out {out}: the directory {out_path.parent} does not exist")
     runner, exp, ckpt = policy_runner(checkpoint)
     try:
-        policy, metadata = build_exported(runner, exp)
-        metadata["source"] = str(ckpt)
-        obs = torch.as_tensor(np.stack([runner.env.single_observation_space.sample() for _ in range(2)]),
-                              dtype=torch.float32)
-        noise = torch.randn(2, *metadata["noise_shape"])
+        parts = build_exported(runner, exp)
     finally:
         runner.stop()
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    write = write_torchscript if fmt == "torchscript" else write_onnx
+    written, tmps = [], []
     try:
-        with torch.no_grad():
-            (write_torchscript if fmt == "torchscript" else write_onnx)(policy, obs, noise, metadata, tmp)
-        tmp.replace(out_path)
+        for agent, policy, metadata, obs_space in parts:
+            path = out_path if agent is None else out_path.with_name(f"{out_path.stem}-{agent}{out_path.suffix}")
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmps.append(tmp)
+            obs = torch.as_tensor(np.stack([obs_space.sample() for _ in range(2)]), dtype=torch.float32)
+            with torch.no_grad():
+                write(policy, obs, torch.randn(2, *metadata["noise_shape"]), {**metadata, "source": str(ckpt)}, tmp)
+            written.append((tmp, path, metadata))
+        for tmp, path, _ in written:  # all files or none
+            tmp.replace(path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return {"file": str(out_path), "format": fmt, "bytes": out_path.stat().st_size, **metadata}
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    files = [str(path) for _, path, _ in written]
+    summary = {"file": files[0], "files": files, "format": fmt, "bytes": sum(Path(f).stat().st_size for f in files),
+               **{k: v for k, v in written[0][2].items() if k not in ("agent", "policy")}}
+    if exp.env.kind == "pettingzoo":
+        summary["agents"] = {m["agent"]: {"file": str(p), "policy": m["policy"]} for _, p, m in written}
+    return summary
 
 
 def write_torchscript(policy: ExportedPolicy, obs, noise, metadata: dict, path: Path) -> None:
