@@ -107,12 +107,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.evaluate import evaluate
 
     summary = evaluate(args.checkpoint, episodes=args.episodes, seed=args.seed, track=not args.no_track,
-                       video=args.video, video_dir=args.video_dir)
+                       video=args.video, video_dir=args.video_dir, explore=args.explore)
     return _report(
         args,
         f"{summary['env']}: return {summary['return_mean']:.2f} +- {summary['return_std']:.2f} "
         + (f"success rate {summary['success_rate']:.2f} " if "success_rate" in summary else "")
-        + f"over {summary['episodes']} episodes (checkpoint {summary['checkpoint']})"
+        + f"over {summary['episodes']} episodes of the {'stochastic' if summary['explore'] else 'deterministic'} "
+        f"policy (checkpoint {summary['checkpoint']})"
         + (f"\n  videos: {', '.join(summary['videos'])}" if summary.get("videos") else ""),
         summary,
     )
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--no-track", action="store_true",
                    help="do not log an MLflow run (default: one run tagged stage=evaluate in the checkpoint's store)")
+    e.add_argument("--explore", action="store_true",
+                   help="evaluate the stochastic policy (what PPO optimises) instead of the deterministic one")
     e.add_argument("--video", type=int, default=0, metavar="N",
                    help="record the first N episodes as MP4 (logged with the evaluation's MLflow run)")
     e.add_argument("--video-dir", metavar="DIR",

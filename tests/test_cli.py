@@ -223,3 +223,19 @@ def test_ray_start_up_noise_is_filtered_from_stderr_and_everything_else_passes()
               "sys.stderr.write('last, no newline')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "first\nsecond\nthird\nlast, no newline", proc.stderr
+
+
+def test_evaluate_the_stochastic_policy_on_request():
+    """``ncdpo evaluate --explore`` / ``eval.explore``: the policy PPO optimises (final-step noise
+    included), which for NCDPO can differ a lot from the deterministic action."""
+    from ncdpo_rllib.experiment.build import build_algo_config
+    from ncdpo_rllib.experiment.config import parse_config
+    from ncdpo_rllib.experiment.evaluate import evaluate
+
+    pinned = str(Path(__file__).parent.parent / "benchmarks" / "results" / "pretrained" / "locomotion-hopper-k10")
+    det = evaluate(pinned, episodes=2, seed=1, track=False)
+    sto = evaluate(pinned, episodes=2, seed=1, track=False, explore=True)
+    assert (det["explore"], sto["explore"]) == (False, True) and det["return_mean"] != sto["return_mean"]
+    assert det == evaluate(pinned, episodes=2, seed=1, track=False)  # the same seed: the same episodes
+    exp = parse_config({"env": {"id": "Pendulum-v1"}, "eval": {"every": 1, "explore": True}})
+    assert build_algo_config(exp).evaluation_config["explore"] is True

@@ -225,3 +225,4 @@ def test_multi_agent_export_writes_one_file_per_agent_with_its_own_filter(tmp_pa
             assert not np.allclose(f.running_stats.mean[: own.shape[1]], 0)  # the agent's own statistics were used
     finally:
         runner.stop()
+

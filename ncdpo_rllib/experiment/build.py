@@ -127,7 +127,7 @@ def build_algo_config(
             evaluation_num_env_runners=0,
             # One env: with a vector of N, RLlib keeps the first `episodes` to finish, i.e. the shortest.
             # Measured on a Hopper checkpoint with an early-fall mode: 275 with 8 envs vs 1079 with 1.
-            evaluation_config={"explore": False, "num_envs_per_env_runner": 1, **({"env_config": env_context(
+            evaluation_config={"explore": exp.eval.explore, "num_envs_per_env_runner": 1, **({"env_config": env_context(
                 exp.env, video={"dir": eval_video_dir, "episodes": 0, "every": exp.eval.video_every,
                                 "prefix": "eval"})} if exp.eval.video_every and eval_video_dir else {})},
         )

@@ -194,6 +194,10 @@ class EvalConfig:
     """Evaluate every N iterations (0 = never; ``ncdpo evaluate`` works on any checkpoint)."""
     episodes: int = 10
     """Episodes per evaluation."""
+    explore: bool = False
+    """Evaluate the stochastic policy (``explore=True``: what PPO optimises; for NCDPO the final
+    Gaussian's noise too) instead of the deterministic one. NCDPO's deterministic action can be
+    far worse than its stochastic policy (Hopper, docs/benchmarks.md "locomotion")."""
     video_every: int = 0
     """Record the first episode of every Nth evaluation as MP4 (``<run dir>/videos/eval-<env steps>.mp4``,
     logged to the training run); 0 = never. Gymnasium envs that render rgb_array, and Meta-World."""

@@ -1,7 +1,7 @@
 """Evaluate a policy: a local EnvRunner with a training checkpoint's state (module weights AND
 observation filter statistics) or with a pre-trained module's state, running full episodes with
 the deterministic policy (``explore=False``). ``ncdpo evaluate`` and ``ncdpo pretrain``'s final
-evaluation both come through ``deterministic_episodes``."""
+evaluation both come through ``evaluation_episodes``."""
 
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def load_env_runner(ckpt: Path, exp, *, seed: int, record_dir=None, num_envs: in
     return runner
 
 
-def deterministic_episodes(runner, episodes: int):
+def evaluation_episodes(runner, episodes: int, explore: bool = False):
     """(finished episodes, returns, success rate or None) of ``episodes`` full episodes of the
-    deterministic policy; the runner is stopped afterwards."""
+    deterministic policy (``explore``: the stochastic one); the runner is stopped afterwards."""
     try:
-        done = runner.sample(num_episodes=episodes, explore=False, random_actions=False)
+        done = runner.sample(num_episodes=episodes, explore=explore, random_actions=False)
     finally:
         runner.stop()
     return finished_episode_stats(done, episodes)
@@ -78,18 +78,18 @@ def pretrained_env_runner(exp, module_state: dict, seed: int = 12345, video: Opt
 def evaluate_module(exp, module_state: dict, episodes: int, seed: int = 12345):
     """(returns, success rate or None) of a module state dict (a pre-trained policy) on exp's env;
     the success rate for envs reporting ``info["success"]``."""
-    _, returns, success_rate = deterministic_episodes(pretrained_env_runner(exp, module_state, seed), episodes)
+    _, returns, success_rate = evaluation_episodes(pretrained_env_runner(exp, module_state, seed), episodes)
     return returns, success_rate
 
 
 def evaluate_pretrained(checkpoint: str, *, episodes: int, seed: int, video: int = 0,
-                        video_dir: Optional[str] = None) -> tuple[dict, object, dict]:
+                        video_dir: Optional[str] = None, explore: bool = False) -> tuple[dict, object, dict]:
     ckpt, exp, meta = load_pretrained_meta(checkpoint)
     check_experiment(exp)
     spec = _video_spec(video, video_dir, ckpt / "videos" / f"evaluate-seed{seed}")
     runner = pretrained_env_runner(exp, load_module_state(ckpt), seed, video=spec)
-    _, returns, success_rate = deterministic_episodes(runner, episodes)
-    summary = _summary(exp, ckpt, returns, trained_env_steps=0)
+    _, returns, success_rate = evaluation_episodes(runner, episodes, explore)
+    summary = _summary(exp, ckpt, returns, trained_env_steps=0) | {"explore": explore}
     if success_rate is not None:
         summary["success_rate"] = success_rate
     if spec:
@@ -130,7 +130,8 @@ def _summary(exp, ckpt, returns: np.ndarray, trained_env_steps: int) -> dict:
 
 def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
     """One MLflow run per evaluation (stage: evaluate) in the checkpoint's experiment and store."""
-    tags = {"stage": "evaluate", "checkpoint": summary["checkpoint"], "eval_seed": str(seed)}
+    tags = {"stage": "evaluate", "checkpoint": summary["checkpoint"], "eval_seed": str(seed),
+            "policy": "stochastic" if summary.get("explore") else "deterministic"}
     if source_run_id:
         tags["source_run_id"] = source_run_id
     tracker = Tracker(exp, uri=uri, tags=tags)
@@ -150,11 +151,12 @@ def _track(exp, summary: dict, *, seed: int, source_run_id, uri) -> str | None:
 
 
 def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: bool = True, video: int = 0,
-             video_dir: Optional[str] = None) -> dict:
+             video_dir: Optional[str] = None, explore: bool = False) -> dict:
     """A training checkpoint (or run dir), or a pre-trained one (``ncdpo pretrain`` output).
 
     ``track``: log the result as its own MLflow run (tag ``stage: evaluate``) in the store and
     experiment the checkpoint was trained with (unless its config disabled tracking).
+    ``explore``: the stochastic policy instead of the deterministic one.
     ``video``: record the first N episodes as MP4 in ``video_dir`` (default: the run directory's
     ``videos/evaluate-<checkpoint>-seed<seed>/``), logged with the MLflow run."""
     if episodes < 1:
@@ -163,15 +165,15 @@ def evaluate(checkpoint: str, *, episodes: int = 10, seed: int = 12345, track: b
         raise CheckpointError(f"--video {video} > --episodes {episodes}: record at most the episodes evaluated")
     if is_pretrained(checkpoint):
         summary, exp, meta = evaluate_pretrained(checkpoint, episodes=episodes, seed=seed, video=video,
-                                                 video_dir=video_dir)
+                                                 video_dir=video_dir, explore=explore)
         source, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
     else:
         ckpt, exp, state = load_checkpoint_meta(checkpoint)
         check_experiment(exp)
         spec = _video_spec(video, video_dir, ckpt.parent.parent / "videos" / f"evaluate-{ckpt.name}-seed{seed}")
         runner = load_env_runner(ckpt, exp, seed=seed, video=spec)
-        finished, returns, success_rate = deterministic_episodes(runner, episodes)
-        summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps)
+        finished, returns, success_rate = evaluation_episodes(runner, episodes, explore)
+        summary = _summary(exp, ckpt, returns, trained_env_steps=state.env_steps) | {"explore": explore}
         if spec:
             summary["videos"] = _videos(spec)
         if success_rate is not None:  # Meta-World: share of episodes that succeeded
