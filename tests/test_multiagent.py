@@ -223,10 +223,14 @@ def test_each_multi_agent_config_trains_through_the_cli(tmp_path, config, extra)
         assert any(k.startswith("agent_return_mean/") for k in metrics)
         assert {f"policy_return_mean/{p}" for p in policies} <= set(metrics)
     if config == "spread_ncdpo.yaml" and not extra:
-        ev = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--json"], tmp_path,
+        ev = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--video", "1", "--json"], tmp_path,
                      {"MLFLOW_TRACKING_URI": uri})
         assert ev.returncode == 0, ev.stderr[-3000:]
         evaluated = last_json(ev.stdout)
+        import imageio.v3 as iio
+
+        frames = iio.imread(evaluated["videos"][0])  # MPE renders: one frame per env step of the 25-cycle episode
+        assert len(evaluated["videos"]) == 1 and frames.shape[0] == 25 and frames.std() > 0
         assert evaluated["episodes"] == 2 and set(evaluated["agent_return_mean"]) == {"agent_0", "agent_1"}
         assert "eval/agent_return_mean/agent_0" in MlflowClient(uri).get_run(evaluated["mlflow_run_id"]).data.metrics
         resumed = run_cli(["train", "--resume", summary["run_dir"], "--set", "stop.iterations=3", "--json"], tmp_path,

@@ -105,11 +105,9 @@ def make_env(env_config: Union[EnvConfig, Mapping]):
     one frame per policy step instead of one per env step (Ta times fewer renders)."""
     cfg, extras = as_env_config(env_config)
     if cfg.kind == "pettingzoo":
-        if VIDEO in extras:
-            raise ConfigError("--video: recording PettingZoo envs is not supported yet")
         from .multiagent import make_multi_agent_env
 
-        return make_multi_agent_env(cfg)
+        return make_multi_agent_env(cfg, video=extras.get(VIDEO))
     pixels_on_top = cfg.pixels and cfg.obs_history == 1
     video = extras.get(VIDEO)
     env = make_base_env(cfg, pixels=not pixels_on_top, render=bool(video) and cfg.kind == "gymnasium")

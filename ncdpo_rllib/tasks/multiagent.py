@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import gymnasium as gym
 
@@ -57,11 +58,21 @@ def make_parallel_env(env_id: str, kwargs: dict):
     return aec_to_parallel(env)
 
 
-def make_multi_agent_env(env: EnvConfig):
-    """The PettingZoo env wrapped for RLlib (``make_env`` calls this for ``env.kind: pettingzoo``)."""
+def make_multi_agent_env(env: EnvConfig, video: Optional[dict] = None):
+    """The PettingZoo env wrapped for RLlib (``make_env`` calls this for ``env.kind: pettingzoo``);
+    ``video``: record its first episodes (``tasks.video``), rendering with ``render_mode="rgb_array"``."""
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
 
-    return ParallelPettingZooEnv(make_parallel_env(env.id, env.kwargs))
+    if not video:
+        return ParallelPettingZooEnv(make_parallel_env(env.id, env.kwargs))
+    from .video import parallel_episode_video
+
+    par = make_parallel_env(env.id, {**env.kwargs, "render_mode": "rgb_array"})
+    if "rgb_array" not in (par.metadata.get("render_modes") or []):
+        par.close()
+        raise ConfigError(f"env {env.id!r} cannot render rgb_array frames, so it cannot be recorded; drop --video")
+    return ParallelPettingZooEnv(parallel_episode_video(par, video["dir"], int(video["episodes"]),
+                                                        video.get("prefix", "episode")))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Rollout videos: the first episodes an env runs, one MP4 per episode (``ncdpo evaluate --video N``).
 
+PettingZoo envs (MPE and others that render ``rgb_array``) are recorded at the parallel-env level,
+one frame per env step, before RLlib's wrapper.
+
 ``EpisodeVideo`` sits right on the base env (below the action-chunk wrapper), so a video has one
 frame per env step, rendered after the step. Gymnasium envs render with ``render_mode="rgb_array"``
 (their own camera, e.g. the one tracking Hopper); Meta-World renders ``env.camera`` at
@@ -20,15 +23,14 @@ VIDEO_SIZE = 256
 """Side of a Meta-World video frame, in pixels."""
 
 
-class EpisodeVideo(gym.Wrapper):
-    """Records the first ``episodes`` episodes to ``out_dir/<prefix>-NNN.mp4``; ``written`` lists them."""
+class VideoWriter:
+    """Frames of the current episode, written to ``out_dir/<prefix>-NNN.mp4`` when it ends, for the
+    first ``episodes`` episodes; ``written`` lists the files."""
 
-    def __init__(self, env: gym.Env, out_dir: str, episodes: int, frame: Callable[[], np.ndarray], fps: float,
-                 prefix: str = "episode"):
-        super().__init__(env)
-        self.out_dir, self.episodes, self.frame, self.fps, self.prefix = Path(out_dir), episodes, frame, fps, prefix
+    def __init__(self, out_dir: str, episodes: int, fps: float, prefix: str = "episode"):
+        self.out_dir, self.episodes, self.fps, self.prefix = Path(out_dir), episodes, fps, prefix
         self.written: list[Path] = []
-        self._frames: list[np.ndarray] = []
+        self.frames: list[np.ndarray] = []
 
     @property
     def recording(self) -> bool:
@@ -38,17 +40,12 @@ class EpisodeVideo(gym.Wrapper):
         """Record the next ``episodes`` episodes that start (training-time evaluation videos)."""
         self.episodes = len(self.written) + episodes
 
-    def reset(self, **kwargs):
-        self._frames = []
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        out = self.env.step(action)
-        if self.recording:
-            self._frames.append(np.asarray(self.frame(), dtype=np.uint8))
-            if out[2] or out[3]:
-                self._write()
-        return out
+    def add(self, frame, episode_over: bool) -> None:
+        if not self.recording:
+            return
+        self.frames.append(np.asarray(frame, dtype=np.uint8))
+        if episode_over:
+            self._write()
 
     def _write(self) -> None:
         import imageio.v2 as imageio
@@ -57,12 +54,56 @@ class EpisodeVideo(gym.Wrapper):
         path = self.out_dir / f"{self.prefix}-{len(self.written):03d}.mp4"
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mp4")
         try:
-            imageio.mimwrite(tmp, self._frames, fps=self.fps, macro_block_size=1)
+            imageio.mimwrite(tmp, self.frames, fps=self.fps, macro_block_size=1)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
         self.written.append(path)
-        self._frames = []
+        self.frames = []
+
+
+class EpisodeVideo(gym.Wrapper):
+    """A Gymnasium env whose first episodes are recorded (``VideoWriter``), one frame per step."""
+
+    def __init__(self, env: gym.Env, out_dir: str, episodes: int, frame: Callable[[], np.ndarray], fps: float,
+                 prefix: str = "episode"):
+        super().__init__(env)
+        self.frame = frame
+        self.video = VideoWriter(out_dir, episodes, fps, prefix)
+
+    def reset(self, **kwargs):
+        self.video.frames = []
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        out = self.env.step(action)
+        if self.video.recording:
+            self.video.add(self.frame(), out[2] or out[3])
+        return out
+
+
+def parallel_episode_video(env, out_dir: str, episodes: int, prefix: str = "episode"):
+    """The same for a PettingZoo ParallelEnv made with ``render_mode="rgb_array"``: one frame per
+    env step (all agents), the episode over when no agent is left."""
+    from pettingzoo.utils.wrappers import BaseParallelWrapper
+
+    class ParallelEpisodeVideo(BaseParallelWrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.video = VideoWriter(out_dir, episodes, float(env.metadata.get("render_fps") or 10), prefix)
+
+        def reset(self, seed=None, options=None):
+            self.video.frames = []
+            return self.env.reset(seed=seed, options=options)
+
+        def step(self, actions):
+            out = self.env.step(actions)
+            if self.video.recording:
+                over = not self.env.agents or all(out[2].get(a) or out[3].get(a) for a in actions)
+                self.video.add(self.env.render(), over)
+            return out
+
+    return ParallelEpisodeVideo(env)
 
 
 def video_frames(env: gym.Env, kind: str, camera: str) -> Callable[[], np.ndarray]:
@@ -90,7 +131,7 @@ def arm_recorders(vector_env, episodes: int = 1) -> int:
     for env in getattr(getattr(vector_env, "unwrapped", vector_env), "envs", []):
         while env is not None:
             if isinstance(env, EpisodeVideo):
-                env.arm(episodes)
+                env.video.arm(episodes)
                 found += 1
                 break
             env = getattr(env, "env", None)
