@@ -336,13 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet()
         _filter_native_stderr()
-    from ncdpo_rllib.errors import UserError
+    from ncdpo_rllib.errors import TrainingInterrupted, UserError
 
     try:
         return args.func(args)
     except UserError as e:
         print(f"ncdpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # the first SIGINT/SIGTERM: checkpointed, resumable
+        print(f"ncdpo {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"ncdpo {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,11 @@ class TrainingDiverged(UserError):
     """Parameters became NaN/inf: the message names the last good checkpoint."""
 
 
+class TrainingInterrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after its current iteration, with a checkpoint: the message
+    names it and the --resume command; the CLI exits 130."""
+
+
 class DatasetError(UserError):
     """A missing, malformed or corrupt demonstration dataset: the message names the file, problem and fix."""
 

@@ -123,3 +123,62 @@ def test_gpu_learner_without_gpu_falls_back_to_cpu(tmp_path, tiny_config):
                    "--set", "tracking.enabled=false"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "learners run on CPU" in out.stderr and "local learner, CPU" in out.stderr
+
+
+@pytest.mark.slow
+def test_first_sigint_checkpoints_after_the_iteration_and_resume_has_no_gap_or_duplicate(tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM: the iteration finishes, a checkpoint is written, the MLflow run is
+    KILLED (not left RUNNING), the last line gives the --resume command, exit 130; resuming then
+    logs every step once. A second signal would abort at once (KeyboardInterrupt)."""
+    config = (TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 6, env_steps: null}")
+              .replace("checkpoint: {every: 1}", "checkpoint: {every: 100}"))
+    proc, uri = _spawn_train(tmp_path, config, ["--set", "tracking.run_name=interrupted"])
+    try:
+        deadline = time.time() + 240
+        for line in proc.stderr:  # signal during iteration 3: no periodic checkpoint covers 1..2
+            if line.startswith("iter    2") or time.time() > deadline:
+                break
+        assert line.startswith("iter    2"), line
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, rest[-3000:]
+    last = rest.strip().splitlines()[-1]
+    run_dir = tmp_path / "runs" / "interrupted"
+    assert last.startswith("ncdpo train: stopped by SIGINT after iteration ") and f"--resume {run_dir}" in last, last
+    stopped_at = int(last.split("after iteration ")[1].split()[0])
+    assert stopped_at >= 2 and (run_dir / "checkpoints" / f"iter_{stopped_at:06d}").is_dir()
+    assert not (run_dir / "checkpoints" / "final").exists() and "Traceback" not in rest
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("cli-test").experiment_id)
+    assert run.info.status == "KILLED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "env_steps")) == [
+        256 * i for i in range(1, stopped_at + 1)]  # every finished iteration reached MLflow
+
+    resumed = run_cli(["train", "--resume", run_dir, "--json"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_json(resumed.stdout)["iterations"] == 6
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "env_steps"))
+    assert steps == [256 * i for i in range(1, 7)], steps  # no gap, no duplicate
+
+
+def test_sigterm_is_a_stop_request_and_a_second_signal_aborts():
+    """The handler ``train`` installs: SIGTERM (a scheduler's, ``kill``) and SIGINT alike set the stop
+    request and return; the second raises KeyboardInterrupt; the previous handlers come back after."""
+    from ncdpo_rllib.experiment.train import StopRequest
+
+    said = []
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest(said.append) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert stop.signal == "SIGTERM" and "finishing this iteration" in said[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
-from ncdpo_rllib.errors import ConfigError, TrainingDiverged, one_line
+from ncdpo_rllib.errors import ConfigError, TrainingDiverged, TrainingInterrupted, one_line
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 from ncdpo_rllib.tasks.multiagent import describe_mapping, policy_mapping
 
@@ -56,6 +58,31 @@ def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, it
         parts.append(f"KL-stopped {sum(stops) / len(stops):4.0%}")
     parts += [f"{steps_per_s:7,.0f} steps/s", f"{iter_s:5.1f} s/iter", f"{state.wall_s:7.1f} s total"]
     return " | ".join(parts)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM while training: the first lets the current iteration finish, then the run
+    checkpoints and stops (``signal`` is set); a second aborts at once (KeyboardInterrupt), leaving
+    the last complete checkpoint as it was. Handlers are installed in the main thread only."""
+
+    def __init__(self, log):
+        self.log, self.signal, self._previous = log, None, {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.log(f"{self.signal}: finishing this iteration, then a checkpoint and stop (send it again to abort now)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _done(exp: ExperimentConfig, state: RunState) -> bool:
@@ -214,7 +241,7 @@ def train(
         video_staging.mkdir(parents=True, exist_ok=True)
     algo = _build_algo(exp, run_dir / "rollouts" if record_rollouts else None,
                        video_staging if exp.eval.video_every else None)
-    tracker, status, final = None, "FAILED", None
+    tracker, status, final, stop = None, "FAILED", None, None
     try:
         if ckpt_path is not None:
             _restore(algo, ckpt_path)
@@ -240,7 +267,8 @@ def train(
             log(f"policies ({exp.multi_agent.policies}): {describe_mapping(mapping)}")
         pending: list[tuple[int, dict]] = []
         seen_restarts = 0
-        while not _done(exp, state):
+        stop = StopRequest(log).__enter__()  # restored in the finally below
+        while not _done(exp, state) and stop.signal is None:
             t0 = time.perf_counter()
             try:
                 result = algo.train()
@@ -292,6 +320,16 @@ def train(
                 save_checkpoint(algo, run_dir / "checkpoints" / f"iter_{state.iteration:06d}", exp, state)
                 _flush(tracker, pending)
                 prune_checkpoints(run_dir, exp.checkpoint.keep)
+        if stop.signal is not None and not _done(exp, state):
+            saved = run_dir / "checkpoints" / f"iter_{state.iteration:06d}"
+            if not saved.is_dir():  # not this iteration's periodic one
+                save_checkpoint(algo, saved, exp, state)
+                _flush(tracker, pending)
+                prune_checkpoints(run_dir, exp.checkpoint.keep)
+            status = "KILLED"
+            raise TrainingInterrupted(
+                f"stopped by {stop.signal} after iteration {state.iteration} ({state.env_steps:,} env steps); "
+                f"checkpoint {saved}; continue with: ncdpo train --resume {run_dir}")
         final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
         _flush(tracker, pending)
         tracker.log_artifacts(final, "checkpoint")
@@ -300,6 +338,8 @@ def train(
         status = "KILLED"
         raise
     finally:
+        if stop is not None:
+            stop.__exit__()
         if tracker is not None:
             tracker.finish(status)
         algo.stop()
