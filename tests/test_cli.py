@@ -131,13 +131,15 @@ def test_missing_and_corrupt_checkpoints_fail_cleanly(tmp_path, tiny_config):
 
     broken_weights = tmp_path / "broken_weights"
     shutil.copytree(good, broken_weights)
-    (broken_weights / "env_runner" / "state.pkl").write_bytes(b"garbage")
-    _assert_one_line_error(run_cli(["evaluate", broken_weights], tmp_path), "could not be restored")
+    (broken_weights / "env_runner" / "state.pkl").write_bytes(b"garbage")  # the manifest catches it first
+    _assert_one_line_error(run_cli(["evaluate", broken_weights], tmp_path), "is corrupt: env_runner/state.pkl differs")
     before = sorted(p.name for p in (tmp_path / "runs").iterdir())
     (broken_weights / "algorithm_state.pkl").write_bytes(b"garbage")
     _assert_one_line_error(
-        run_cli(["train", "--resume", broken_weights, "--set", "stop.iterations=3"], tmp_path), "could not be restored"
+        run_cli(["train", "--resume", broken_weights, "--set", "stop.iterations=3"], tmp_path), "is corrupt"
     )
+    (broken_weights / "ncdpo_manifest.json").unlink()  # a checkpoint from before manifests: RLlib finds out
+    _assert_one_line_error(run_cli(["evaluate", broken_weights], tmp_path), "could not be restored")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -239,3 +241,23 @@ def test_evaluate_the_stochastic_policy_on_request():
     assert det == evaluate(pinned, episodes=2, seed=1, track=False)  # the same seed: the same episodes
     exp = parse_config({"env": {"id": "Pendulum-v1"}, "eval": {"every": 1, "explore": True}})
     assert build_algo_config(exp).evaluation_config["explore"] is True
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny_config):
+    """Every checkpoint carries the SHA-256 of its files: a truncated file in the newest one is
+    detected when it is read; a run directory then uses the newest intact checkpoint and says so,
+    the damaged checkpoint itself is a one-line error."""
+    out = run_cli(["train", tiny_config, "--set", "tracking.enabled=false", "--json"], tmp_path)  # iter_000001, final
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / last_json(out.stdout)["run_dir"]
+    final = run_dir / "checkpoints" / "final"
+    victim = max((p for p in (final / "learner_group").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a write cut short
+    _assert_one_line_error(run_cli(["evaluate", final], tmp_path), "is corrupt: learner_group/")
+    ev = run_cli(["evaluate", run_dir, "--episodes", "1", "--no-track", "--json"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert last_json(ev.stdout)["checkpoint"].endswith("iter_000001")
+    assert f"checkpoint {final} is corrupt" in ev.stderr and "using the newest intact one" in ev.stderr
+    resumed = run_cli(["train", "--resume", run_dir, "--set", "stop.iterations=3", "--json"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_json(resumed.stdout)["iterations"] == 3 and "resumed from" in resumed.stderr and "iteration 1" in resumed.stderr

@@ -7,16 +7,21 @@ nothing else)::
         experiment.yaml      the resolved experiment config
         ncdpo_state.json     iteration, env steps, wall seconds, best return, MLflow run id
         algorithm_state.pkl, learner_group/, env_runner/, ...   (RLlib's checkpoint)
+        ncdpo_manifest.json  the SHA-256 of every other file, written last
 
 It is written under a hidden temporary name and renamed into place when complete, so a
-crash never leaves a half-written checkpoint where a reader would look.
+crash never leaves a half-written checkpoint where a reader would look. Reading one checks the
+manifest first: a truncated or altered file is a one-line error naming it (not a crash deep in
+RLlib), and a run directory falls back to its newest intact checkpoint, saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from datetime import datetime
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from .config import ExperimentConfig, parse_config
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
 
 STATE_FILE = "ncdpo_state.json"
+MANIFEST = "ncdpo_manifest.json"
 CONFIG_FILE = "experiment.yaml"
 FINAL = "final"
 
@@ -53,6 +59,7 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     algo.save_to_path(str(tmp.resolve()))
     (tmp / CONFIG_FILE).write_text(exp.to_yaml())
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    write_manifest(tmp)
     old = ckpt_dir.parent / f".old-{ckpt_dir.name}"
     if ckpt_dir.exists():  # swap: at every instant one complete checkpoint has the name or .old-
         shutil.rmtree(old, ignore_errors=True)
@@ -60,6 +67,42 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     os.replace(tmp, ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
     return ckpt_dir
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    files = sorted(p for p in Path(ckpt_dir).rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {p.relative_to(ckpt_dir).as_posix(): _sha256(p) for p in files}
+    (Path(ckpt_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """What is wrong with a checkpoint by its manifest ("incomplete: ... missing", "corrupt: ...
+    differs ..."), or None. A checkpoint written before manifests existed cannot be checked: None."""
+    manifest = Path(ckpt) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"corrupt: {MANIFEST} is unreadable"
+    for rel, digest in expected.items():
+        path = Path(ckpt) / rel
+        if not path.is_file():
+            return f"incomplete: {rel} missing"
+        if _sha256(path) != digest:
+            return f"corrupt: {rel} differs from the checksum written with it (truncated or altered)"
+    return None
+
+
+_REPORTED: set[str] = set()
 
 
 def clean_stale(run_dir: Path) -> None:
@@ -107,15 +150,30 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (-> its final checkpoint, else its latest periodic one)."""
+    """A checkpoint dir (checked against its manifest), or a run dir (-> its final checkpoint, else
+    its latest periodic one: the newest intact one, with a line on stderr for each one skipped)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} not found")
-    if (p / STATE_FILE).is_file():
+    if (p / STATE_FILE).is_file() or (p / MANIFEST).is_file():
+        problem = checkpoint_problem(p)
+        if problem:
+            raise CheckpointError(f"checkpoint {str(p)!r} is {problem}")
         return p
+    skipped = []
     for candidate in [p / "checkpoints" / FINAL, *reversed(periodic_checkpoints(p))]:
-        if (candidate / STATE_FILE).is_file():
+        if not (candidate / STATE_FILE).is_file() and not (candidate / MANIFEST).is_file():
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None and (candidate / STATE_FILE).is_file():
+            for bad, why in skipped:
+                if bad not in _REPORTED:
+                    _REPORTED.add(bad)
+                    print(f"checkpoint {bad} is {why}; using the newest intact one, {candidate}", file=sys.stderr)
             return candidate
+        skipped.append((str(candidate), problem or f"incomplete: {STATE_FILE} missing"))
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {str(p)!r}: " + "; ".join(f"{b} is {w}" for b, w in skipped))
     raise CheckpointError(
         f"{str(p)!r} is not an ncdpo checkpoint (no {STATE_FILE}); pass a directory under "
         "<run>/checkpoints/ or a run directory"
