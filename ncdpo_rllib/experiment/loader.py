@@ -158,7 +158,7 @@ def read_config_data(path: Union[str, Path], _seen: tuple = ()) -> dict:
         return data
     if isinstance(includes, str):
         includes = [includes]
-    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i.strip() and "\0" not in i for i in includes):
         raise ConfigError(f"{path}: include must be a file path or a list of them")
     merged: dict = {}
     for inc in includes:
