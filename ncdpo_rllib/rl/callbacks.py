@@ -86,14 +86,19 @@ def sync_local_eval_connectors(algorithm) -> None:
 
 def arm_evaluation_video(algorithm, evaluations: int) -> None:
     """``eval.video_every``: before every Nth evaluation (the 1st, N+1th, ...), arm the local
-    evaluation runner's video recorder for one episode."""
-    from ncdpo_rllib.tasks.envs import VIDEO
-    from ncdpo_rllib.tasks.video import arm_recorders
-
-    video = (algorithm.evaluation_config.env_config or {}).get(VIDEO) if algorithm.evaluation_config else None
+    evaluation runner's video recorder (``tasks.video.EpisodeVideo``, found by its ``video``
+    writer's ``arm``: this layer does not import the task side) for one episode."""
+    video = (algorithm.evaluation_config.env_config or {}).get("video") if algorithm.evaluation_config else None
     runner = algorithm.eval_env_runner
-    if video and video.get("every") and runner is not None and (evaluations - 1) % video["every"] == 0:
-        arm_recorders(runner.env)
+    if not (video and video.get("every") and runner is not None and (evaluations - 1) % video["every"] == 0):
+        return
+    for env in getattr(getattr(runner.env, "unwrapped", runner.env), "envs", []):
+        while env is not None:
+            writer = getattr(env, "video", None)
+            if hasattr(writer, "arm"):
+                writer.arm(1)
+                break
+            env = getattr(env, "env", None)
 
 
 class EpisodeReturnCallback(RLlibCallback):

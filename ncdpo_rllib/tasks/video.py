@@ -123,16 +123,3 @@ def video_fps(env: gym.Env) -> float:
     dt = getattr(env.unwrapped, "dt", None)
     return float(1.0 / dt) if dt else 30.0
 
-
-def arm_recorders(vector_env, episodes: int = 1) -> int:
-    """Arm the ``EpisodeVideo`` of every env in an EnvRunner's (Gymnasium) vector env for the next
-    ``episodes`` episodes; returns how many it found."""
-    found = 0
-    for env in getattr(getattr(vector_env, "unwrapped", vector_env), "envs", []):
-        while env is not None:
-            if isinstance(env, EpisodeVideo):
-                env.video.arm(episodes)
-                found += 1
-                break
-            env = getattr(env, "env", None)
-    return found
