@@ -20,6 +20,18 @@ tracking: {experiment: cli-test}
 """
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny training run (2 iterations, checkpoints iter_000001 and final, no tracking),
+    trained once per session and shared read-only: a test that damages or resumes it works on a copy
+    (``shutil.copytree``). Returns the run directory."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    (root / "tiny.yaml").write_text(TINY)
+    out = run_cli(["train", root / "tiny.yaml", "--set", "tracking.enabled=false", "--json"], root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / last_json(out.stdout)["run_dir"]
+
+
 @pytest.fixture
 def tiny_config(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"

@@ -23,6 +23,7 @@ from ncdpo_rllib.data import (
     write_dataset,
 )
 from ncdpo_rllib.errors import UserError
+from ncdpo_rllib.integrity import MANIFEST
 
 
 def _episodes(obs_dim=3, act_dim=2, lengths=(4, 2), seed=0) -> list[Episode]:
@@ -139,6 +140,7 @@ def _edit_episode(dataset: Path, key: str, value=None) -> None:
 
 def test_load_errors_are_one_line_with_file_and_problem(written, tmp_path):
     main = str(written / "data" / "main_data.hdf5")
+    (written / MANIFEST).unlink()  # a dataset another tool wrote has none: its damage meets the checks below
     _raises(lambda: load_dataset(tmp_path / "nope"), "nope", "no such dataset directory")
     (tmp_path / "empty_dir").mkdir()
     _raises(lambda: load_dataset(tmp_path / "empty_dir"), "empty_dir", "not a Minari dataset", "data/metadata.json")
@@ -177,7 +179,21 @@ def test_load_rejects_empty_and_incomplete_datasets(tmp_path):
     out = write_dataset(tmp_path / "cut", _episodes(lengths=(2, 3, 4)), "Pendulum-v1")
     with h5py.File(out / "data" / "main_data.hdf5", "a") as f:
         del f["episode_2"]
+    _raises(lambda: load_dataset(out), str(out), "corrupt: data/main_data.hdf5 differs from the checksum")
+    (out / MANIFEST).unlink()
     _raises(lambda: load_dataset(out), "main_data.hdf5", "total_episodes=3", "incomplete")
+
+
+def test_the_manifest_catches_damage_no_structural_check_can(written):
+    """A changed number is still a valid dataset: only the checksum written with the data finds it,
+    whether the user points at the dataset or at its data/ directory."""
+    assert load_dataset(written).episodes[1].actions[0, 0] != 0.5
+    with h5py.File(written / "data" / "main_data.hdf5", "a") as f:
+        f["episode_1"]["actions"][0, 0] = 0.5
+    for path in (written, written / "data"):
+        _raises(lambda: load_dataset(path), str(written), "corrupt: data/main_data.hdf5 differs", "re-create")
+    (written / "data" / "metadata.json").unlink()
+    _raises(lambda: load_dataset(written), "not a Minari dataset")  # nothing there to check against
 
 
 def test_load_foreign_arrow_minari_dataset(tmp_path):

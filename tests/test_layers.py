@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ncdpo_rllib"
-RANK = {"errors": 0, "policy_file": 0, "diffusion": 1, "data": 1, "rl": 2, "tasks": 2, "experiment": 3, "cli": 4}
-"""errors, policy_file <- diffusion, data <- rl, tasks <- experiment <- cli (the package's __init__ imports
+RANK = {"errors": 0, "integrity": 0, "policy_file": 0, "diffusion": 1, "data": 1, "rl": 2, "tasks": 2, "experiment": 3, "cli": 4}
+"""errors, integrity, policy_file <- diffusion, data <- rl, tasks <- experiment <- cli (the package's __init__ imports
 only ``load_policy`` from policy_file, which imports nothing of the package: no Ray for a deployed policy)."""
 
 

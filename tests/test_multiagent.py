@@ -261,11 +261,11 @@ def test_each_multi_agent_config_trains_through_the_cli(tmp_path, config, extra)
 def test_short_cooperative_run_improves_team_return(tmp_path):
     """simple_spread (N=2, discrete, shared policy, centralised critic), fixed seed: the team
     return of the last iterations beats the first ones."""
-    proc = run_cli(["train", CONFIGS / "spread_ncdpo.yaml", "--set", "stop.env_steps=40000",
+    proc = run_cli(["train", CONFIGS / "spread_ncdpo.yaml", "--set", "stop.env_steps=24000",
                     "--set", "tracking.enabled=false", "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     returns = [float(line.split("| return")[1].split("|")[0]) for line in proc.stderr.splitlines()
                if line.startswith("iter ") and "n/a" not in line]
-    assert len(returns) == 20
+    assert len(returns) == 12
     first, last = np.mean(returns[:3]), np.mean(returns[-3:])
-    assert last > first + 3.0, returns
+    assert last > first + 3.0, returns  # measured 2026-12-02: -40.9 -> -33.9 (at 40k: -> -31.2)

@@ -1,5 +1,8 @@
 """collect -> pretrain -> fine-tune: action chunking, behaviour cloning, init_from, on real envs."""
 
+import shutil
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -123,6 +126,43 @@ def test_pretraining_lowers_the_validation_loss_and_beats_random(tmp_path):
     module = RLModule.from_checkpoint(f"{ckpt}/module")
     assert not torch.allclose(module.obs_scale, torch.ones_like(module.obs_scale))
     assert module.obs_shift.shape == (4,)
+    check_pretrained_weights_load_without_pickles(Path(ckpt), module.get_state(), tmp_path)
+
+
+class _Planted:
+    """A pickle that runs code when unpickled (creates the file it names)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def check_pretrained_weights_load_without_pickles(ckpt: Path, expected: dict, tmp_path: Path) -> None:
+    """ncdpo reads a pre-trained policy from weights.pt with torch.load(weights_only=True): code planted in
+    the RLlib module pickles (manifest rewritten, as an attacker would) never runs; a damaged weights.pt is
+    caught by the manifest."""
+    import pickle
+
+    from ncdpo_rllib.errors import CheckpointError
+    from ncdpo_rllib.experiment.pretrained import load_module_state, load_pretrained_meta
+    from ncdpo_rllib.integrity import write_manifest
+
+    planted = tmp_path / "planted"
+    shutil.copytree(ckpt, planted)
+    marker = tmp_path / "pickled-code-ran"
+    for name in ("module_state.pkl", "class_and_ctor_args.pkl"):
+        (planted / "module" / name).write_bytes(pickle.dumps(_Planted(marker)))
+    write_manifest(planted)
+    path, _, _ = load_pretrained_meta(planted)
+    state = load_module_state(path)
+    assert not marker.exists()
+    assert state.keys() == expected.keys() and all(np.array_equal(state[k], expected[k]) for k in expected)
+    weights = planted / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="is corrupt: weights.pt differs"):
+        load_pretrained_meta(planted)
 
 
 def test_pretrain_bad_input_is_one_line(tmp_path):

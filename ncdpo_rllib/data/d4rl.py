@@ -4,7 +4,6 @@ and written as a Minari dataset."""
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -45,7 +44,7 @@ def _read_npz(src: Path, wanted: tuple[str, ...]) -> tuple[dict[str, np.ndarray]
         with np.load(src, allow_pickle=False) as f:
             present = list(f.files)
             return {k: f[k] for k in wanted if k in present}, present
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, EOFError, BadZipFile, zlib.error, ...
         raise DatasetError(f"{src}: not a readable .npz file ({one_line(e)}); the file is corrupt, truncated "
                            "or holds pickled objects - re-export it with numpy.savez") from None
 
@@ -61,7 +60,9 @@ def _read_h5_flat(src: Path, wanted: tuple[str, ...]) -> tuple[dict[str, np.ndar
                                        "has flat arrays at the top level")
                 arrays[k] = f[k][()]
             return arrays, present
-    except OSError as e:
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - h5py raises OSError, RuntimeError, KeyError, ... on damaged internals
         raise DatasetError(f"{src}: not a readable HDF5 file ({one_line(e)}); the file is corrupt or "
                            "truncated - re-export it") from None
 

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from ncdpo_rllib.errors import DatasetError, one_line
+from ncdpo_rllib.integrity import manifest_problem, write_manifest
 
 from .datasets import D4RL_SUFFIXES, EPISODE_KEYS, Dataset, Episode, check_episodes, episode_from_arrays
 
@@ -146,6 +147,7 @@ def write_dataset(
         <path>/data/main_data.hdf5    groups episode_<i> with observations (T+1, obs_dim),
                                       actions (T, act_dim), rewards (T,), terminations (T,),
                                       truncations (T,), an empty infos group; attrs id, total_steps
+        <path>/ncdpo_manifest.json    the SHA-256 of both files, checked by load_dataset
 
     The dataset is built in a hidden sibling directory and renamed into place, so readers never
     see a half-written one. `env_id` and `metadata` default to those of a `Dataset` argument;
@@ -173,6 +175,7 @@ def write_dataset(
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         _write_minari(tmp, episodes, env_id, meta)
+        write_manifest(tmp)
         _fsync_tree(tmp)
         _swap_in(tmp, dest)
     finally:
@@ -225,7 +228,9 @@ def _read_hdf5_episodes(file: Path, total: int | None) -> list[Episode]:
                                    f"total_episodes={total} (groups must be episode_0..episode_N-1); "
                                    f"the dataset is incomplete - {_LOAD_FIX}")
             return [_read_h5_episode(f[name], f"{file}: {name}") for name in names]
-    except OSError as e:
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - h5py raises OSError, RuntimeError, KeyError, ... on damaged internals
         raise DatasetError(f"{file}: not a readable HDF5 file ({one_line(e)}); the file is corrupt or "
                            f"truncated - {_LOAD_FIX}") from None
 
@@ -283,11 +288,15 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     """Load a Minari dataset directory (ours or any user's; the root or its data/ dir) and validate it.
 
     Raises DatasetError (one line: file, problem, fix) for a missing path, a directory that is not
-    a dataset, corrupt HDF5/JSON, missing keys, mismatched or ragged shapes, NaN/inf and no episodes.
+    a dataset, a file that differs from the checksum written with it (ours), corrupt HDF5/JSON, missing keys, mismatched or ragged shapes, NaN/inf and no episodes.
     `env_id` is "" for a foreign dataset without an env_spec.
     """
     root = Path(path)
     data_dir = _data_dir(root)
+    owner = data_dir.parent if data_dir.name == DATA_DIR else data_dir  # where write_dataset put the manifest
+    problem = manifest_problem(owner)
+    if problem:
+        raise DatasetError(f"{owner}: {problem}; {_LOAD_FIX}")
     raw = _read_metadata(data_dir)
     data_format = raw.get("data_format", "hdf5")
     total = raw.get("total_episodes")

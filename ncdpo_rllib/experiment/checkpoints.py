@@ -17,7 +17,6 @@ RLlib), and a run directory falls back to its newest intact checkpoint, saying s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,9 +30,9 @@ import yaml
 
 from .config import ExperimentConfig, parse_config
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
+from ncdpo_rllib.integrity import MANIFEST, manifest_problem, write_manifest
 
 STATE_FILE = "ncdpo_state.json"
-MANIFEST = "ncdpo_manifest.json"
 CONFIG_FILE = "experiment.yaml"
 FINAL = "final"
 
@@ -67,39 +66,6 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     os.replace(tmp, ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
     return ckpt_dir
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(ckpt_dir: Path) -> None:
-    files = sorted(p for p in Path(ckpt_dir).rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {p.relative_to(ckpt_dir).as_posix(): _sha256(p) for p in files}
-    (Path(ckpt_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-
-def checkpoint_problem(ckpt: Path) -> Optional[str]:
-    """What is wrong with a checkpoint by its manifest ("incomplete: ... missing", "corrupt: ...
-    differs ..."), or None. A checkpoint written before manifests existed cannot be checked: None."""
-    manifest = Path(ckpt) / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        expected = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"corrupt: {MANIFEST} is unreadable"
-    for rel, digest in expected.items():
-        path = Path(ckpt) / rel
-        if not path.is_file():
-            return f"incomplete: {rel} missing"
-        if _sha256(path) != digest:
-            return f"corrupt: {rel} differs from the checksum written with it (truncated or altered)"
-    return None
 
 
 _REPORTED: set[str] = set()
@@ -156,7 +122,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} not found")
     if (p / STATE_FILE).is_file() or (p / MANIFEST).is_file():
-        problem = checkpoint_problem(p)
+        problem = manifest_problem(p)
         if problem:
             raise CheckpointError(f"checkpoint {str(p)!r} is {problem}")
         return p
@@ -164,7 +130,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for candidate in [p / "checkpoints" / FINAL, *reversed(periodic_checkpoints(p))]:
         if not (candidate / STATE_FILE).is_file() and not (candidate / MANIFEST).is_file():
             continue
-        problem = checkpoint_problem(candidate)
+        problem = manifest_problem(candidate)
         if problem is None and (candidate / STATE_FILE).is_file():
             for bad, why in skipped:
                 if bad not in _REPORTED:

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.integrity import write_manifest
 
 from .config import ExperimentConfig
-from .pretrained import CONFIG, META, MODULE, PRETRAINED
+from .pretrained import CONFIG, META, MODULE, PRETRAINED, WEIGHTS, save_weights
 from .tracking import Tracker
 
 
@@ -260,7 +261,9 @@ def _save(run_dir: Path, module, exp: ExperimentConfig, meta: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     module.save_to_path(str((tmp / MODULE).resolve()))
+    save_weights(module.get_state(), tmp / WEIGHTS)
     (tmp / CONFIG).write_text(exp.to_yaml())
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+    write_manifest(tmp)
     os.replace(tmp, final)
     return final

@@ -5,10 +5,15 @@ Layout::
     <run dir>/pretrained/
         experiment.yaml    the resolved config of the pre-training run
         pretrain.json      dataset, losses, evaluation of the pre-trained policy
-        module/            RLlib RLModule checkpoint (``save_to_path``): EMA weights of the
-                           denoiser, observation normaliser (obs_shift/obs_scale buffers)
+        weights.pt         the module's state dict (EMA weights of the denoiser, observation
+                           normaliser buffers obs_shift/obs_scale) as plain tensors: what ncdpo
+                           loads, with ``torch.load(weights_only=True)`` (no pickled code runs)
+        module/            the same module as an RLlib RLModule checkpoint (``save_to_path``), for
+                           ``RLModule.from_checkpoint``; it is a pickle, read only by checkpoints
+                           written before weights.pt existed
+        ncdpo_manifest.json  the SHA-256 of every other file, written last
 
-Written under a temporary name and renamed when complete.
+Written under a temporary name and renamed when complete; reading checks the manifest first.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import yaml
 from .config import ExperimentConfig, parse_config
 from .loader import flatten
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
+from ncdpo_rllib.integrity import manifest_problem
 
 PRETRAINED = "pretrained"
 META = "pretrain.json"
 CONFIG = "experiment.yaml"
 MODULE = "module"
+WEIGHTS = "weights.pt"
 
 ARCH_KEYS = (
     "env.id", "env.action_chunk", "env.obs_history", "env.observation", "env.image_size", "env.camera",
@@ -61,6 +68,10 @@ def is_pretrained(path: str | Path) -> bool:
 
 def load_pretrained_meta(path: str | Path) -> tuple[Path, ExperimentConfig, dict]:
     ckpt = resolve_pretrained(path)
+    problem = manifest_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is {problem}; pre-train it again or "
+                              "use another copy")
     try:
         meta = json.loads((ckpt / META).read_text())
         exp = parse_config(yaml.safe_load((ckpt / CONFIG).read_text()))
@@ -68,13 +79,33 @@ def load_pretrained_meta(path: str | Path) -> tuple[Path, ExperimentConfig, dict
         raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is incomplete: {Path(e.filename).name} missing") from None
     except (json.JSONDecodeError, yaml.YAMLError, ConfigError) as e:
         raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is corrupt: {one_line(e)}") from None
-    if not (ckpt / MODULE).is_dir():
-        raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is incomplete: {MODULE}/ missing")
+    if not (ckpt / WEIGHTS).is_file() and not (ckpt / MODULE).is_dir():
+        raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r} is incomplete: {WEIGHTS} missing")
     return ckpt, exp, meta
 
 
+def save_weights(state: dict[str, Any], path: Path) -> None:
+    """A module state dict (numpy arrays or tensors) as plain tensors, loadable with weights_only=True."""
+    import torch
+
+    torch.save({k: torch.as_tensor(v).detach().cpu().clone() for k, v in state.items()}, path)
+
+
 def load_module_state(ckpt: Path) -> dict[str, Any]:
-    """The pre-trained module's state dict (numpy arrays), read in this process."""
+    """The pre-trained module's state dict (numpy arrays), read in this process: from weights.pt with
+    ``torch.load(weights_only=True)``, which runs no pickled code; a checkpoint from before weights.pt
+    falls back to RLlib's RLModule checkpoint (a pickle: trusted input only)."""
+    if (ckpt / WEIGHTS).is_file():
+        import torch
+
+        try:
+            state = torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError("not a dict of tensors")
+            return {k: v.numpy() for k, v in state.items()}
+        except Exception as e:  # torch raises assorted errors on damaged or foreign files
+            msg = one_line(e, with_type=True)
+            raise CheckpointError(f"pre-trained checkpoint {str(ckpt)!r}: {WEIGHTS} could not be loaded: {msg}") from None
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     try:
