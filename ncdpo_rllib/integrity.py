@@ -1,15 +1,21 @@
-"""Checksum manifests: what a written directory held, so that a damaged file is named when it is read.
+"""What was written is what is read: checksum manifests, and writes that fail for lack of space.
 
 Checkpoints (``experiment/checkpoints.py``), pre-trained checkpoints and datasets (``data``) write
 ``ncdpo_manifest.json`` (the SHA-256 of every other file under the directory) as their last file
 before the directory is renamed into place; readers call :func:`manifest_problem` first. A
 directory written before manifests existed (or by another tool) has none and is not checked.
+
+Writers build a directory under a temporary name and rename it into place, so a write that fails
+(:func:`out_of_space`) leaves the previous version untouched; they then raise one line
+(:func:`no_space_message`) naming the path, the space needed and the space free.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -50,3 +56,38 @@ def manifest_problem(root: Path) -> Optional[str]:
         if sha256(path) != digest:
             return f"corrupt: {rel} differs from the checksum written with it (truncated or altered)"
     return None
+
+
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "database or disk is full")
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) says a write failed for lack of space:
+    ENOSPC / EDQUOT / EFBIG, or the same in the message of a library that wraps it (h5py, sqlite)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(e).lower() for text in _NO_SPACE_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of disk the files under path take (allocated blocks, not lengths; 0 when it does not exist)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return sum(max(p.stat().st_blocks * 512, p.stat().st_size) for p in files)
+
+
+def no_space_message(what: str, path: Path, needed: int) -> str:
+    """'no space left to write <what> <path>: it needs about N MB, M MB free there'."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return (f"no space left to write {what} {path}: it needs about {needed / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB free there")

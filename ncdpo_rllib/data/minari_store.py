@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from ncdpo_rllib.errors import DatasetError, one_line
-from ncdpo_rllib.integrity import manifest_problem, write_manifest
+from ncdpo_rllib.integrity import manifest_problem, no_space_message, out_of_space, write_manifest
 
 from .datasets import D4RL_SUFFIXES, EPISODE_KEYS, Dataset, Episode, check_episodes, episode_from_arrays
 
@@ -101,6 +101,14 @@ def _buffer(ep: Episode) -> Any:
                          terminations=term, truncations=trunc, infos={})
 
 
+def _estimated_size(episodes: Sequence[Episode]) -> int:
+    """Bytes the Minari HDF5 file will take, with a margin: the arrays (rewards as float64, two
+    flag bytes per step), a few KiB of HDF5 structure per episode, 10% on top."""
+    steps = sum(len(ep.rewards) for ep in episodes)
+    arrays = sum(ep.observations.nbytes + ep.actions.nbytes for ep in episodes) + 10 * steps
+    return int(1.1 * (arrays + 8192 * len(episodes) + (1 << 16)))
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush the files to disk before the rename makes them visible."""
     for path in root.rglob("*"):
@@ -172,12 +180,20 @@ def write_dataset(
             raise DatasetError(f"{dest}: exists and is not a dataset directory; refusing to replace it - "
                                "remove it yourself or choose another path")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    needed = _estimated_size(episodes)
+    kept = "; the dataset already there is untouched" if _is_dataset_dir(dest) else ""
+    if needed > shutil.disk_usage(dest.parent).free:  # before HDF5 starts: it can crash closing a file it could not write
+        raise DatasetError(f"{no_space_message('dataset', dest, needed)}{kept}; free space or write elsewhere")
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         _write_minari(tmp, episodes, env_id, meta)
         write_manifest(tmp)
         _fsync_tree(tmp)
         _swap_in(tmp, dest)
+    except Exception as e:
+        if not out_of_space(e):
+            raise
+        raise DatasetError(f"{no_space_message('dataset', dest, needed)}{kept}; free space or write elsewhere") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
