@@ -128,6 +128,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
                          f"ncdpo_rllib.load_policy({summary['file']!r})", summary)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.tracking import replay
+
+    summary = replay(args.file, args.tracking_uri)
+    return _report(args, f"logged {summary['metrics']} metric values and {summary['artifacts']} artifact(s) to MLflow "
+                         f"run {summary['run_id']} at {summary['mlflow_uri']}, status {summary['status']}", summary)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.config import load_config
     from ncdpo_rllib.experiment.pretrain import pretrain
@@ -317,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the sweep --name: skip finished points, continue unfinished ones")
     sw.add_argument("--compare-out", metavar="DIR",
                     help="comparison report directory (default: <checkpoint.dir>/<name>/comparison)")
+
+    rp = sub.add_parser("replay", help="log the metrics a run could not (tracking server away at its end) to its MLflow run")
+    rp.add_argument("file", help="the unlogged-<run id>.jsonl the run wrote into its run directory")
+    rp.add_argument("--tracking-uri", metavar="URI", help="log there instead of the store the run used")
+    rp.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    rp.set_defaults(func=_cmd_replay)
 
     d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
     dsub = d.add_subparsers(dest="action", required=True)

@@ -2,8 +2,12 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,76 @@ def runner_and_learner(cfg, module_class=None):
 def learner_stats(results: dict, module_id: str) -> dict:
     """A learner.update() result's metrics of one module as plain values (RLlib's Stats peeked)."""
     return {k: (v.peek() if hasattr(v, "peek") else v) for k, v in results[module_id].items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite backend and served artifacts under root;
+    ``stop()`` then ``start()`` brings it back on the same port with the same store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc, self.log = Path(root), _free_port(), None, None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90) -> None:
+        self.log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--serve-artifacts", "--artifacts-destination", str(self.root / "server-artifacts")],
+            cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("mlflow server exited:\n" + (self.root / "server.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server not up in {timeout_s:g} s:\n"
+                                   + (self.root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own session: it and its workers
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """The URL of a real mlflow server, up for the test."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    """A real mlflow server (started) that the test may stop and start again."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

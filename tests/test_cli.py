@@ -159,34 +159,76 @@ def test_resume_from_an_earlier_checkpoint_and_run_name_collisions(tmp_path, tin
     _assert_one_line_error(changed, "changes diffusion.denoising_steps")
 
 
-OPEN_TOGETHER = """
+WRITE_TOGETHER = """
 import sys, time
 from pathlib import Path
-import mlflow  # imported before the start signal, so that the processes reach the store together
-from ncdpo_rllib.experiment.tracking import experiment_id, mlflow_client
-while not Path(sys.argv[2]).exists():
+from ncdpo_rllib.experiment.config import parse_config
+from ncdpo_rllib.experiment.tracking import Tracker
+db, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+exp = parse_config({"env": {"id": "Pendulum-v1"}, "tracking": {"experiment": "shared", "uri": f"sqlite:///{db}"}})
+ready.touch()
+while not go.exists():
     time.sleep(0.01)
-print(experiment_id(mlflow_client(f"sqlite:///{sys.argv[1]}"), "shared"))
+tracker = Tracker(exp)
+for step in range(1, 31):
+    tracker.log_metrics({f"m{k}": step * k for k in range(20)}, step)
+tracker.finish()
+print(tracker.run_id)
 """
 
 
-def test_processes_that_open_a_fresh_store_together_all_get_it(tmp_path):
-    """Two trainings started at once on a fresh sqlite store: without taking turns, MLflow's schema
-    creation fails in all but one of them ("table ... already exists", a migration error)."""
+def test_processes_that_share_a_fresh_store_all_open_it_and_log_everything(tmp_path):
+    """Six Trackers started at once on a fresh sqlite store, as a sweep's parallel trials and a separate
+    `ncdpo train` are: without taking turns, MLflow's schema creation fails in all but one of them
+    ("table ... already exists", a migration error); then they all write at once. Every run is
+    complete, no "database is locked" (MLflow's sqlite busy timeout is 20 s, and a write that still
+    fails is buffered by the Tracker)."""
     import subprocess
     import sys
     import time
 
-    db, go = tmp_path / "store.db", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, str(db), str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    time.sleep(8)  # let every process import MLflow
+    db, go, n = tmp_path / "store.db", tmp_path / "go", 6
+    procs = [subprocess.Popen([sys.executable, "-c", WRITE_TOGETHER, str(db), str(tmp_path / f"ready{i}"), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    deadline = time.time() + 180
+    while not all((tmp_path / f"ready{i}").exists() for i in range(n)) and time.time() < deadline:
+        time.sleep(0.1)  # every process has imported MLflow and the package
     go.touch()
-    results = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in results]
-    ids = {out.strip().splitlines()[-1] for out, _ in results}
-    assert len(ids) == 1  # one experiment, made once, found by the others
-    assert [e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()].count("shared") == 1
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [err[-1500:] for _, err in results]
+    assert not any("unreachable" in err for _, err in results)
+    client = MlflowClient(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()].count("shared") == 1  # made once, found by the others
+    for run_id in (out.strip().splitlines()[-1] for out, _ in results):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("m0", "m19"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 31))
+
+
+def test_a_locked_sqlite_store_and_a_server_that_refuses_are_transient_other_errors_are_not(tmp_path):
+    """What the Tracker buffers and retries (the store may come back) and what it raises."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from ncdpo_rllib.experiment.tracking import transient
+
+    holder = sqlite3.connect(tmp_path / "s.db", timeout=0, isolation_level=None)
+    holder.execute("create table t (x)")
+    holder.execute("begin exclusive")
+    with pytest.raises(sqlite3.OperationalError) as locked:
+        sqlite3.connect(tmp_path / "s.db", timeout=0).execute("insert into t values (1)")
+    holder.execute("rollback")
+    assert transient(locked.value)
+    assert transient(MlflowException(f"(sqlite3.OperationalError) {locked.value}"))
+    with pytest.raises(OSError) as refused:
+        import socket
+
+        socket.create_connection(("127.0.0.1", 9), timeout=2)  # the discard port: nothing listens
+    assert transient(refused.value)
+    assert not transient(MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'abc' not found"))
+    assert not transient(ValueError("could not convert string to float"))
 
 
 def test_progress_line_shows_success_evaluation_and_kl_stops_when_reported():

@@ -1,13 +1,6 @@
 """``ncdpo compare``: pure aggregation, synthetic runs in sqlite, a real ``mlflow server``, bad input."""
 
 import csv
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -188,58 +181,6 @@ def test_bad_input_one_line(synth_store, tmp_path, args, needle):
 
 
 # ---------------------------------------------------------------- a real mlflow server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-    )
-
-    def stop():
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: it and its workers
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("mlflow server exited:\n" + (tmp_path / "server.log").read_text()[-2000:])
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("mlflow server not up in 90 s:\n" + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-    except BaseException:
-        stop()
-        raise
-    yield url
-    stop()
 
 
 def test_compare_against_mlflow_server(mlflow_server, tmp_path):

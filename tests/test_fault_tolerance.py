@@ -182,3 +182,70 @@ def test_sigterm_is_a_stop_request_and_a_second_signal_aborts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _wait_for(stream, needle: str, timeout_s: float = 240) -> str:
+    """Read lines until one contains needle; the lines read so far (for assertion messages)."""
+    seen, deadline = [], time.time() + timeout_s
+    for line in stream:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        if time.time() > deadline:
+            break
+    raise AssertionError(f"no line with {needle!r} in:\n" + "".join(seen)[-3000:])
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_buffers_metrics_and_a_lasting_one_is_replayed(tmp_path, restartable_mlflow_server):
+    """A real mlflow server goes away mid-run and comes back: training never stops and the metrics of
+    the outage arrive. It goes away again for good: the run ends normally (here on a first Ctrl-C),
+    its checkpoint complete, the last line naming what was not logged and the replay command; the
+    replay, once the server is back, leaves every step logged exactly once."""
+    server = restartable_mlflow_server
+    proc, _ = _spawn_train(tmp_path, TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 500, env_steps: null}"),
+                           ["--set", "tracking.run_name=outage", "--set", "tracking.flush_timeout_s=2", "--json"],
+                           {"MLFLOW_TRACKING_URI": server.url})
+    try:
+        _wait_for(proc.stderr, "iter    2 ")
+        server.stop()
+        t_down = time.time()
+        _wait_for(proc.stderr, f"MLflow at {server.url} unreachable")
+        server.start()
+        back = _wait_for(proc.stderr, "the buffered metrics are logged")
+        assert "Traceback" not in back
+        server.stop()
+        _wait_for(proc.stderr, f"MLflow at {server.url} unreachable")
+        outage_s = time.time() - t_down
+        _wait_for(proc.stderr, "iter ")  # one more iteration with the server away
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    spill_line = [ln for ln in stderr.splitlines() if "still unreachable after 2 s" in ln]
+    assert len(spill_line) == 1, stderr[-3000:]
+    run_dir = tmp_path / "runs" / "outage"
+    (spill,) = run_dir.glob("unlogged-*.jsonl")
+    assert f"ncdpo replay {spill}" in spill_line[0] and "the run's status KILLED" in spill_line[0]
+    saved = sorted((run_dir / "checkpoints").glob("iter_*"))[-1]
+    from ncdpo_rllib.integrity import manifest_problem
+
+    assert manifest_problem(saved) is None
+    iterations = int(saved.name.split("_")[1])
+
+    server.start()
+    replayed = run_cli(["replay", spill, "--json"], tmp_path)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    assert not spill.exists()
+    client = MlflowClient(server.url)
+    (run,) = client.search_runs(client.get_experiment_by_name("cli-test").experiment_id)
+    assert run.info.status == "KILLED"
+    for name in ("env_steps", "iteration", "learner/default_policy/ratio_mean"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert sorted(steps) == [256 * i for i in range(1, iterations + 1)], (name, steps)  # no gap, no duplicate
+    print(f"survived a {outage_s:.0f} s outage (server down, up, down for good) over {iterations} iterations")
+    again = run_cli(["replay", spill], tmp_path)
+    assert again.returncode == 2 and "no such file" in again.stderr

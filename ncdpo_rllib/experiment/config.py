@@ -166,6 +166,13 @@ class TrackingConfig:
     """MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd."""
     run_name: Optional[str] = None
     """MLflow run name and run directory name; null = <algorithm>-<env>-s<seed>-<time>."""
+    flush_timeout_s: float = 60.0
+    """At the end of a run, how long to wait for an unreachable tracking store (metrics are buffered
+    while it is away) before writing what is unsent to <run dir>/unlogged-<run id>.jsonl for `ncdpo replay`."""
+
+    def __post_init__(self):
+        if not self.flush_timeout_s >= 0:
+            raise ValueError("tracking: flush_timeout_s must be >= 0")
 
 
 @dataclass

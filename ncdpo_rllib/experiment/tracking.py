@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ncdpo_rllib.errors import UserError, one_line
 
@@ -35,6 +37,12 @@ def mlflow_client(uri: str):
     """An ``MlflowClient`` on ``uri`` (synchronous logging: a run's last metrics are in the store
     when the call returns)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # A tracking server that is down must not hold training for minutes (MLflow's default: 7
+    # retries with exponential backoff, about 4 minutes per call): one quick retry, then the
+    # Tracker's backlog takes over. The user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
@@ -143,8 +151,29 @@ def environment_tags() -> dict[str, str]:
     }
 
 
+TRANSIENT = ("database is locked", "connection refused", "max retries exceeded", "failed to establish",
+             "timed out", "connection reset", "connection aborted", "remote end closed", "bad gateway",
+             "service unavailable", "gateway timeout", "temporarily unavailable", "503", "502", "504")
+"""What an MLflow write failure says when the store may come back: a server that is down or restarting,
+a sqlite file another writer holds longer than MLflow's 20 s busy timeout."""
+UNLOGGED = "unlogged-{run_id}.jsonl"
+
+
+def transient(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = one_line(e).lower()
+    return any(hint in text for hint in TRANSIENT)
+
+
 class Tracker:
-    """One MLflow run. ``enabled=False`` makes every call a no-op."""
+    """One MLflow run. ``enabled=False`` makes every call a no-op.
+
+    Writes that fail because the store is unreachable or busy (:func:`transient`) never stop the
+    caller: metric batches wait in order in a backlog and go out with the next write that gets
+    through; ``finish`` waits up to ``tracking.flush_timeout_s`` for the store, then writes what is
+    still unsent (metrics, artifacts, the run's final status) to ``<spill_dir>/unlogged-<run>.jsonl``
+    for ``ncdpo replay``. Any other MLflow error is raised."""
 
     def __init__(
         self,
@@ -153,13 +182,22 @@ class Tracker:
         run_id: Optional[str] = None,
         uri: Optional[str] = None,
         tags: Optional[dict[str, str]] = None,
+        log: Optional[Callable[[str], None]] = None,
+        spill_dir: Optional[Path] = None,
     ):
         """``run_id``/``uri``: continue that run (resume); the config's uri wins if set.
-        ``tags``: added to the standard ones (e.g. stage: pretrain)."""
+        ``tags``: added to the standard ones (e.g. stage: pretrain). ``log``: where outage notes go
+        (stderr). ``spill_dir``: where unsent records go at the end (the working directory)."""
         self.extra_tags = dict(tags or {})
         self.enabled = exp.tracking.enabled
+        self.flush_timeout_s = exp.tracking.flush_timeout_s
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.spill_dir = spill_dir
         self.run_id: Optional[str] = None
         self.uri: Optional[str] = None
+        self.backlog: list[list] = []  # metric chunks (<= 1000 each), oldest first
+        self.unsent_artifacts: list[tuple[str, Optional[str]]] = []
+        self.outage_since: Optional[float] = None
         if not self.enabled:
             return
         self.uri = resolve_tracking_uri(exp.tracking.uri or uri)
@@ -187,6 +225,40 @@ class Tracker:
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, flatten(exp.to_dict()))
 
+    def _unreachable(self, e: BaseException) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            self.log(f"MLflow at {self.uri} unreachable ({one_line(e)[:200]}): metrics are kept and sent "
+                     "when it is back; training goes on")
+
+    def _drain(self) -> bool:
+        """Send the backlog in order; False (backlog kept) when the store is unreachable."""
+        while self.backlog:
+            try:
+                self.client.log_batch(self.run_id, metrics=self.backlog[0])
+            except Exception as e:
+                if not transient(e):
+                    raise
+                self._unreachable(e)
+                return False
+            self.backlog.pop(0)
+        while self.unsent_artifacts:
+            path, artifact_path = self.unsent_artifacts[0]
+            try:
+                self.client.log_artifacts(self.run_id, path, artifact_path=artifact_path) if Path(path).is_dir() \
+                    else self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)
+            except Exception as e:
+                if not transient(e):
+                    raise
+                self._unreachable(e)
+                return False
+            self.unsent_artifacts.pop(0)
+        if self.outage_since is not None:
+            self.log(f"MLflow at {self.uri} is back after {time.monotonic() - self.outage_since:.0f} s: "
+                     "the buffered metrics are logged")
+            self.outage_since = None
+        return True
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
@@ -194,17 +266,94 @@ class Tracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        self.backlog += [batch[i : i + 1000] for i in range(0, len(batch), 1000)]
+        self._drain()
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            self.unsent_artifacts.append((str(Path(path).resolve()), artifact_path))
+            self._drain()
 
     def log_artifacts(self, path: Path, artifact_path: str) -> None:
-        if self.enabled:
-            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
+        self.log_artifact(path, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+        if not (self.enabled and self.run_id):
+            return
+        deadline = time.monotonic() + self.flush_timeout_s
+        while True:
+            try:
+                if self._drain():
+                    self.client.set_terminated(self.run_id, status=status)
+                    return
+            except Exception as e:
+                if not transient(e):
+                    raise
+                self._unreachable(e)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
+        self._spill(status)
+
+    def _spill(self, status: str) -> None:
+        path = Path(self.spill_dir or Path.cwd()) / UNLOGGED.format(run_id=self.run_id)
+        metrics = [m for chunk in self.backlog for m in chunk]
+        records = [{"uri": self.uri, "run_id": self.run_id, "status": status}]
+        records += [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics]
+        records += [{"artifact": p, "artifact_path": a} for p, a in self.unsent_artifacts]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+        keys = sorted({m.key for m in metrics})
+        steps = f", steps {min(m.step for m in metrics):,}..{max(m.step for m in metrics):,}" if metrics else ""
+        self.log(f"MLflow at {self.uri} still unreachable after {self.flush_timeout_s:g} s: {len(metrics)} metric "
+                 f"values ({len(keys)} keys{steps}), {len(self.unsent_artifacts)} artifact(s) and the run's status "
+                 f"{status} were not logged; they are in {path}; when the server is back: ncdpo replay {path}")
+
+
+def replay(path: str | Path, uri: Optional[str] = None) -> dict:
+    """Log what a Tracker could not (``unlogged-<run>.jsonl``) to its run: metrics in their order,
+    artifacts, then the run's final status. Sent records leave the file as they go, so a replay that
+    fails half-way can be run again without logging anything twice; the file is removed when done."""
+    from mlflow.entities import Metric
+
+    path = Path(path)
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        header, rest = records[0], records[1:]
+        run_id, status = header["run_id"], header["status"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (ncdpo replay takes the unlogged-<run>.jsonl a run wrote)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, IndexError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a file of unlogged MLflow records ({one_line(e)})") from None
+    uri = uri or header.get("uri")
+    client = mlflow_client(uri)
+    metrics = [r for r in rest if "key" in r]
+    artifacts = [r for r in rest if "artifact" in r]
+
+    def keep(remaining_metrics, remaining_artifacts) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *remaining_metrics, *remaining_artifacts]))
+        os.replace(tmp, path)
+
+    sent = 0
+    with mlflow_errors(uri, f"replaying {path.name}"):
+        try:
+            client.get_run(run_id)
+            for i in range(0, len(metrics), 1000):
+                chunk = metrics[i : i + 1000]
+                client.log_batch(run_id, metrics=[Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+                                                  for r in chunk])
+                sent += len(chunk)
+            for n, r in enumerate(artifacts):
+                p = Path(r["artifact"])
+                if p.is_dir():
+                    client.log_artifacts(run_id, str(p), artifact_path=r.get("artifact_path"))
+                elif p.is_file():
+                    client.log_artifact(run_id, str(p), artifact_path=r.get("artifact_path"))
+            client.set_terminated(run_id, status=status)
+        except BaseException:
+            keep(metrics[sent:], artifacts)
+            raise
+    path.unlink()
+    return {"run_id": run_id, "mlflow_uri": uri, "metrics": sent, "artifacts": len(artifacts), "status": status}

@@ -249,7 +249,7 @@ def train(
         elif pretrained_state is not None:
             _start_from_pretrained(algo, pretrained_state)
             log(f"starting from the pre-trained policy {exp.init_from}")
-        tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri, tags=tags)
+        tracker = Tracker(exp, run_id=state.mlflow_run_id, uri=state.mlflow_uri, tags=tags, log=log, spill_dir=run_dir)
         state.mlflow_run_id, state.mlflow_uri, state.run_dir = tracker.run_id, tracker.uri, str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path is not None:
