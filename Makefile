@@ -28,7 +28,7 @@ train: $(STAMP)
 	$(NCDPO) train $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -v --durations=15
+	$(PY) -m pytest -v --durations=50
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
