@@ -136,6 +136,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                          f"run {summary['run_id']} at {summary['mlflow_uri']}, status {summary['status']}", summary)
 
 
+def _cmd_mlflow_auth(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.tracking import server_auth
+
+    s = server_auth(args.dir, args.credentials)
+    return _report(args, f"MLflow basic-auth credentials (user {s['username']}, files mode 600):\n"
+                         f"  server:  set -a; . {s['server_env']}; set +a; mlflow server --app-name basic-auth ...\n"
+                         f"  clients: {s['credentials']} (MLflow reads ~/.mlflow/credentials; or set "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from it)", s)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.config import load_config
     from ncdpo_rllib.experiment.pretrain import pretrain
@@ -331,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--tracking-uri", metavar="URI", help="log there instead of the store the run used")
     rp.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     rp.set_defaults(func=_cmd_replay)
+
+    au = sub.add_parser("mlflow-auth", help="credentials for a tracking server only its users can reach "
+                                            "(mlflow server --app-name basic-auth)")
+    au.add_argument("dir", help="where the server's auth files go (made once, kept on rerun; mode 600)")
+    au.add_argument("--credentials", metavar="FILE",
+                    help="write the client credentials there instead of DIR/credentials, e.g. ~/.mlflow/credentials")
+    au.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    au.set_defaults(func=_cmd_mlflow_auth)
 
     d = sub.add_parser("dataset", help="inspect or import demonstration datasets")
     dsub = d.add_subparsers(dest="action", required=True)

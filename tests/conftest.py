@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -88,18 +89,21 @@ class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 with a sqlite backend and served artifacts under root;
     ``stop()`` then ``start()`` brings it back on the same port with the same store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, auth_env: Optional[Path] = None):
+        """``auth_env``: the server.env of ``ncdpo mlflow-auth``: MLflow's basic-auth app with its settings."""
         self.root, self.port, self.proc, self.log = Path(root), _free_port(), None, None
         self.url = f"http://127.0.0.1:{self.port}"
+        self.auth_env = auth_env
 
     def start(self, timeout_s: float = 90) -> None:
         self.log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--serve-artifacts", "--artifacts-destination", str(self.root / "server-artifacts")],
+             "--serve-artifacts", "--artifacts-destination", str(self.root / "server-artifacts"),
+             *(["--app-name", "basic-auth"] if self.auth_env else [])],
             cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **self._auth_vars()},
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -117,6 +121,11 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server not up in {timeout_s:g} s:\n"
                                    + (self.root / "server.log").read_text()[-2000:])
             time.sleep(0.5)
+
+    def _auth_vars(self) -> dict:
+        if not self.auth_env:
+            return {}
+        return dict(line.split("=", 1) for line in Path(self.auth_env).read_text().splitlines() if "=" in line)
 
     def stop(self) -> None:
         if self.proc is None:

@@ -532,7 +532,8 @@ def test_autoscaler_yaml_is_a_valid_ray_cluster_config():
     assert "docker" not in types["cpu_rollout"]  # the CPU image
     head = " ".join(cfg["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token ray start --head" in head and "--dashboard-host=127.0.0.1" in head
-    assert "mlflow server --host 0.0.0.0" in head
+    assert "ncdpo mlflow-auth /home/ray/mlflow/auth --credentials /home/ray/.mlflow/credentials" in head
+    assert ". /home/ray/mlflow/auth/server.env" in head and "mlflow server --app-name basic-auth --host 0.0.0.0" in head
     assert "RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379" in " ".join(cfg["worker_start_ray_commands"])
     assert "~/.ray/auth_token" in cfg["file_mounts"]
     # Jobs go in through the submit helper, i.e. `ncdpo train` (its command line is tested above).
@@ -578,7 +579,12 @@ def test_rayjob_manifest():
     assert exp.checkpoint.dir in mounts
     env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     sidecar = head["template"]["spec"]["containers"][1]
-    assert sidecar["command"][:2] == ["mlflow", "server"] and sidecar["image"] == CPU_IMAGE
+    assert sidecar["command"][:2] == ["sh", "-c"] and sidecar["image"] == CPU_IMAGE
+    script = sidecar["command"][2]
+    assert script.startswith("ncdpo mlflow-auth /home/ray/runs/mlflow-auth --credentials /home/ray/runs/mlflow-client/credentials")
+    assert "exec mlflow server --app-name basic-auth --host=0.0.0.0" in script
+    login = {m["mountPath"]: m for m in head_c["volumeMounts"]}["/home/ray/.mlflow"]
+    assert login["subPath"] == "mlflow-client" and login["readOnly"] is True
     assert env_vars["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert "WORKDIR /home/ray/ncdpo" in (DOCKER / "Dockerfile.cpu").read_text()
 

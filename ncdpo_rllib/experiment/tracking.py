@@ -357,3 +357,61 @@ def replay(path: str | Path, uri: Optional[str] = None) -> dict:
             raise
     path.unlink()
     return {"run_id": run_id, "mlflow_uri": uri, "metrics": sent, "artifacts": len(artifacts), "status": status}
+
+
+AUTH_INI, AUTH_DB, SERVER_ENV, CREDENTIALS = "basic_auth.ini", "basic_auth.db", "server.env", "credentials"
+AUTH_USER = "ncdpo"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 600 from the start: no window where it is 644)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def server_auth(directory: str | Path, credentials: Optional[str | Path] = None) -> dict:
+    """Credentials for an ``mlflow server --app-name basic-auth`` (MLflow's basic-auth app), made
+    once per cluster in ``directory`` (rerunning keeps them), every file mode 600:
+
+    - ``basic_auth.ini``: the auth app's config (``MLFLOW_AUTH_CONFIG_PATH``): its user store
+      ``basic_auth.db`` next to it, the admin user ``ncdpo`` with a random password;
+    - ``server.env``: the server's environment (that path, and a random Flask secret key for its
+      CSRF protection);
+    - ``credentials`` (or the ``credentials`` path given, e.g. ``~/.mlflow/credentials``, which
+      every MLflow client of that user reads): the client side, in MLflow's credentials-file format.
+    """
+    import configparser
+    import secrets
+
+    root = Path(directory).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    ini = root / AUTH_INI
+    if ini.is_file():
+        cfg = configparser.ConfigParser()
+        cfg.read(ini)
+        password = cfg.get("mlflow", "admin_password", fallback=None)
+        if not password:
+            raise UserError(f"{ini}: exists without an admin_password; remove it (and {AUTH_DB}) to make new credentials")
+    else:
+        password = secrets.token_urlsafe(24)
+        _write_private(ini, "[mlflow]\n"
+                            "default_permission = READ\n"
+                            f"database_uri = sqlite:///{root / AUTH_DB}\n"
+                            f"admin_username = {AUTH_USER}\n"
+                            f"admin_password = {password}\n"
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = root / SERVER_ENV
+    if not env.is_file():
+        _write_private(env, f"MLFLOW_AUTH_CONFIG_PATH={ini}\nMLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n")
+    client = Path(credentials).expanduser() if credentials else root / CREDENTIALS
+    text = f"[mlflow]\nmlflow_tracking_username = {AUTH_USER}\nmlflow_tracking_password = {password}\n"
+    if client.is_file() and client.read_text() != text:
+        raise UserError(f"{client}: holds other MLflow credentials; move it aside or pass --credentials elsewhere")
+    client.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(client, text)
+    return {"auth_config": str(ini), "server_env": str(env), "credentials": str(client), "username": AUTH_USER}
