@@ -17,6 +17,11 @@ class TrainingDiverged(UserError):
     """Parameters became NaN/inf: the message names the last good checkpoint."""
 
 
+class WorkerLost(UserError):
+    """A Ray process the run cannot do without died (a learner: RLlib 2.60 does not restart learners;
+    the whole local Ray): the message names the last checkpoint and the --resume command."""
+
+
 class TrainingInterrupted(Exception):
     """A run stopped by SIGINT/SIGTERM after its current iteration, with a checkpoint: the message
     names it and the --resume command; the CLI exits 130."""

@@ -3,6 +3,7 @@ training goes on; a SIGKILLed driver resumes with no gap or duplicate in MLflow;
 asked for on a machine without GPUs fall back to CPU with a clear line."""
 
 import os
+import re
 import uuid
 from pathlib import Path
 import signal
@@ -249,3 +250,50 @@ def test_tracking_server_outage_buffers_metrics_and_a_lasting_one_is_replayed(tm
     print(f"survived a {outage_s:.0f} s outage (server down, up, down for good) over {iterations} iterations")
     again = run_cli(["replay", spill], tmp_path)
     assert again.returncode == 2 and "no such file" in again.stderr
+
+
+def _marked_learner_pids(marker: str) -> list[int]:
+    """The remote Learner actor process of the run whose environment carries ``marker`` (Ray names
+    a LearnerGroup's actors ray::_WrappedExecutable)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and b"ray::_WrappedExecutable" in (proc / "cmdline").read_bytes()
+                    and f"NCDPO_TEST_MARK={marker}".encode() in (proc / "environ").read_bytes()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_dead_remote_learner_stops_the_run_in_one_line_naming_the_checkpoint(tmp_path):
+    """resources.learners: 1, the learner process SIGKILLed mid-run: RLlib 2.60 cannot restart
+    learners, so the run stops (within the test's timeout: it never hangs) with one line naming the
+    last checkpoint and the --resume command, and the resume goes on from there."""
+    marker = uuid.uuid4().hex
+    proc, uri = _spawn_train(
+        tmp_path, TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 200, env_steps: null}")
+        .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 0, envs_per_runner: 2, learners: 1}"),
+        ["--set", "tracking.run_name=learner"], {"NCDPO_TEST_MARK": marker},
+    )
+    try:
+        _wait_for(proc.stderr, "iter    3 ")
+        (pid,) = _marked_learner_pids(marker)
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = [ln for ln in stderr.splitlines() if ": error: " in ln]
+    run_dir = (tmp_path / "runs" / "learner").resolve()
+    assert "a learner process died (" in line and f"ncdpo train --resume {run_dir}" in line, line
+    last = re.search(r"last checkpoint (\S+);", line).group(1)
+    assert Path(last).parent == run_dir / "checkpoints" and int(last[-6:]) >= 2  # iteration 3 printed, then checkpointed
+    assert MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("cli-test").experiment_id)[0].info.status == "FAILED"
+    resumed = run_cli(["train", "--resume", run_dir, "--set", f"stop.iterations={int(last[-6:]) + 1}", "--json"],
+                      tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_json(resumed.stdout)["iterations"] == int(last[-6:]) + 1

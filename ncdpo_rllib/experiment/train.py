@@ -6,11 +6,12 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
-from ncdpo_rllib.errors import ConfigError, TrainingDiverged, TrainingInterrupted, one_line
+from ncdpo_rllib.errors import ConfigError, TrainingDiverged, TrainingInterrupted, UserError, WorkerLost, one_line
 from ncdpo_rllib.rl.learner import NonFiniteParametersError
 from ncdpo_rllib.tasks.multiagent import describe_mapping, policy_mapping
 
@@ -197,6 +198,37 @@ def _diverged(e: BaseException) -> Optional[BaseException]:
     return e if "NonFiniteParametersError" in str(e) else None
 
 
+def _lost_process(e: BaseException) -> Optional[str]:
+    """What died, when ``e`` is a Ray actor's death that RLlib did not recover from (EnvRunner
+    deaths it does recover from never get here), else None."""
+    from ray.exceptions import RayActorError
+
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    died = next((c for c in chain if isinstance(c, RayActorError)), None)
+    if died is None:
+        return None
+    frames = [f.filename for c in chain for f in traceback.extract_tb(c.__traceback__)]
+    who = "a learner process" if any(f.endswith("learner_group.py") for f in frames) else "a Ray worker process"
+    return f"{who} died ({type(died).__name__}: {one_line(died, 120)})"
+
+
+def _learners_alive(algo) -> bool:
+    """Whether every remote Learner still answers (RLlib may take a dead one out of service and fail
+    later with an unrelated error instead of the actor's death)."""
+    group = algo.learner_group
+    if group.is_local:
+        return True
+    try:
+        answers = list(group.foreach_learner(lambda learner: True, healthy_only=False, timeout_seconds=15))
+    except Exception:  # noqa: BLE001 - the probe itself failing says the same
+        return False
+    return len(answers) == len(group) and all(a.ok for a in answers)
+
+
 def train(
     exp: ExperimentConfig,
     *,
@@ -337,6 +369,17 @@ def train(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except UserError:
+        raise
+    except Exception as e:  # a Ray process the run needs died: one line, not RLlib's traceback
+        lost = _lost_process(e) or (None if _learners_alive(algo) else
+                                    f"a learner process died (RLlib then failed with {type(e).__name__}: {one_line(e, 80)})")
+        if lost is None:
+            raise
+        last = periodic_checkpoints(run_dir)
+        resume = f"continue with: ncdpo train --resume {run_dir}" if last else "no checkpoint yet; start again"
+        raise WorkerLost(f"{lost} at iteration {state.iteration} ({state.env_steps:,} env steps); RLlib 2.60 cannot "
+                         f"replace it mid-run: last checkpoint {last[-1] if last else 'none'}; {resume}") from None
     finally:
         if stop is not None:
             stop.__exit__()
