@@ -27,11 +27,15 @@ install: $(STAMP)
 train: $(STAMP)
 	$(NCDPO) train $(CONFIG)
 
+# Two test processes: most tests wait on subprocesses (Ray start-up, MLflow, the envs), so one
+# pytest process keeps about one of CI's 2 cores busy. More workers on a bigger machine:
+# make test TEST_WORKERS=8 (each Ray-using test needs ~1-2 GB of memory).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -v --durations=50
+	$(PY) -m pytest -v -n $(TEST_WORKERS) --dist worksteal --durations=50
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # Full-size benchmarks (many hours on 2 cores: locomotion at 1M steps is ~27 runs of 5-10 min, Meta-World
 # ~25 runs of 5 min); each script resumes from its results file and takes --help for smaller runs.
