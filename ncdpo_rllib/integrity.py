@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -32,9 +33,11 @@ def sha256(path: Path) -> str:
 
 def write_manifest(root: Path) -> None:
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, f".{MANIFEST}.tmp"))
     manifest = {p.relative_to(root).as_posix(): sha256(p) for p in files}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
 
 
 def manifest_problem(root: Path) -> Optional[str]:

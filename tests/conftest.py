@@ -13,6 +13,12 @@ from typing import Optional
 
 import pytest
 
+# One compute thread per process: `make test` runs two pytest workers on CI's 2 cores, and each
+# test's subprocesses (the CLI, Ray's workers) inherit this; torch's default of one thread per core
+# in every process made compute-bound tests 2-5x slower side by side. Results do not depend on it.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 TINY = """\
 env: {id: Pendulum-v1}
 seed: 0

@@ -235,6 +235,7 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
                             "return_std": float(returns.std()), "success_rate": success_rate}
             _write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
+            write_manifest(ckpt)  # the evaluation is part of pretrain.json now
             tracker.log_metrics({"pretrain/eval_return_mean": float(returns.mean()),
                                  "pretrain/eval_return_std": float(returns.std()),
                                  "pretrain/eval_success_rate": success_rate}, step=p.gradient_steps)
