@@ -12,6 +12,7 @@ Writers build a directory under a temporary name and rename it into place, so a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -94,3 +95,28 @@ def no_space_message(what: str, path: Path, needed: int) -> str:
     free = shutil.disk_usage(probe).free
     return (f"no space left to write {what} {path}: it needs about {needed / 1e6:.1f} MB, "
             f"{free / 1e6:.1f} MB free there")
+
+
+class NoSpace(Exception):
+    """A staged directory could not be written for lack of space; ``written``: bytes it had reached."""
+
+    def __init__(self, written: int):
+        super().__init__(f"no space left after {written} bytes")
+        self.written = written
+
+
+@contextlib.contextmanager
+def staged(tmp: Path):
+    """Build a directory at the temporary path ``tmp`` (the caller renames it into place afterwards).
+    Any failure removes it; one for lack of space (:func:`out_of_space`) becomes :class:`NoSpace`."""
+    tmp = Path(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+    except Exception as e:
+        written = tree_size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(e):
+            raise NoSpace(written) from None
+        raise

@@ -2,6 +2,7 @@
 training goes on; a SIGKILLed driver resumes with no gap or duplicate in MLflow; GPU learners
 asked for on a machine without GPUs fall back to CPU with a clear line."""
 
+import contextlib
 import os
 import re
 import uuid
@@ -185,6 +186,16 @@ def test_sigterm_is_a_stop_request_and_a_second_signal_aborts():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@contextlib.contextmanager
+def _killed_if_left(proc: subprocess.Popen):
+    """Kill the process's group if the block ends (a failed assertion, a timeout) with it still running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _wait_for(stream, needle: str, timeout_s: float = 240) -> str:
     """Read lines until one contains needle; the lines read so far (for assertion messages)."""
     seen, deadline = [], time.time() + timeout_s
@@ -207,7 +218,7 @@ def test_tracking_server_outage_buffers_metrics_and_a_lasting_one_is_replayed(tm
     proc, _ = _spawn_train(tmp_path, TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 500, env_steps: null}"),
                            ["--set", "tracking.run_name=outage", "--set", "tracking.flush_timeout_s=2", "--json"],
                            {"MLFLOW_TRACKING_URI": server.url})
-    try:
+    with _killed_if_left(proc):
         _wait_for(proc.stderr, "iter    2 ")
         server.stop()
         t_down = time.time()
@@ -221,9 +232,6 @@ def test_tracking_server_outage_buffers_metrics_and_a_lasting_one_is_replayed(tm
         _wait_for(proc.stderr, "iter ")  # one more iteration with the server away
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     spill_line = [ln for ln in stderr.splitlines() if "still unreachable after 2 s" in ln]
@@ -277,14 +285,11 @@ def test_a_dead_remote_learner_stops_the_run_in_one_line_naming_the_checkpoint(t
         .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 0, envs_per_runner: 2, learners: 1}"),
         ["--set", "tracking.run_name=learner"], {"NCDPO_TEST_MARK": marker},
     )
-    try:
+    with _killed_if_left(proc):
         _wait_for(proc.stderr, "iter    3 ")
         (pid,) = _marked_learner_pids(marker)
         os.kill(pid, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 2, stderr[-3000:]
     assert "Traceback" not in stderr
     (line,) = [ln for ln in stderr.splitlines() if ": error: " in ln]

@@ -30,7 +30,7 @@ import yaml
 
 from .config import ExperimentConfig, parse_config
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
-from ncdpo_rllib.integrity import MANIFEST, manifest_problem, no_space_message, out_of_space, tree_size, write_manifest
+from ncdpo_rllib.integrity import MANIFEST, NoSpace, manifest_problem, no_space_message, staged, tree_size, write_manifest
 
 STATE_FILE = "ncdpo_state.json"
 CONFIG_FILE = "experiment.yaml"
@@ -53,21 +53,16 @@ class RunState:
 def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState) -> Path:
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.parent / f".tmp-{ckpt_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        algo.save_to_path(str(tmp.resolve()))
-        (tmp / CONFIG_FILE).write_text(exp.to_yaml())
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        write_manifest(tmp)
-    except Exception as e:
-        written = tree_size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not out_of_space(e):
-            raise
+        with staged(tmp):
+            algo.save_to_path(str(tmp.resolve()))
+            (tmp / CONFIG_FILE).write_text(exp.to_yaml())
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            write_manifest(tmp)
+    except NoSpace as e:
         run_dir = ckpt_dir.parent.parent
         kept = [p for p in (*periodic_checkpoints(run_dir), ckpt_dir) if (p / STATE_FILE).is_file()]
-        needed = max([written, *map(tree_size, kept)])
+        needed = max([e.written, *map(tree_size, kept)])
         then = (f"the previous checkpoints are untouched (newest: {kept[-1]}); free space, then continue with: "
                 f"ncdpo train --resume {run_dir}") if kept else "no earlier checkpoint; free space, then start again"
         raise CheckpointError(f"{no_space_message('checkpoint', ckpt_dir, needed)}; {then}") from None

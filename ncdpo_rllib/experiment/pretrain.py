@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from datetime import datetime
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ncdpo_rllib.errors import CheckpointError, ConfigError
-from ncdpo_rllib.integrity import no_space_message, out_of_space, tree_size, write_manifest
+from ncdpo_rllib.integrity import NoSpace, no_space_message, staged, write_manifest
 
 from .config import ExperimentConfig
 from .pretrained import CONFIG, META, MODULE, PRETRAINED, WEIGHTS, save_weights
@@ -259,20 +258,15 @@ def _write_atomic(path: Path, text: str) -> None:
 def _save(run_dir: Path, module, exp: ExperimentConfig, meta: dict) -> Path:
     final = run_dir / PRETRAINED
     tmp = run_dir / f".tmp-{PRETRAINED}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        module.save_to_path(str((tmp / MODULE).resolve()))
-        save_weights(module.get_state(), tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(exp.to_yaml())
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-        write_manifest(tmp)
-    except Exception as e:
-        written = tree_size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not out_of_space(e):
-            raise
-        needed = max(written, 2 * sum(p.numel() * p.element_size() for p in module.parameters()))
+        with staged(tmp):
+            module.save_to_path(str((tmp / MODULE).resolve()))
+            save_weights(module.get_state(), tmp / WEIGHTS)
+            (tmp / CONFIG).write_text(exp.to_yaml())
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+            write_manifest(tmp)
+    except NoSpace as e:
+        needed = max(e.written, 2 * sum(p.numel() * p.element_size() for p in module.parameters()))
         raise CheckpointError(f"{no_space_message('pre-trained checkpoint', final, needed)}; free space or set "
                               "checkpoint.dir elsewhere, then pre-train again") from None
     os.replace(tmp, final)
