@@ -32,13 +32,23 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
+    """Write a text file under ``.<name>.tmp`` and rename it into place: a reader sees the old file or
+    the new one, never half of one. ``mode`` (before the umask) applies from creation: 0o600 leaves no
+    moment where a secret is readable by others."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_manifest(root: Path) -> None:
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, f".{MANIFEST}.tmp"))
     manifest = {p.relative_to(root).as_posix(): sha256(p) for p in files}
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def manifest_problem(root: Path) -> Optional[str]:

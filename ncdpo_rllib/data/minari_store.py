@@ -182,8 +182,9 @@ def write_dataset(
     dest.parent.mkdir(parents=True, exist_ok=True)
     needed = _estimated_size(episodes)
     kept = "; the dataset already there is untouched" if _is_dataset_dir(dest) else ""
+    no_room = lambda: DatasetError(f"{no_space_message('dataset', dest, needed)}{kept}; free space or write elsewhere")  # noqa: E731
     if needed > shutil.disk_usage(dest.parent).free:  # before HDF5 starts: it can crash closing a file it could not write
-        raise DatasetError(f"{no_space_message('dataset', dest, needed)}{kept}; free space or write elsewhere")
+        raise no_room()
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         _write_minari(tmp, episodes, env_id, meta)
@@ -193,7 +194,7 @@ def write_dataset(
     except Exception as e:
         if not out_of_space(e):
             raise
-        raise DatasetError(f"{no_space_message('dataset', dest, needed)}{kept}; free space or write elsewhere") from None
+        raise no_room() from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

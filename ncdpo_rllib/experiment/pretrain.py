@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ncdpo_rllib.errors import CheckpointError, ConfigError
-from ncdpo_rllib.integrity import NoSpace, no_space_message, staged, write_manifest
+from ncdpo_rllib.integrity import NoSpace, no_space_message, staged, write_atomic, write_manifest
 
 from .config import ExperimentConfig
 from .pretrained import CONFIG, META, MODULE, PRETRAINED, WEIGHTS, save_weights
@@ -233,7 +233,7 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             returns, success_rate = evaluate_module(exp, state, p.eval_episodes)
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
                             "return_std": float(returns.std()), "success_rate": success_rate}
-            _write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
+            write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
             write_manifest(ckpt)  # the evaluation is part of pretrain.json now
             tracker.log_metrics({"pretrain/eval_return_mean": float(returns.mean()),
                                  "pretrain/eval_return_std": float(returns.std()),
@@ -247,12 +247,6 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     return {"checkpoint": str(ckpt), "run_dir": str(run_dir), "val_loss_first": first_val,
             "val_loss_last": meta["val_loss_last"], "eval": meta.get("eval"),
             "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save(run_dir: Path, module, exp: ExperimentConfig, meta: dict) -> Path:

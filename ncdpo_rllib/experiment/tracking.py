@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ncdpo_rllib.errors import UserError, one_line
+from ncdpo_rllib.integrity import write_atomic
 
 from .config import ExperimentConfig
 from .filelock import exclusive
@@ -231,26 +232,32 @@ class Tracker:
             self.log(f"MLflow at {self.uri} unreachable ({one_line(e)[:200]}): metrics are kept and sent "
                      "when it is back; training goes on")
 
+    def _sent(self, write: Callable[[], object]) -> bool:
+        """Run one write: True if it got through, False if the store refused it for now (noted once
+        per outage); any other error is raised."""
+        try:
+            write()
+            return True
+        except Exception as e:
+            if not transient(e):
+                raise
+            self._unreachable(e)
+            return False
+
+    def _log_artifact_now(self, path: str, artifact_path: Optional[str]) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, path, artifact_path=artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)
+
     def _drain(self) -> bool:
         """Send the backlog in order; False (backlog kept) when the store is unreachable."""
         while self.backlog:
-            try:
-                self.client.log_batch(self.run_id, metrics=self.backlog[0])
-            except Exception as e:
-                if not transient(e):
-                    raise
-                self._unreachable(e)
+            if not self._sent(lambda: self.client.log_batch(self.run_id, metrics=self.backlog[0])):
                 return False
             self.backlog.pop(0)
         while self.unsent_artifacts:
-            path, artifact_path = self.unsent_artifacts[0]
-            try:
-                self.client.log_artifacts(self.run_id, path, artifact_path=artifact_path) if Path(path).is_dir() \
-                    else self.client.log_artifact(self.run_id, path, artifact_path=artifact_path)
-            except Exception as e:
-                if not transient(e):
-                    raise
-                self._unreachable(e)
+            if not self._sent(lambda: self._log_artifact_now(*self.unsent_artifacts[0])):
                 return False
             self.unsent_artifacts.pop(0)
         if self.outage_since is not None:
@@ -282,14 +289,8 @@ class Tracker:
             return
         deadline = time.monotonic() + self.flush_timeout_s
         while True:
-            try:
-                if self._drain():
-                    self.client.set_terminated(self.run_id, status=status)
-                    return
-            except Exception as e:
-                if not transient(e):
-                    raise
-                self._unreachable(e)
+            if self._drain() and self._sent(lambda: self.client.set_terminated(self.run_id, status=status)):
+                return
             if time.monotonic() >= deadline:
                 break
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
@@ -301,14 +302,17 @@ class Tracker:
         records = [{"uri": self.uri, "run_id": self.run_id, "status": status}]
         records += [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics]
         records += [{"artifact": p, "artifact_path": a} for p, a in self.unsent_artifacts]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
+        _write_records(path, records)
         keys = sorted({m.key for m in metrics})
         steps = f", steps {min(m.step for m in metrics):,}..{max(m.step for m in metrics):,}" if metrics else ""
         self.log(f"MLflow at {self.uri} still unreachable after {self.flush_timeout_s:g} s: {len(metrics)} metric "
                  f"values ({len(keys)} keys{steps}), {len(self.unsent_artifacts)} artifact(s) and the run's status "
                  f"{status} were not logged; they are in {path}; when the server is back: ncdpo replay {path}")
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    """The unlogged file: a header (uri, run_id, status), then one record per metric value or artifact."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def replay(path: str | Path, uri: Optional[str] = None) -> dict:
@@ -331,12 +335,7 @@ def replay(path: str | Path, uri: Optional[str] = None) -> dict:
     metrics = [r for r in rest if "key" in r]
     artifacts = [r for r in rest if "artifact" in r]
 
-    def keep(remaining_metrics, remaining_artifacts) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *remaining_metrics, *remaining_artifacts]))
-        os.replace(tmp, path)
-
-    sent = 0
+    sent = uploaded = 0
     with mlflow_errors(uri, f"replaying {path.name}"):
         try:
             client.get_run(run_id)
@@ -345,15 +344,16 @@ def replay(path: str | Path, uri: Optional[str] = None) -> dict:
                 client.log_batch(run_id, metrics=[Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
                                                   for r in chunk])
                 sent += len(chunk)
-            for n, r in enumerate(artifacts):
+            for r in artifacts:
                 p = Path(r["artifact"])
                 if p.is_dir():
                     client.log_artifacts(run_id, str(p), artifact_path=r.get("artifact_path"))
                 elif p.is_file():
                     client.log_artifact(run_id, str(p), artifact_path=r.get("artifact_path"))
+                uploaded += 1
             client.set_terminated(run_id, status=status)
         except BaseException:
-            keep(metrics[sent:], artifacts)
+            _write_records(path, [header, *metrics[sent:], *artifacts[uploaded:]])  # what is left, for a rerun
             raise
     path.unlink()
     return {"run_id": run_id, "mlflow_uri": uri, "metrics": sent, "artifacts": len(artifacts), "status": status}
@@ -361,16 +361,6 @@ def replay(path: str | Path, uri: Optional[str] = None) -> dict:
 
 AUTH_INI, AUTH_DB, SERVER_ENV, CREDENTIALS = "basic_auth.ini", "basic_auth.db", "server.env", "credentials"
 AUTH_USER = "ncdpo"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (mode 600 from the start: no window where it is 644)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def server_auth(directory: str | Path, credentials: Optional[str | Path] = None) -> dict:
@@ -399,19 +389,21 @@ def server_auth(directory: str | Path, credentials: Optional[str | Path] = None)
             raise UserError(f"{ini}: exists without an admin_password; remove it (and {AUTH_DB}) to make new credentials")
     else:
         password = secrets.token_urlsafe(24)
-        _write_private(ini, "[mlflow]\n"
+        write_atomic(ini, "[mlflow]\n"
                             "default_permission = READ\n"
                             f"database_uri = sqlite:///{root / AUTH_DB}\n"
                             f"admin_username = {AUTH_USER}\n"
                             f"admin_password = {password}\n"
-                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+                     mode=0o600)
     env = root / SERVER_ENV
     if not env.is_file():
-        _write_private(env, f"MLFLOW_AUTH_CONFIG_PATH={ini}\nMLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n")
+        write_atomic(env, f"MLFLOW_AUTH_CONFIG_PATH={ini}\nMLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n",
+                     mode=0o600)
     client = Path(credentials).expanduser() if credentials else root / CREDENTIALS
     text = f"[mlflow]\nmlflow_tracking_username = {AUTH_USER}\nmlflow_tracking_password = {password}\n"
     if client.is_file() and client.read_text() != text:
         raise UserError(f"{client}: holds other MLflow credentials; move it aside or pass --credentials elsewhere")
     client.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(client, text)
+    write_atomic(client, text, mode=0o600)
     return {"auth_config": str(ini), "server_env": str(env), "credentials": str(client), "username": AUTH_USER}
