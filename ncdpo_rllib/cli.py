@@ -77,18 +77,21 @@ def _report(args: argparse.Namespace, message: str, summary: dict) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
+def _experiment(args: argparse.Namespace, from_run):
+    """The experiment of a resumable command: its CONFIG files with --set, or with --resume and no
+    CONFIG, the run's own config (``from_run(run_dir, sets)``) with --set."""
     from ncdpo_rllib.experiment.config import load_config
-    from ncdpo_rllib.experiment.train import train
 
     if not args.config and args.resume is None:
-        raise_user("train: give a CONFIG file, or --resume CHECKPOINT")
-    if args.config:
-        exp = load_config(args.config, args.set)
-    else:  # resume with the checkpoint's own config (plus --set overrides)
-        _, exp, _ = load_checkpoint_meta(args.resume, args.set)
-    summary = train(exp, resume=args.resume)
+        raise_user(f"{args.command}: give a CONFIG file, or --resume RUN_DIR")
+    return load_config(args.config, args.set) if args.config else from_run(args.resume, args.set)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
+    from ncdpo_rllib.experiment.train import train
+
+    summary = train(_experiment(args, lambda run, sets: load_checkpoint_meta(run, sets)[1]), resume=args.resume)
     line = (
         f"done: final return {_fmt(summary['final_return'])}, best {_fmt(summary['best_return'])}, "
         f"{summary['env_steps']:,} env steps in {summary['wall_s']:.0f} s\n"
@@ -147,10 +150,9 @@ def _cmd_mlflow_auth(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from ncdpo_rllib.experiment.config import load_config
-    from ncdpo_rllib.experiment.pretrain import pretrain
+    from ncdpo_rllib.experiment.pretrain import pretrain, resume_config
 
-    summary = pretrain(load_config(args.config, args.set))
+    summary = pretrain(_experiment(args, resume_config), resume=args.resume)
     return _report(
         args,
         f"done: val loss {summary['val_loss_first']:.4f} -> {summary['val_loss_last']:.4f}"
@@ -161,10 +163,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
+    from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
     from ncdpo_rllib.experiment.collect import collect
-    from ncdpo_rllib.experiment.config import load_config
 
-    summary = collect(load_config(args.config, args.set))
+    summary = collect(_experiment(args, lambda run, sets: load_checkpoint_meta(run, sets)[1]), resume=args.resume)
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
@@ -247,11 +249,17 @@ def raise_user(msg: str) -> None:
     raise UserError(msg)
 
 
-def _config_command(sub, name: str, func, help: str, config_help: str) -> argparse.ArgumentParser:
-    """A subcommand that reads experiment YAML(s): CONFIG..., --set KEY=VALUE, --json."""
+def _config_command(sub, name: str, func, help: str, config_help: str,
+                    resume_help: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand that reads experiment YAML(s): CONFIG..., --set KEY=VALUE, --json; with
+    ``resume_help``, also --resume (CONFIG is then optional: the run's own config is used)."""
     parser = sub.add_parser(name, help=help)
-    parser.add_argument("config", nargs="+", help=config_help)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("config", nargs="*" if resume_help else "+",
+                        help=config_help + ("; optional with --resume" if resume_help else ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set diffusion.denoising_steps=10 (repeatable)")
+    if resume_help:
+        parser.add_argument("--resume", metavar="RUN_DIR", help=resume_help)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     parser.set_defaults(func=func)
     return parser
@@ -266,14 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parser = sub.add_parser
     sub.add_parser = lambda name, **kwargs: add_parser(name, parents=[verbose], **kwargs)  # every verb takes --verbose
 
-    t = sub.add_parser("train", help="train NCDPO (or the MLP+PPO baseline) from a YAML experiment file")
-    t.add_argument("config", nargs="*", help="experiment YAML; several are merged in order, later ones on top "
-                                             "(a task file, then a recipe); optional with --resume")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set diffusion.denoising_steps=10 (repeatable)")
-    t.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint or run directory")
-    t.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
-    t.set_defaults(func=_cmd_train)
+    _config_command(sub, "train", _cmd_train, "train NCDPO (or the MLP+PPO baseline) from a YAML experiment file",
+                    "experiment YAML; several are merged in order, later ones on top (a task file, then a recipe)",
+                    "continue from a checkpoint or a run directory (after Ctrl-C, a crash or a lost node)")
 
     e = sub.add_parser("evaluate", help="mean/std return of a checkpoint on its env (deterministic policy)")
     e.add_argument("checkpoint", help="a checkpoint directory or a run directory")
@@ -298,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_cmd_export)
 
     _config_command(sub, "pretrain", _cmd_pretrain, "behaviour-clone the diffusion policy on a dataset (pretrain: section)",
-                    "experiment YAML(s) with pretrain.dataset set (merged in order)")
+                    "experiment YAML(s) with pretrain.dataset set (merged in order)",
+                    "continue the interrupted pre-training in this run directory (its resume.pt)")
     _config_command(sub, "collect", _cmd_collect, "train an MLP-PPO expert and record expert/medium/... datasets",
-                    "experiment YAML(s) (algorithm: ppo, collect: section; merged in order)")
+                    "experiment YAML(s) (algorithm: ppo, collect: section; merged in order)",
+                    "continue the interrupted collection whose expert trains (or trained) in this run directory")
 
     cp = sub.add_parser("compare", help="group MLflow runs, aggregate seeds, write curves + table + HTML report")
     cp.add_argument("--experiment", metavar="NAME", help="MLflow experiment to select runs from")

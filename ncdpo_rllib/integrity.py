@@ -32,15 +32,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
-    """Write a text file under ``.<name>.tmp`` and rename it into place: a reader sees the old file or
-    the new one, never half of one. ``mode`` (before the umask) applies from creation: 0o600 leaves no
-    moment where a secret is readable by others."""
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o666) -> None:
+    """Write a file (text or bytes) under ``.<name>.tmp`` and rename it into place: a reader sees the
+    old file or the new one, never half of one (a failed write removes the temporary file). ``mode``
+    (before the umask) applies from creation: 0o600 leaves no moment where a secret is readable by others."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
-        f.write(text)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode),
+                       "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

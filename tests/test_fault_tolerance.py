@@ -172,7 +172,7 @@ def test_first_sigint_checkpoints_after_the_iteration_and_resume_has_no_gap_or_d
 def test_sigterm_is_a_stop_request_and_a_second_signal_aborts():
     """The handler ``train`` installs: SIGTERM (a scheduler's, ``kill``) and SIGINT alike set the stop
     request and return; the second raises KeyboardInterrupt; the previous handlers come back after."""
-    from ncdpo_rllib.experiment.train import StopRequest
+    from ncdpo_rllib.experiment.stopping import StopRequest
 
     said = []
     before = signal.getsignal(signal.SIGTERM)

@@ -1,6 +1,10 @@
 """collect -> pretrain -> fine-tune: action chunking, behaviour cloning, init_from, on real envs."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -129,6 +133,82 @@ def test_pretraining_lowers_the_validation_loss_and_beats_random(tmp_path):
     check_pretrained_weights_load_without_pickles(Path(ckpt), module.get_state(), tmp_path)
 
 
+@pytest.mark.slow
+def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """A first SIGINT mid pre-training: the step finishes, resume.pt is written, the MLflow run is KILLED,
+    the last line gives the --resume command, exit 130. ``pretrain --resume`` then continues the same run
+    (every validation step logged once) and ends with exactly the weights of a run never interrupted."""
+    from ncdpo_rllib.experiment.pretrain import RESUME
+
+    exp = bc_config(tmp_path, scripted_dataset(tmp_path), env={"id": "InvertedPendulum-v5", "action_chunk": 2})
+    data = exp.to_dict()
+    data["pretrain"] |= {"gradient_steps": 3000, "log_every": 100, "eval_episodes": 0}
+    (tmp_path / "bc.yaml").write_text(parse_config(data).to_yaml())
+    uri = data["tracking"]["uri"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", "pretrain", "bc.yaml", "--set",
+                             "tracking.run_name=cut"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("step     200/"):
+                break
+        assert seen and seen[-1].startswith("step     200/"), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "cut"
+    last = rest.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in rest, rest[-3000:]
+    assert last.startswith("ncdpo pretrain: stopped by SIGINT after gradient step ") and last.endswith(
+        f"continue with: ncdpo pretrain --resume {run_dir}"), last
+    assert (run_dir / RESUME).is_file() and not (run_dir / "pretrained").exists()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("bc").experiment_id)
+    assert run.info.status == "KILLED"
+
+    resumed = run_cli(["pretrain", "--resume", run_dir, "--json"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and not (run_dir / RESUME).exists()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/val_loss")]
+    assert sorted(steps) == list(range(0, 3001, 100)), steps  # no gap, no duplicate
+
+    whole = run_cli(["pretrain", "bc.yaml", "--set", "tracking.run_name=whole", "--set", "tracking.enabled=false"],
+                    tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = torch.load(run_dir / "pretrained" / "weights.pt", weights_only=True)
+    ref = torch.load(tmp_path / "runs" / "whole" / "pretrained" / "weights.pt", weights_only=True)
+    assert cut.keys() == ref.keys() and all(torch.equal(cut[k], ref[k]) for k in ref)
+
+
+def test_pretrain_resume_refuses_what_it_cannot_continue(tmp_path):
+    """--resume of a directory with nothing to continue, a corrupt resume.pt or a changed config: one line each."""
+    from ncdpo_rllib.experiment.pretrain import RESUME
+
+    bc = tmp_path / "bc.yaml"
+    bc.write_text(bc_config(tmp_path, scripted_dataset(tmp_path)).to_yaml())
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    out = run_cli(["pretrain", "--resume", tmp_path / "runs" / "r"], tmp_path)
+    assert out.returncode == 2 and "no experiment.yaml there" in out.stderr and "Traceback" not in out.stderr
+    shutil.copy(bc, tmp_path / "runs" / "r" / "experiment.yaml")
+    out = run_cli(["pretrain", "--resume", tmp_path / "runs" / "r"], tmp_path)
+    assert out.returncode == 2 and "no resume.pt there" in out.stderr, out.stderr[-2000:]
+    (tmp_path / "runs" / "r" / RESUME).write_bytes(b"PK\x03\x04 not a whole zip")
+    out = run_cli(["pretrain", "--resume", tmp_path / "runs" / "r"], tmp_path)
+    assert out.returncode == 2 and "resume.pt is unreadable" in out.stderr and "pre-train again" in out.stderr
+    torch.save({"step": 1, "actor": {}, "ema": {}, "optimizer": {}}, tmp_path / "runs" / "r" / RESUME)
+    out = run_cli(["pretrain", bc, "--set", "pretrain.lr=0.5", "--resume", tmp_path / "runs" / "r"], tmp_path)
+    assert out.returncode == 2 and "changes pretrain.lr" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 class _Planted:
     """A pickle that runs code when unpickled (creates the file it names)."""
 
@@ -183,7 +263,7 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
 COLLECT = """\
 algorithm: ppo
 env: {id: Pendulum-v1}
-stop: {iterations: 3, env_steps: null}
+stop: {iterations: 4, env_steps: null}
 ppo: {train_batch_size: 800, minibatch_size: 200, num_epochs: 2, gamma: 0.95, gae_lambda: 0.1}
 resources: {env_runners: 0, envs_per_runner: 4}
 tracking: {experiment: pipeline}
@@ -208,8 +288,31 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     (tmp_path / "collect.yaml").write_text(COLLECT)
     (tmp_path / "ft.yaml").write_text(FINETUNE)
 
-    collected = run_cli(["collect", "collect.yaml", "--json"], tmp_path, env)
+    # Ctrl-C while the expert trains: a checkpoint, exit 130, the command that continues.
+    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", "collect", "collect.yaml"], cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("iter    1 "):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = rest.strip().splitlines()[-1] if rest.strip() else "".join(seen)[-3000:]
+    assert proc.returncode == 130 and " --resume " in last, last
+    assert last.startswith("ncdpo collect: stopped by SIGINT after iteration "), last
+    run_dir = last.split("ncdpo collect --resume ")[1]
+    assert not (tmp_path / "data").exists()  # no dataset before the expert is trained
+
+    collected = run_cli(["collect", "--resume", run_dir, "--json"], tmp_path, env)
     assert collected.returncode == 0, collected.stderr[-3000:]
+    assert "resumed from" in collected.stderr
     collect_summary = last_json(collected.stdout)
     datasets = collect_summary["datasets"]
     collect_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(collect_summary["mlflow_run_id"])

@@ -85,3 +85,58 @@ def test_sweep_bad_grid_one_line_error(tmp_path, grid, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ncdpo sweep: error:") and message in lines[0], r.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_sigint_to_a_sweep_checkpoints_its_points_and_resume_finishes_them(tmp_path):
+    """A first SIGINT to ``ncdpo sweep`` reaches its trials (other processes) through the stop flag: the
+    running points finish their iteration and checkpoint (MLflow runs KILLED), the waiting one does not
+    start, the parent is KILLED, exit 130 with the --resume command; --resume then finishes every
+    point, each run's steps logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", str(cfg), "--seeds", "0", "1", "2", "--name", "cut", "--set", "stop.iterations=8"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", *args], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "runs" / "cut").glob("*/checkpoints/iter_000002")) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert last.startswith("ncdpo sweep: sweep cut stopped by SIGINT: ") and "--resume --name cut" in last, last
+    runs = _runs(uri)
+    (parent,) = [x for x in runs if x.data.tags.get("stage") == "sweep"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "KILLED" and children, [c.info.status for c in children]
+    assert all(c.info.status == "KILLED" for c in children), [c.info.status for c in children]
+    for c in children:  # each stopped point left a checkpoint of its last iteration
+        assert list((tmp_path / "runs" / "cut" / c.info.run_name / "checkpoints").glob("iter_*")), c.info.run_name
+
+    r = run_cli([*args[:1], *args[1:], "--resume", "--json"], tmp_path, {"MLFLOW_TRACKING_URI": uri}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["points"] == 3
+    runs = _runs(uri)
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name for c in children) == [f"cut-seed={s}" for s in range(3)]
+    assert all(c.info.status == "FINISHED" for c in children)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for c in children:
+        steps = sorted(m.step for m in client.get_metric_history(c.info.run_id, "env_steps"))
+        assert steps == [256 * i for i in range(1, 9)], (c.info.run_name, steps)

@@ -87,12 +87,18 @@ def record_policy(ckpt: Path, steps: int, stochastic: bool, seed: int, log, labe
     return kept
 
 
-def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+def collect(exp: ExperimentConfig, *, resume: str | Path | None = None,
+            log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """Train (or, with ``resume``, continue training) the expert, then rate its checkpoints and record
+    the datasets. ``resume``: the expert's run directory after an interruption; a finished expert is
+    not trained again (an interruption while rating or recording loses only that part)."""
     from .build import check_experiment
     from .train import train
 
     c = exp.collect
     if c.scripted:
+        if resume is not None:
+            raise ConfigError("collect.scripted records in one pass: there is nothing to --resume; run it again")
         return collect_scripted(exp, log=log)
     if exp.env.pixels:
         raise ConfigError("pixel datasets are recorded from Meta-World's scripted experts: set collect.scripted: true")
@@ -112,7 +118,15 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
     if taken:
         raise ConfigError(f"dataset directory {taken[0]} already exists: remove it or set collect.out")
 
-    if c.expert_checkpoint is not None:
+    if c.expert_checkpoint is not None and resume is not None:
+        raise ConfigError("collect: --resume continues the expert's training; collect.expert_checkpoint takes a "
+                          "trained one: give one or the other")
+    trained = resume is not None and (Path(resume) / "checkpoints" / FINAL / STATE_FILE).is_file()
+    if trained:
+        run_dir = Path(resume).resolve()
+        ckpts = _run_checkpoints(run_dir)
+        log(f"the expert in {run_dir} finished training: rating its {len(ckpts)} checkpoints")
+    elif c.expert_checkpoint is not None:
         ckpt = resolve_checkpoint(c.expert_checkpoint)
         _, ckpt_exp, state = load_checkpoint_meta(ckpt)
         if ckpt_exp.algorithm != "ppo" or ckpt_exp.env.id != exp.env.id:
@@ -122,7 +136,8 @@ def collect(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, fl
         ckpts = _run_checkpoints(run_dir) or [ckpt]
     else:
         ck = dataclasses.replace(exp.checkpoint, every=c.checkpoint_every, keep=10**6)
-        summary = train(dataclasses.replace(exp, checkpoint=ck), log=log, record_rollouts=True)
+        summary = train(dataclasses.replace(exp, checkpoint=ck), resume=resume, log=log, record_rollouts=True,
+                        command="ncdpo collect")
         run_dir = Path(summary["run_dir"])
         ckpts = _run_checkpoints(run_dir)
 

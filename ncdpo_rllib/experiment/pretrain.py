@@ -11,6 +11,11 @@ checkpoint loads into ``ncdpo train`` with ``init_from``. Conventions:
   ``obs_shift``/``obs_scale`` buffers (so the checkpoint carries its normaliser);
 - the loss of ``DiffusionPolicy.bc_loss`` (target: epsilon or x0, per ``diffusion.prediction``),
   AdamW with warm-up + cosine decay, EMA weights (what is validated, saved and evaluated).
+
+Resumable: at every validation (``pretrain.log_every``) and on a first SIGINT / SIGTERM, the whole
+training state (weights, EMA, optimizer, schedule, random generators, loss history) goes to
+``<run dir>/resume.pt``; ``ncdpo pretrain --resume <run dir>`` continues the same MLflow run from it
+and ends with the weights an uninterrupted run would have had.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncdpo_rllib.errors import CheckpointError, ConfigError
-from ncdpo_rllib.integrity import NoSpace, no_space_message, staged, write_atomic, write_manifest
+from ncdpo_rllib.errors import CheckpointError, ConfigError, TrainingInterrupted, one_line
+from ncdpo_rllib.integrity import NoSpace, no_space_message, out_of_space, staged, write_atomic, write_manifest
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, load_config
+from .loader import flatten
 from .pretrained import CONFIG, META, MODULE, PRETRAINED, WEIGHTS, save_weights
+from .stopping import StopRequest
 from .tracking import Tracker
+
+RESUME = "resume.pt"
+"""<run dir>/resume.pt: the state an interrupted pre-training continues from (plain tensors and numbers,
+loaded with ``weights_only=True``); removed once the pre-trained checkpoint is written."""
+RESUMABLE_KEYS = ("pretrain.eval_episodes", "tracking.flush_timeout_s")
+"""The only keys ``--resume`` may change: everything else defines the run being continued."""
 
 
 def module_spec(exp: ExperimentConfig):
@@ -133,7 +146,57 @@ def _run_dir(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
-def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config an interrupted pre-training run was started with (its <run dir>/experiment.yaml),
+    with ``--set`` overrides on top."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no {CONFIG} there; give the directory `ncdpo pretrain` named "
+                              "as its run dir")
+    return load_config(path, overrides)
+
+
+def _load_resume(run_dir: str | Path, exp: ExperimentConfig) -> tuple[Path, dict]:
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / RESUME
+    if not path.is_file():
+        done = run_dir / PRETRAINED
+        raise CheckpointError(f"--resume {run_dir}: pre-training finished there (its policy: {done}); nothing to resume"
+                              if done.is_dir() else f"--resume {run_dir}: no {RESUME} there, so no interrupted "
+                              "pre-training to continue; start a new one")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(saved, dict) and {"step", "actor", "ema", "optimizer"} <= saved.keys()
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path} is unreadable ({one_line(e, 100, with_type=True)}): truncated or "
+                              "corrupt; pre-train again") from None
+    old, new = flatten(resume_config(run_dir).to_dict()), flatten(exp.to_dict())
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS]
+    if changed:
+        raise ConfigError(f"--resume: the config changes {', '.join(changed)} from the run's ({run_dir / CONFIG}); "
+                          "a resumed pre-training continues the same run: start a new one instead")
+    return run_dir, saved
+
+
+def _save_resume(run_dir: Path, state: dict) -> None:
+    """resume.pt, atomically: an abort mid-write leaves the previous one."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        write_atomic(run_dir / RESUME, buf.getvalue())
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise CheckpointError(f"{no_space_message('pre-training progress', run_dir / RESUME, buf.tell())}; free "
+                              f"space, then continue with: ncdpo pretrain --resume {run_dir}") from None
+
+
+def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
+             log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
+    """Behaviour-clone the policy on ``pretrain.dataset``; ``resume``: continue the interrupted run
+    in that run directory (``exp`` must be its config, see :func:`resume_config`)."""
     from ncdpo_rllib.data import load_dataset, make_windows
 
     from .build import check_experiment
@@ -146,9 +209,9 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     if p.dataset is None:
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
     check_experiment(exp)
+    run_dir, saved = _load_resume(resume, exp) if resume is not None else (_run_dir(exp), None)
     dataset = load_dataset(p.dataset)
     act_space = _check_dataset(dataset, exp)
-    run_dir = _run_dir(exp)
 
     torch.manual_seed(exp.seed)
     train_ds, val_ds = _split(dataset, p.val_fraction, exp.seed)
@@ -175,43 +238,75 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.gradient_steps))
     ema = copy.deepcopy(actor).requires_grad_(False)
     gen = torch.Generator().manual_seed(exp.seed)
+    step, history, running, wall_s = 0, [], [], 0.0
+    if saved is not None:
+        actor.load_state_dict(saved["actor"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])  # the image encoder's random shifts
+        step, history, running, wall_s = saved["step"], saved["history"], saved["running"], saved["wall_s"]
 
-    tracker = Tracker(exp, tags={"stage": "pretrain", "dataset": str(p.dataset)})
-    status = "FAILED"
+    def progress() -> dict:
+        return {"step": step, "history": history, "running": running, "wall_s": time.perf_counter() - t0,
+                "actor": actor.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
+
+    tracker = Tracker(exp, run_id=saved and saved["mlflow_run_id"], uri=saved and saved["mlflow_uri"],
+                      tags={"stage": "pretrain", "dataset": str(p.dataset)}, log=log, spill_dir=run_dir)
+    status, stop = "FAILED", StopRequest(log, "gradient step")
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            write_atomic(run_dir / CONFIG, exp.to_yaml())  # what --resume continues with
         log(
             f"pretrain {exp.env.id} on {dataset.path} ({len(train_ds.episodes)} train / {len(val_ds.episodes)} "
             f"val episodes, {len(cond_tr):,} pairs, Ta={env.action_chunk}, To={env.obs_history}) | run dir {run_dir}"
             + (f" | MLflow run {tracker.run_id}" if tracker.enabled else "")
         )
-        first_val = _val_loss(ema, cond_va, act_va, norm)
-        history = [{"step": 0, "val_loss": first_val}]
-        tracker.log_metrics({"pretrain/val_loss": first_val}, step=0)
-        t0, running = time.perf_counter(), []
-        for step in range(1, p.gradient_steps + 1):
-            idx = torch.randint(0, len(cond_tr), (p.batch_size,), generator=gen)
-            with module.shifting():  # random-shift augmentation of images (no-op for state)
-                loss = actor.bc_loss(norm(cond_tr[idx]), act_tr[idx], generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            _ema_update(ema, actor, min(p.ema_decay, (1 + step) / (10 + step)))
-            running.append(loss.item())
-            if step % p.log_every == 0 or step == p.gradient_steps:
-                val = _val_loss(ema, cond_va, act_va, norm)
-                train_loss = float(np.mean(running))
-                running = []
-                elapsed = time.perf_counter() - t0
-                history.append({"step": step, "train_loss": train_loss, "val_loss": val})
-                tracker.log_metrics(
-                    {"pretrain/train_loss": train_loss, "pretrain/val_loss": val,
-                     "pretrain/lr": sched.get_last_lr()[0], "wall_s": elapsed},
-                    step=step,
-                )
-                eta = elapsed / step * (p.gradient_steps - step)
-                log(f"step {step:7,d}/{p.gradient_steps:,} | train loss {train_loss:.4f} | val loss {val:.4f} "
-                    f"| {step / elapsed:6.0f} steps/s | eta {eta:5.0f} s")
+        if saved is None:
+            history.append({"step": 0, "val_loss": _val_loss(ema, cond_va, act_va, norm)})
+            tracker.log_metrics({"pretrain/val_loss": history[0]["val_loss"]}, step=0)
+        else:
+            log(f"resumed from {run_dir / RESUME} at gradient step {step:,}")
+        t0 = time.perf_counter() - wall_s
+        with stop:
+            while step < p.gradient_steps and stop.signal is None:
+                step += 1
+                idx = torch.randint(0, len(cond_tr), (p.batch_size,), generator=gen)
+                with module.shifting():  # random-shift augmentation of images (no-op for state)
+                    loss = actor.bc_loss(norm(cond_tr[idx]), act_tr[idx], generator=gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                _ema_update(ema, actor, min(p.ema_decay, (1 + step) / (10 + step)))
+                running.append(loss.item())
+                if step % p.log_every == 0 or step == p.gradient_steps:
+                    val = _val_loss(ema, cond_va, act_va, norm)
+                    train_loss = float(np.mean(running))
+                    running = []
+                    elapsed = time.perf_counter() - t0
+                    history.append({"step": step, "train_loss": train_loss, "val_loss": val})
+                    if step < p.gradient_steps:  # saved before MLflow has the step: a resume logs none twice
+                        _save_resume(run_dir, progress())
+                    tracker.log_metrics(
+                        {"pretrain/train_loss": train_loss, "pretrain/val_loss": val,
+                         "pretrain/lr": sched.get_last_lr()[0], "wall_s": elapsed},
+                        step=step,
+                    )
+                    eta = elapsed / step * (p.gradient_steps - step)
+                    log(f"step {step:7,d}/{p.gradient_steps:,} | train loss {train_loss:.4f} | val loss {val:.4f} "
+                        f"| {step / elapsed:6.0f} steps/s | eta {eta:5.0f} s")
+            if stop.signal is not None and step < p.gradient_steps:
+                if step % p.log_every:  # not saved at this step yet
+                    _save_resume(run_dir, progress())
+                status = "KILLED"
+                raise TrainingInterrupted(
+                    f"stopped by {stop.signal} after gradient step {step:,} of {p.gradient_steps:,}; progress saved "
+                    f"in {run_dir / RESUME}; continue with: ncdpo pretrain --resume {run_dir}")
 
         actor.load_state_dict(ema.state_dict())  # the EMA weights are the pre-trained policy
         state = module.get_state()
@@ -220,13 +315,14 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
             "dataset_metadata": dataset.metadata,
             "env": exp.env.id,
             "pairs": {"train": len(cond_tr), "val": len(cond_va)},
-            "val_loss_first": first_val,
+            "val_loss_first": history[0]["val_loss"],
             "val_loss_last": history[-1]["val_loss"],
             "history": history,
             "wall_s": round(time.perf_counter() - t0, 2),
         }
         meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
         ckpt = _save(run_dir, module, exp, meta)  # saved before the evaluation: nothing to lose
+        (run_dir / RESUME).unlink(missing_ok=True)
         if p.eval_episodes:
             from .evaluate import evaluate_module
 
@@ -242,9 +338,12 @@ def pretrain(exp: ExperimentConfig, *, log=lambda m: print(m, file=sys.stderr, f
                 + (f", success rate {success_rate:.2f}" if success_rate is not None else ""))
         tracker.log_artifacts(ckpt, "pretrained")
         status = "FINISHED"
+    except KeyboardInterrupt:  # a second signal: resume.pt is the last complete save
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(status)
-    return {"checkpoint": str(ckpt), "run_dir": str(run_dir), "val_loss_first": first_val,
+    return {"checkpoint": str(ckpt), "run_dir": str(run_dir), "val_loss_first": meta["val_loss_first"],
             "val_loss_last": meta["val_loss_last"], "eval": meta.get("eval"),
             "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
 

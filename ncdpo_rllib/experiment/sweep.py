@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-from ncdpo_rllib.errors import ConfigError, UserError
+from ncdpo_rllib.errors import ConfigError, TrainingInterrupted, UserError
 
 from .checkpoints import resolve_checkpoint
 from .config import ExperimentConfig, load_config
@@ -157,21 +157,47 @@ def _resources(exp: ExperimentConfig):
         return algo_cfg.algo_class.default_resource_request(algo_cfg)
 
 
-def _make_trainable(points: list[Point], parent_id: str, sweep_name: str):
+class StopFlag:
+    """A Ray actor (num_cpus=0) the sweep's driver sets on its first SIGINT / SIGTERM: the trials,
+    in other processes (or nodes) that the signal does not reach, poll it between iterations."""
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+    def get(self) -> Optional[str]:
+        return self.reason
+
+
+def _make_trainable(points: list[Point], parent_id: str, sweep_name: str, flag):
     specs = [(p.exp.to_dict(), p.resume) for p in points]
 
     def trainable(config: dict) -> None:
         import logging
 
+        import ray
         from ray import tune
+
+        from ncdpo_rllib.errors import TrainingInterrupted
 
         from .config import parse_config
         from .train import train
 
         logging.getLogger("ray.rllib").setLevel(logging.ERROR)
         data, resume = specs[config["point"]]
+        stop_requested = lambda: ray.get(flag.get.remote())  # noqa: E731
+        if stop_requested():  # the sweep was stopped before this point began
+            tune.report({"interrupted": 1, "not_started": 1})
+            return
         exp = parse_config(data)
-        summary = train(exp, resume=resume, tags={PARENT_TAG: parent_id, SWEEP_TAG: sweep_name})
+        try:
+            summary = train(exp, resume=resume, tags={PARENT_TAG: parent_id, SWEEP_TAG: sweep_name},
+                            stop_requested=stop_requested)
+        except TrainingInterrupted:  # checkpointed; the MLflow run is KILLED; --resume continues it
+            tune.report({"interrupted": 1, "not_started": 0})
+            return
         tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float))}
                     | {"mlflow_run_id": summary["mlflow_run_id"]})
 
@@ -241,8 +267,19 @@ def sweep(
 
     log(f"sweep {name}: {len(points)} points, {len(todo)} to run | MLflow parent run {parent_id} at {uri}")
     errors: list[str] = []
+    stopped: Optional[str] = None
     if todo:
-        errors = _run_tune(todo, parent_id, ckpt_root, name, log)
+        try:
+            errors, stopped = _run_tune(todo, parent_id, ckpt_root, name, log)
+        except KeyboardInterrupt:  # a second signal: the trials' last checkpoints stay as they were
+            client.set_terminated(parent_id, status="KILLED")
+            raise
+    if stopped is not None:
+        client.set_terminated(parent_id, status="KILLED")
+        configs = " ".join(str(c) for c in (config if isinstance(config, (list, tuple)) else [config]))
+        raise TrainingInterrupted(
+            f"sweep {name} {stopped}; continue with: ncdpo sweep {configs} ... --resume --name {name} "
+            "(the same --grid, --seeds and --set)")
 
     children = _children(client, exp_id, parent_id)
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -278,14 +315,22 @@ def sweep(
     }
 
 
-def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log) -> list[str]:
+def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log) -> tuple[list[str], Optional[str]]:
+    """Run the points on Tune; (errors, what stopped the sweep or None). A first SIGINT / SIGTERM sets
+    the StopFlag: running points finish their iteration and checkpoint, the others do not start."""
+    import threading
+
+    import ray
     from ray import tune
 
     from .build import init_ray
+    from .stopping import StopRequest
 
     init_ray()
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours below: Tune's would stop the trials without a checkpoint
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
     reservations = [p.resources for p in todo]
-    trainable = tune.with_resources(_make_trainable(todo, parent_id, name),
+    trainable = tune.with_resources(_make_trainable(todo, parent_id, name, flag),
                                     lambda config: reservations[config["point"]])
     tuner = tune.Tuner(
         trainable,
@@ -294,15 +339,35 @@ def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log
         run_config=tune.RunConfig(name=name, storage_path=str(ckpt_root / "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    results = tuner.fit()
-    errors = []
+    with StopRequest(log, "iteration of every running point") as stop:
+        fitted = threading.Event()
+
+        def pass_on() -> None:  # from the signal to the trials
+            while not fitted.wait(0.2):
+                if stop.signal is not None:
+                    flag.set.remote(f"{stop.signal} to the sweep")
+                    return
+
+        threading.Thread(target=pass_on, daemon=True).start()
+        try:
+            results = tuner.fit()
+        finally:
+            fitted.set()
+    errors, stopped, not_started = [], [], 0
     for res in results:
         p = todo[res.config["point"]]
-        if res.error is not None:
+        if (res.metrics or {}).get("interrupted"):
+            not_started += int(res.metrics.get("not_started", 0))
+            stopped += [] if res.metrics.get("not_started") else [p.name]
+            log(f"  {p.name}: {'not started' if res.metrics.get('not_started') else 'stopped with a checkpoint'}")
+        elif res.error is not None:
             lines = [x for x in str(res.error).strip().splitlines() if x.strip()]  # Ray's wrapper first
             errors.append(f"{p.name}: {(lines[-1].strip() if lines else type(res.error).__name__)[:200]}")
             log(f"  {p.name}: FAILED")
         else:
             m = res.metrics or {}
             log(f"  {p.name}: return {m.get('final_return')}, {m.get('env_steps')} env steps")
-    return errors
+    if stop.signal is None:
+        return errors, None
+    return errors, (f"stopped by {stop.signal}: {len(stopped)} point(s) stopped with a checkpoint, "
+                    f"{not_started} not started")

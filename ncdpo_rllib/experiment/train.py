@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 import traceback
 from datetime import datetime
@@ -32,6 +30,7 @@ from .config import ExperimentConfig
 from .loader import flatten
 from .metrics import iteration_metrics, sampled_env_steps
 from .pretrained import check_compatible, load_module_state, load_pretrained_meta
+from .stopping import StopRequest
 from .tracking import Tracker
 
 
@@ -59,31 +58,6 @@ def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, it
         parts.append(f"KL-stopped {sum(stops) / len(stops):4.0%}")
     parts += [f"{steps_per_s:7,.0f} steps/s", f"{iter_s:5.1f} s/iter", f"{state.wall_s:7.1f} s total"]
     return " | ".join(parts)
-
-
-class StopRequest:
-    """SIGINT / SIGTERM while training: the first lets the current iteration finish, then the run
-    checkpoints and stops (``signal`` is set); a second aborts at once (KeyboardInterrupt), leaving
-    the last complete checkpoint as it was. Handlers are installed in the main thread only."""
-
-    def __init__(self, log):
-        self.log, self.signal, self._previous = log, None, {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        self.log(f"{self.signal}: finishing this iteration, then a checkpoint and stop (send it again to abort now)")
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _done(exp: ExperimentConfig, state: RunState) -> bool:
@@ -237,6 +211,8 @@ def train(
     on_iteration: Optional[Callable[[RunState, dict], None]] = None,
     record_rollouts: bool = False,
     tags: Optional[dict[str, str]] = None,
+    command: str = "ncdpo train",
+    stop_requested: Optional[Callable[[], Optional[str]]] = None,
 ) -> dict:
     """Run (or resume) one experiment; return the summary dict printed by ``--json``.
 
@@ -245,6 +221,9 @@ def train(
     ``record_rollouts``: every training episode is written raw to <run dir>/rollouts/
     (``ncdpo collect``'s medium-replay data).
     ``tags``: extra MLflow tags for a new run (``ncdpo sweep``: the parent run id).
+    ``command``: what the user reruns with ``--resume`` after an interruption (``ncdpo collect``).
+    ``stop_requested()``: polled before each iteration; a reason (not None) stops the run as a first
+    SIGINT does (``ncdpo sweep``'s trials, which the sweep's signal does not reach).
     """
     ckpt_path, state = None, RunState()
     if resume is not None:
@@ -300,7 +279,11 @@ def train(
         pending: list[tuple[int, dict]] = []
         seen_restarts = 0
         stop = StopRequest(log).__enter__()  # restored in the finally below
-        while not _done(exp, state) and stop.signal is None:
+        while not _done(exp, state):
+            if stop.signal is None and stop_requested is not None:
+                stop.signal = stop_requested()
+            if stop.signal is not None:
+                break
             t0 = time.perf_counter()
             try:
                 result = algo.train()
@@ -361,7 +344,7 @@ def train(
             status = "KILLED"
             raise TrainingInterrupted(
                 f"stopped by {stop.signal} after iteration {state.iteration} ({state.env_steps:,} env steps); "
-                f"checkpoint {saved}; continue with: ncdpo train --resume {run_dir}")
+                f"checkpoint {saved}; continue with: {command} --resume {run_dir}")
         final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
         _flush(tracker, pending)
         tracker.log_artifacts(final, "checkpoint")
@@ -377,7 +360,7 @@ def train(
         if lost is None:
             raise
         last = periodic_checkpoints(run_dir)
-        resume = f"continue with: ncdpo train --resume {run_dir}" if last else "no checkpoint yet; start again"
+        resume = f"continue with: {command} --resume {run_dir}" if last else "no checkpoint yet; start again"
         raise WorkerLost(f"{lost} at iteration {state.iteration} ({state.env_steps:,} env steps); RLlib 2.60 cannot "
                          f"replace it mid-run: last checkpoint {last[-1] if last else 'none'}; {resume}") from None
     finally:
