@@ -27,6 +27,9 @@ def _quiet() -> None:
     # RLModuleConfig one every module construction logs) have a logger of their own.
     for name in ("ray", "ray.rllib", "ray._common.deprecation", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # An EnvRunner lost (its process or node died) is logged there as three ERROR lines with an empty
+    # traceback ("NoneType: None"); train's own lines say it instead (how many are healthy, the restart).
+    logging.getLogger("ray.rllib.utils.actor_manager").setLevel(logging.CRITICAL)
 
 
 NATIVE_NOISE = (

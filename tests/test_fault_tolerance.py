@@ -302,3 +302,76 @@ def test_a_dead_remote_learner_stops_the_run_in_one_line_naming_the_checkpoint(t
                       tmp_path, {"MLFLOW_TRACKING_URI": uri})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert last_json(resumed.stdout)["iterations"] == int(last[-6:]) + 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runners_on(node) -> list[int]:
+    """PIDs of the EnvRunner actor processes a Ray node's raylet started."""
+    raylet = node.all_processes["raylet"][0].process.pid
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"SingleAgentEnvRunner" not in (proc / "cmdline").read_bytes():
+                continue
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                pids.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lost_worker_node_leaves_the_run_going_and_its_runner_comes_back_on_a_new_node(tmp_path):
+    """A multi-node Ray cluster on this machine (Ray's own ``cluster_utils.Cluster``: a head with no
+    CPUs, three 1-CPU worker nodes holding the algorithm's bundles, so both EnvRunners sit on worker
+    nodes); ``ncdpo train`` joins it through RAY_ADDRESS. One runner's node is removed mid-run (all its
+    processes killed): training goes on with the runner left, a node added later takes the lost runner
+    (RLlib restarts it there, the progress line says so), and the run finishes with every iteration's
+    metrics once and every checkpoint intact."""
+    from ray.cluster_utils import Cluster
+
+    from ncdpo_rllib.integrity import manifest_problem
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": _free_port(),
+                                                            "include_dashboard": False})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+        proc, uri = _spawn_train(
+            tmp_path,
+            TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 14, env_steps: null}")
+            .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}"),
+            ["--set", "tracking.run_name=lost-node", "--json"], {"RAY_ADDRESS": cluster.address})
+        with _killed_if_left(proc):
+            seen = _wait_for(proc.stderr, "iter    2 ")
+            hosts = [n for n in nodes if _runners_on(n)]
+            assert hosts, "no EnvRunner on the cluster's worker nodes:\n" + seen[-2000:]
+            cluster.remove_node(hosts[0], allow_graceful=False)
+            after_loss = _wait_for(proc.stderr, "env runners: 1 of 2 healthy; training goes on")
+            after_loss += _wait_for(proc.stderr, "iter ")  # an iteration on the runner left
+            cluster.add_node(num_cpus=1)
+            rest = after_loss + _wait_for(proc.stderr, "env runner failure: restarted")
+            stdout, stderr = proc.communicate(timeout=300)
+        stderr = seen + rest + stderr
+        assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+        assert "actor_manager" not in stderr, stderr[-3000:]  # RLlib's own ERROR lines: ours say it
+    finally:
+        cluster.shutdown()
+    summary = last_json(stdout)
+    assert summary["iterations"] == 14
+    client = MlflowClient(uri)
+    run_id = summary["mlflow_run_id"]
+    assert sorted(m.value for m in client.get_metric_history(run_id, "iteration")) == list(range(1, 15))
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "env_steps"))
+    assert len(set(steps)) == 14, steps  # no iteration's metrics lost or logged twice
+    assert max(m.value for m in client.get_metric_history(run_id, "env_runner_restarts")) >= 1
+    run_dir = tmp_path / "runs" / "lost-node"
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert ckpts and all(manifest_problem(c) is None for c in ckpts)

@@ -277,7 +277,7 @@ def train(
             mapping = policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
             log(f"policies ({exp.multi_agent.policies}): {describe_mapping(mapping)}")
         pending: list[tuple[int, dict]] = []
-        seen_restarts = 0
+        seen_restarts, short_of_runners = 0, False
         stop = StopRequest(log).__enter__()  # restored in the finally below
         while not _done(exp, state):
             if stop.signal is None and stop_requested is not None:
@@ -323,10 +323,16 @@ def train(
             pending.append((state.env_steps, metrics))
             log(_progress(state, metrics, sampled / iter_s, iter_s))
             restarts = int(metrics.get("env_runner_restarts") or 0)
+            healthy = metrics.get("env_runners_healthy")
             if restarts > seen_restarts:  # RLlib's count, for this process
                 log(f"env runner failure: restarted ({restarts} restart(s) so far, "
-                    f"{int(metrics.get('env_runners_healthy') or 0)} healthy); training goes on")
+                    f"{int(healthy or 0)} healthy); training goes on")
                 seen_restarts = restarts
+            if healthy is not None and exp.resources.env_runners and (healthy < exp.resources.env_runners) != short_of_runners:
+                short_of_runners = not short_of_runners
+                if short_of_runners:  # e.g. its node died: RLlib restarts it once a node has room
+                    log(f"env runners: {int(healthy)} of {exp.resources.env_runners} healthy; training goes on with "
+                        "them while RLlib restarts the others (where a node has room for them)")
             if exp.eval.video_every:
                 _log_evaluation_videos(tracker, video_staging, run_dir, state.env_steps)
             if on_iteration is not None:
