@@ -59,6 +59,29 @@ def run_cli(args, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProce
     )
 
 
+def interrupt_cli(args, cwd, when: str, env_extra=None, timeout=240) -> tuple[int, str, str]:
+    """Run ``ncdpo ARGS`` (own process group and MLflow settings, as ``run_cli``), send it SIGINT once a
+    stderr line starts with ``when``; returns (exit code, stderr up to that line, the rest of stderr).
+    The group is killed if anything goes wrong."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | (env_extra or {})
+    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        seen, deadline = [], time.time() + timeout
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(when) or time.time() > deadline:
+                break
+        assert seen and seen[-1].startswith(when), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, "".join(seen), rest
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 

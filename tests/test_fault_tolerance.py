@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, last_json, run_cli
+from tests.conftest import TINY, interrupt_cli, last_json, run_cli
 
 
 def _spawn_train(tmp_path, config_text: str, args=(), env_extra=None) -> tuple[subprocess.Popen, str]:
@@ -134,20 +134,12 @@ def test_first_sigint_checkpoints_after_the_iteration_and_resume_has_no_gap_or_d
     logs every step once. A second signal would abort at once (KeyboardInterrupt)."""
     config = (TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 6, env_steps: null}")
               .replace("checkpoint: {every: 1}", "checkpoint: {every: 100}"))
-    proc, uri = _spawn_train(tmp_path, config, ["--set", "tracking.run_name=interrupted"])
-    try:
-        deadline = time.time() + 240
-        for line in proc.stderr:  # signal during iteration 3: no periodic checkpoint covers 1..2
-            if line.startswith("iter    2") or time.time() > deadline:
-                break
-        assert line.startswith("iter    2"), line
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, rest[-3000:]
+    (tmp_path / "tiny.yaml").write_text(config)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    # The signal lands during iteration 3: no periodic checkpoint covers 1..2.
+    code, _, rest = interrupt_cli(["train", "tiny.yaml", "--set", "tracking.run_name=interrupted"], tmp_path,
+                                  "iter    2", {"MLFLOW_TRACKING_URI": uri})
+    assert code == 130, rest[-3000:]
     last = rest.strip().splitlines()[-1]
     run_dir = tmp_path / "runs" / "interrupted"
     assert last.startswith("ncdpo train: stopped by SIGINT after iteration ") and f"--resume {run_dir}" in last, last

@@ -1,10 +1,6 @@
 """collect -> pretrain -> fine-tune: action chunking, behaviour cloning, init_from, on real envs."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -17,7 +13,7 @@ from ncdpo_rllib.data import Episode, RecordingWrapper, read_shards, write_datas
 from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.errors import ConfigError, UserError
 from ncdpo_rllib.tasks.wrappers import CHUNK_STEPS, ActionChunkObsHistory
-from tests.conftest import last_json, run_cli
+from tests.conftest import interrupt_cli, last_json, run_cli
 
 # --- action chunking / observation history --------------------------------------------------
 
@@ -145,26 +141,10 @@ def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(
     data["pretrain"] |= {"gradient_steps": 3000, "log_every": 100, "eval_episodes": 0}
     (tmp_path / "bc.yaml").write_text(parse_config(data).to_yaml())
     uri = data["tracking"]["uri"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", "pretrain", "bc.yaml", "--set",
-                             "tracking.run_name=cut"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith("step     200/"):
-                break
-        assert seen and seen[-1].startswith("step     200/"), "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code, _, rest = interrupt_cli(["pretrain", "bc.yaml", "--set", "tracking.run_name=cut"], tmp_path, "step     200/")
     run_dir = tmp_path / "runs" / "cut"
     last = rest.strip().splitlines()[-1]
-    assert proc.returncode == 130 and "Traceback" not in rest, rest[-3000:]
+    assert code == 130 and "Traceback" not in rest, rest[-3000:]
     assert last.startswith("ncdpo pretrain: stopped by SIGINT after gradient step ") and last.endswith(
         f"continue with: ncdpo pretrain --resume {run_dir}"), last
     assert (run_dir / RESUME).is_file() and not (run_dir / "pretrained").exists()
@@ -289,23 +269,9 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     (tmp_path / "ft.yaml").write_text(FINETUNE)
 
     # Ctrl-C while the expert trains: a checkpoint, exit 130, the command that continues.
-    proc = subprocess.Popen([sys.executable, "-m", "ncdpo_rllib.cli", "collect", "collect.yaml"], cwd=tmp_path,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | env,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith("iter    1 "):
-                break
-        proc.send_signal(signal.SIGINT)
-        rest = proc.stderr.read()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    last = rest.strip().splitlines()[-1] if rest.strip() else "".join(seen)[-3000:]
-    assert proc.returncode == 130 and " --resume " in last, last
+    code, seen, rest = interrupt_cli(["collect", "collect.yaml"], tmp_path, "iter    1 ", env)
+    last = rest.strip().splitlines()[-1] if rest.strip() else seen[-3000:]
+    assert code == 130 and " --resume " in last, last
     assert last.startswith("ncdpo collect: stopped by SIGINT after iteration "), last
     run_dir = last.split("ncdpo collect --resume ")[1]
     assert not (tmp_path / "data").exists()  # no dataset before the expert is trained
