@@ -37,7 +37,7 @@ def measure(args, runners: int, learners: int) -> dict:
         f"resources.env_runners={runners}", f"resources.learners={learners}",
         f"resources.envs_per_runner={args.envs}", "tracking.enabled=false", *args.set,
     ])
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     algo = build_algo_config(exp).build_algo()
     sample_s, learn_s, steps = [], [], []
     try:

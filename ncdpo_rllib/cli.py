@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import re
+import shlex
 import sys
 import threading
 import warnings
@@ -90,11 +91,17 @@ def _experiment(args: argparse.Namespace, from_run):
     return load_config(args.config, args.set) if args.config else from_run(args.resume, args.set)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_config(run: str, sets: list[str]):
+    """A training run's own config (its newest intact checkpoint's), with --set on top."""
     from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
+
+    return load_checkpoint_meta(run, sets)[1]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.train import train
 
-    summary = train(_experiment(args, lambda run, sets: load_checkpoint_meta(run, sets)[1]), resume=args.resume)
+    summary = train(_experiment(args, _run_config), resume=args.resume)
     line = (
         f"done: final return {_fmt(summary['final_return'])}, best {_fmt(summary['best_return'])}, "
         f"{summary['env_steps']:,} env steps in {summary['wall_s']:.0f} s\n"
@@ -166,10 +173,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from ncdpo_rllib.experiment.checkpoints import load_checkpoint_meta
     from ncdpo_rllib.experiment.collect import collect
 
-    summary = collect(_experiment(args, lambda run, sets: load_checkpoint_meta(run, sets)[1]), resume=args.resume)
+    summary = collect(_experiment(args, _run_config), resume=args.resume)
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
@@ -232,7 +238,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from ncdpo_rllib.experiment.sweep import sweep
 
     summary = sweep(args.config, args.grid, args.seeds, args.set, name=args.name, resume=args.resume,
-                    compare_out=args.compare_out)
+                    compare_out=args.compare_out, command=shlex.join(["ncdpo", *sys.argv[1:]]))
     return _report(
         args,
         f"sweep {summary['name']}: {summary['points']} points ({summary['ran']} run now), "

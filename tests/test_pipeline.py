@@ -170,7 +170,7 @@ def test_interrupted_pretraining_resumes_to_the_weights_of_an_uninterrupted_run(
 
 def test_pretrain_resume_refuses_what_it_cannot_continue(tmp_path):
     """--resume of a directory with nothing to continue, a corrupt resume.pt or a changed config: one line each."""
-    from ncdpo_rllib.experiment.pretrain import RESUME
+    from ncdpo_rllib.experiment.pretrain import RESUME, RESUME_KEYS
 
     bc = tmp_path / "bc.yaml"
     bc.write_text(bc_config(tmp_path, scripted_dataset(tmp_path)).to_yaml())
@@ -183,10 +183,13 @@ def test_pretrain_resume_refuses_what_it_cannot_continue(tmp_path):
     (tmp_path / "runs" / "r" / RESUME).write_bytes(b"PK\x03\x04 not a whole zip")
     out = run_cli(["pretrain", "--resume", tmp_path / "runs" / "r"], tmp_path)
     assert out.returncode == 2 and "resume.pt is unreadable" in out.stderr and "pre-train again" in out.stderr
-    torch.save({"step": 1, "actor": {}, "ema": {}, "optimizer": {}}, tmp_path / "runs" / "r" / RESUME)
+    torch.save(dict.fromkeys(RESUME_KEYS, 0), tmp_path / "runs" / "r" / RESUME)
     out = run_cli(["pretrain", bc, "--set", "pretrain.lr=0.5", "--resume", tmp_path / "runs" / "r"], tmp_path)
     assert out.returncode == 2 and "changes pretrain.lr" in out.stderr, out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 1
+    (tmp_path / "runs" / "r" / "pretrained").mkdir()
+    out = run_cli(["pretrain", "--resume", tmp_path / "runs" / "r"], tmp_path)
+    assert out.returncode == 2 and "pre-training finished there" in out.stderr, out.stderr[-2000:]
 
 
 class _Planted:

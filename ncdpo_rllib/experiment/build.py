@@ -189,4 +189,7 @@ def init_ray() -> None:
     logging.getLogger("ray.rllib").setLevel(logging.ERROR)
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # "local" when RAY_ADDRESS is unset: ray.init() would otherwise join any Ray instance it finds
+        # on this machine (/tmp/ray/ray_current_cluster), e.g. someone else's `ray start --head`.
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)

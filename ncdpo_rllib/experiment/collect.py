@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +25,9 @@ import numpy as np
 
 from .checkpoints import FINAL, STATE_FILE, load_checkpoint_meta, periodic_checkpoints, resolve_checkpoint
 from .config import ExperimentConfig
-from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, TrainingInterrupted
+
+from .stopping import StopRequest, interruptible
 from .tracking import Tracker
 
 ROLLOUTS = "rollouts"
@@ -121,30 +125,34 @@ def collect(exp: ExperimentConfig, *, resume: str | Path | None = None,
     if c.expert_checkpoint is not None and resume is not None:
         raise ConfigError("collect: --resume continues the expert's training; collect.expert_checkpoint takes a "
                           "trained one: give one or the other")
-    trained = resume is not None and (Path(resume) / "checkpoints" / FINAL / STATE_FILE).is_file()
-    if trained:
+    final = Path(resume or ".") / "checkpoints" / FINAL
+    if resume is not None and (final / STATE_FILE).is_file():  # trained: rate and record only
+        _expert_state(final, exp, "--resume")
         run_dir = Path(resume).resolve()
         ckpts = _run_checkpoints(run_dir)
         log(f"the expert in {run_dir} finished training: rating its {len(ckpts)} checkpoints")
     elif c.expert_checkpoint is not None:
         ckpt = resolve_checkpoint(c.expert_checkpoint)
-        _, ckpt_exp, state = load_checkpoint_meta(ckpt)
-        if ckpt_exp.algorithm != "ppo" or ckpt_exp.env.id != exp.env.id:
-            raise ConfigError(f"collect.expert_checkpoint {ckpt} is a {ckpt_exp.algorithm} run on "
-                              f"{ckpt_exp.env.id}; it must be algorithm: ppo on {exp.env.id}")
+        state = _expert_state(ckpt, exp, "collect.expert_checkpoint")
         run_dir = Path(state.run_dir or ckpt.parent.parent)
         ckpts = _run_checkpoints(run_dir) or [ckpt]
     else:
         ck = dataclasses.replace(exp.checkpoint, every=c.checkpoint_every, keep=10**6)
         summary = train(dataclasses.replace(exp, checkpoint=ck), resume=resume, log=log, record_rollouts=True,
-                        command="ncdpo collect")
+                        resume_command="ncdpo collect --resume {run_dir}")
         run_dir = Path(summary["run_dir"])
         ckpts = _run_checkpoints(run_dir)
 
     tracker = Tracker(exp, tags={"stage": "collect", "expert_run_dir": str(run_dir)})
     status = "FAILED"
     try:
-        summary = _rate_and_record(exp, run_dir, ckpts, levels, log)
+        try:
+            with interruptible():  # no safe point while rating and recording: abandon it, write nothing
+                summary = _rate_and_record(exp, run_dir, ckpts, levels, log)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise TrainingInterrupted(f"stopped by a signal while rating and recording (no dataset written); the "
+                                      f"expert is trained; continue with: ncdpo collect --resume {run_dir}") from None
         tracker.log_metrics(_collect_metrics(summary), step=0)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "collect.json").write_text(json.dumps(summary, indent=2))
@@ -153,6 +161,15 @@ def collect(exp: ExperimentConfig, *, resume: str | Path | None = None,
         return {**summary, "mlflow_run_id": tracker.run_id}
     finally:
         tracker.finish(status)
+
+
+def _expert_state(ckpt: Path, exp: ExperimentConfig, given_as: str):
+    """The run state of an expert checkpoint, which must be MLP PPO on this config's env."""
+    _, ckpt_exp, state = load_checkpoint_meta(ckpt)
+    if ckpt_exp.algorithm != "ppo" or ckpt_exp.env.id != exp.env.id:
+        raise ConfigError(f"{given_as} {ckpt} is a {ckpt_exp.algorithm} run on {ckpt_exp.env.id}; it must be "
+                          f"algorithm: ppo on {exp.env.id}")
+    return state
 
 
 def _collect_metrics(summary: dict) -> dict[str, float]:
@@ -195,17 +212,27 @@ def _rate_and_record(exp: ExperimentConfig, run_dir: Path, ckpts: list[Path], le
     if empty:  # checked before writing anything: never half a set of levels
         raise ConfigError(f"collect: no complete episodes for level(s) {', '.join(empty)}; "
                           "raise collect.steps_per_level or train the expert longer")
+    # Every level is written under a staging directory first and moved into place at the end (a first
+    # signal waits for the moves): an interruption leaves no level, never some of them.
+    staging = Path(c.out) / exp.env.id / f".collect-{run_dir.name}"
+    shutil.rmtree(staging, ignore_errors=True)
     written = {}
-    for level, path in levels.items():
-        if level not in episodes:
-            continue
-        eps = episodes[level]
-        write_dataset(path, eps, exp.env.id, {**meta, "level": level})
-        rets = np.array([ep.ret for ep in eps])
-        written[level] = {"path": str(path.resolve()), "episodes": len(eps), "steps": int(sum(len(e) for e in eps)),
-                          "return_mean": float(rets.mean()), "return_std": float(rets.std())}
-        log(f"wrote {level}: {path} ({len(eps)} episodes, {written[level]['steps']:,} steps, "
-            f"return {rets.mean():.1f} +- {rets.std():.1f})")
+    try:
+        for level, path in levels.items():
+            if level not in episodes:
+                continue
+            eps = episodes[level]
+            write_dataset(staging / level, eps, exp.env.id, {**meta, "level": level})
+            rets = np.array([ep.ret for ep in eps])
+            written[level] = {"path": str(path.resolve()), "episodes": len(eps), "steps": int(sum(len(e) for e in eps)),
+                              "return_mean": float(rets.mean()), "return_std": float(rets.std())}
+            log(f"wrote {level}: {path} ({len(eps)} episodes, {written[level]['steps']:,} steps, "
+                f"return {rets.mean():.1f} +- {rets.std():.1f})")
+        with StopRequest(log, "move of the datasets into place"):
+            for level in written:
+                os.replace(staging / level, levels[level])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"run_dir": str(run_dir), "expert_return": expert_ret, "medium_return": medium_ret, "datasets": written}
 
 

@@ -176,3 +176,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def changed_keys(old: dict, new: dict, within: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between two config dicts (``to_dict()``), sorted; with
+    ``within``, only keys starting with one of those prefixes."""
+    a, b = flatten(old), flatten(new)
+    return [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and (not within or k.startswith(within))]

@@ -36,14 +36,16 @@ from ncdpo_rllib.errors import CheckpointError, ConfigError, TrainingInterrupted
 from ncdpo_rllib.integrity import NoSpace, no_space_message, out_of_space, staged, write_atomic, write_manifest
 
 from .config import ExperimentConfig, load_config
-from .loader import flatten
+from .loader import changed_keys
 from .pretrained import CONFIG, META, MODULE, PRETRAINED, WEIGHTS, save_weights
-from .stopping import StopRequest
-from .tracking import Tracker
+from .stopping import StopRequest, interruptible
+from .tracking import Tracker, metric_history
 
 RESUME = "resume.pt"
 """<run dir>/resume.pt: the state an interrupted pre-training continues from (plain tensors and numbers,
 loaded with ``weights_only=True``); removed once the pre-trained checkpoint is written."""
+RESUME_KEYS = frozenset({"step", "history", "running", "wall_s", "pairs", "actor", "ema", "optimizer", "schedule",
+                         "generator", "torch_rng", "mlflow_run_id", "mlflow_uri"})
 RESUMABLE_KEYS = ("pretrain.eval_episodes", "tracking.flush_timeout_s")
 """The only keys ``--resume`` may change: everything else defines the run being continued."""
 
@@ -158,24 +160,37 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ex
 
 def _load_resume(run_dir: str | Path, exp: ExperimentConfig) -> tuple[Path, dict]:
     run_dir = Path(run_dir).resolve()
-    path = run_dir / RESUME
+    path, done = run_dir / RESUME, run_dir / PRETRAINED
+    if done.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: pre-training finished there (its policy: {done}); nothing to resume")
     if not path.is_file():
-        done = run_dir / PRETRAINED
-        raise CheckpointError(f"--resume {run_dir}: pre-training finished there (its policy: {done}); nothing to resume"
-                              if done.is_dir() else f"--resume {run_dir}: no {RESUME} there, so no interrupted "
-                              "pre-training to continue; start a new one")
+        raise CheckpointError(f"--resume {run_dir}: no {RESUME} there, so no interrupted pre-training to continue; "
+                              "start a new one")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(saved, dict) and {"step", "actor", "ema", "optimizer"} <= saved.keys()
+        assert isinstance(saved, dict) and RESUME_KEYS <= saved.keys(), "some of its entries are missing"
     except Exception as e:
         raise CheckpointError(f"--resume: {path} is unreadable ({one_line(e, 100, with_type=True)}): truncated or "
                               "corrupt; pre-train again") from None
-    old, new = flatten(resume_config(run_dir).to_dict()), flatten(exp.to_dict())
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS]
+    changed = [k for k in changed_keys(resume_config(run_dir).to_dict(), exp.to_dict()) if k not in RESUMABLE_KEYS]
     if changed:
         raise ConfigError(f"--resume: the config changes {', '.join(changed)} from the run's ({run_dir / CONFIG}); "
                           "a resumed pre-training continues the same run: start a new one instead")
     return run_dir, saved
+
+
+def _backfill(tracker: Tracker, history: list[dict]) -> None:
+    """Log the validations resume.pt holds that MLflow never got (the process died between saving one
+    and logging it)."""
+    if not tracker.enabled:
+        return
+    try:
+        logged = {step for step, _ in metric_history(tracker.client, tracker.run_id, "pretrain/val_loss")}
+    except Exception:  # the store is away: the Tracker's own outage handling covers what follows
+        return
+    for h in history:
+        if h["step"] not in logged:
+            tracker.log_metrics({f"pretrain/{k}": v for k, v in h.items() if k != "step"}, step=h["step"])
 
 
 def _save_resume(run_dir: Path, state: dict) -> None:
@@ -247,9 +262,13 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
         gen.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])  # the image encoder's random shifts
         step, history, running, wall_s = saved["step"], saved["history"], saved["running"], saved["wall_s"]
+        if saved["pairs"] != len(cond_tr):
+            raise ConfigError(f"--resume: the dataset {p.dataset} changed since the run began ({saved['pairs']:,} "
+                              f"training pairs then, {len(cond_tr):,} now); start a new run")
 
     def progress() -> dict:
         return {"step": step, "history": history, "running": running, "wall_s": time.perf_counter() - t0,
+                "pairs": len(cond_tr),
                 "actor": actor.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "schedule": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}
@@ -271,6 +290,7 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
             tracker.log_metrics({"pretrain/val_loss": history[0]["val_loss"]}, step=0)
         else:
             log(f"resumed from {run_dir / RESUME} at gradient step {step:,}")
+            _backfill(tracker, history)
         t0 = time.perf_counter() - wall_s
         with stop:
             while step < p.gradient_steps and stop.signal is None:
@@ -308,25 +328,31 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
                     f"stopped by {stop.signal} after gradient step {step:,} of {p.gradient_steps:,}; progress saved "
                     f"in {run_dir / RESUME}; continue with: ncdpo pretrain --resume {run_dir}")
 
-        actor.load_state_dict(ema.state_dict())  # the EMA weights are the pre-trained policy
-        state = module.get_state()
-        meta = {
-            "dataset": str(Path(p.dataset).resolve()),
-            "dataset_metadata": dataset.metadata,
-            "env": exp.env.id,
-            "pairs": {"train": len(cond_tr), "val": len(cond_va)},
-            "val_loss_first": history[0]["val_loss"],
-            "val_loss_last": history[-1]["val_loss"],
-            "history": history,
-            "wall_s": round(time.perf_counter() - t0, 2),
-        }
-        meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
-        ckpt = _save(run_dir, module, exp, meta)  # saved before the evaluation: nothing to lose
-        (run_dir / RESUME).unlink(missing_ok=True)
-        if p.eval_episodes:
+            actor.load_state_dict(ema.state_dict())  # the EMA weights are the pre-trained policy
+            state = module.get_state()
+            meta = {
+                "dataset": str(Path(p.dataset).resolve()),
+                "dataset_metadata": dataset.metadata,
+                "env": exp.env.id,
+                "pairs": {"train": len(cond_tr), "val": len(cond_va)},
+                "val_loss_first": history[0]["val_loss"],
+                "val_loss_last": history[-1]["val_loss"],
+                "history": history,
+                "wall_s": round(time.perf_counter() - t0, 2),
+            }
+            meta["mlflow_run_id"], meta["mlflow_uri"] = tracker.run_id, tracker.uri
+            ckpt = _save(run_dir, module, exp, meta)  # a first signal waits for it; then nothing to lose
+        evaluated = False
+        if p.eval_episodes and stop.signal is None:
             from .evaluate import evaluate_module
 
-            returns, success_rate = evaluate_module(exp, state, p.eval_episodes)
+            try:
+                with interruptible():  # no safe point inside: a signal abandons the evaluation
+                    returns, success_rate = evaluate_module(exp, state, p.eval_episodes)
+                evaluated = True
+            except KeyboardInterrupt:
+                stop.signal = "a signal during the evaluation"
+        if evaluated:
             meta["eval"] = {"episodes": len(returns), "return_mean": float(returns.mean()),
                             "return_std": float(returns.std()), "success_rate": success_rate}
             write_atomic(ckpt / META, json.dumps(meta, indent=2, default=str))
@@ -336,7 +362,11 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
                                  "pretrain/eval_success_rate": success_rate}, step=p.gradient_steps)
             log(f"pre-trained policy: return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes"
                 + (f", success rate {success_rate:.2f}" if success_rate is not None else ""))
+        elif p.eval_episodes:
+            log(f"{stop.signal}: evaluation skipped; the pre-trained checkpoint {ckpt} is complete "
+                f"(evaluate it with: ncdpo evaluate {ckpt})")
         tracker.log_artifacts(ckpt, "pretrained")
+        (run_dir / RESUME).unlink(missing_ok=True)
         status = "FINISHED"
     except KeyboardInterrupt:  # a second signal: resume.pt is the last complete save
         status = "KILLED"

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .config import ExperimentConfig, parse_config
-from .loader import flatten
+from .loader import changed_keys, flatten
 from ncdpo_rllib.errors import CheckpointError, ConfigError, one_line
 from ncdpo_rllib.integrity import manifest_problem
 
@@ -117,8 +117,8 @@ def load_module_state(ckpt: Path) -> dict[str, Any]:
 
 
 def check_compatible(pre: ExperimentConfig, exp: ExperimentConfig, where: str) -> None:
-    old, new = flatten(pre.to_dict()), flatten(exp.to_dict())
-    changed = [k for k in ARCH_KEYS if old.get(k) != new.get(k)]
+    changed = changed_keys(pre.to_dict(), exp.to_dict(), ARCH_KEYS)
     if changed:
+        old, new = flatten(pre.to_dict()), flatten(exp.to_dict())
         diffs = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in changed)
         raise ConfigError(f"init_from {where}: the pre-trained policy differs in {diffs}; make them equal")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -31,3 +32,19 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM as well as SIGINT raises KeyboardInterrupt inside the block (work that has no safe
+    point to stop at, e.g. an evaluation or the recording of datasets, is abandoned at once and the
+    caller cleans up); the previous handlers come back after. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -171,7 +171,7 @@ class StopFlag:
         return self.reason
 
 
-def _make_trainable(points: list[Point], parent_id: str, sweep_name: str, flag):
+def _make_trainable(points: list[Point], parent_id: str, sweep_name: str, flag, again: str):
     specs = [(p.exp.to_dict(), p.resume) for p in points]
 
     def trainable(config: dict) -> None:
@@ -186,15 +186,22 @@ def _make_trainable(points: list[Point], parent_id: str, sweep_name: str, flag):
         from .train import train
 
         logging.getLogger("ray.rllib").setLevel(logging.ERROR)
+        logging.getLogger("ray.rllib.utils.actor_manager").setLevel(logging.CRITICAL)  # train says it (see cli)
         data, resume = specs[config["point"]]
-        stop_requested = lambda: ray.get(flag.get.remote())  # noqa: E731
+
+        def stop_requested() -> Optional[str]:
+            try:
+                return ray.get(flag.get.remote(), timeout=30)
+            except Exception:  # the flag is gone (the driver's node): nobody can ask this point to stop
+                return None
+
         if stop_requested():  # the sweep was stopped before this point began
             tune.report({"interrupted": 1, "not_started": 1})
             return
         exp = parse_config(data)
         try:
             summary = train(exp, resume=resume, tags={PARENT_TAG: parent_id, SWEEP_TAG: sweep_name},
-                            stop_requested=stop_requested)
+                            stop_requested=stop_requested, resume_command=again)
         except TrainingInterrupted:  # checkpointed; the MLflow run is KILLED; --resume continues it
             tune.report({"interrupted": 1, "not_started": 0})
             return
@@ -213,8 +220,11 @@ def sweep(
     name: Optional[str] = None,
     resume: bool = False,
     compare_out: Optional[Union[str, Path]] = None,
+    command: Optional[str] = None,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
+    """Run (or with ``resume``, continue) the sweep ``name``; ``command``: the command line that started
+    it (the CLI's), from which the --resume hint after an interruption is made."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; we print per trial
@@ -265,21 +275,22 @@ def sweep(
             log_params(client, parent_id, params)
             todo = points
 
+    configs = " ".join(str(c) for c in (config if isinstance(config, (list, tuple)) else [config]))
+    again = command or f"ncdpo sweep {configs} ... (the same --grid, --seeds and --set)"
+    again += "" if " --resume" in again else " --resume"
+    again += "" if " --name" in again else f" --name {name}"
     log(f"sweep {name}: {len(points)} points, {len(todo)} to run | MLflow parent run {parent_id} at {uri}")
     errors: list[str] = []
     stopped: Optional[str] = None
     if todo:
         try:
-            errors, stopped = _run_tune(todo, parent_id, ckpt_root, name, log)
+            errors, stopped = _run_tune(todo, parent_id, ckpt_root, name, again, log)
         except KeyboardInterrupt:  # a second signal: the trials' last checkpoints stay as they were
             client.set_terminated(parent_id, status="KILLED")
             raise
     if stopped is not None:
         client.set_terminated(parent_id, status="KILLED")
-        configs = " ".join(str(c) for c in (config if isinstance(config, (list, tuple)) else [config]))
-        raise TrainingInterrupted(
-            f"sweep {name} {stopped}; continue with: ncdpo sweep {configs} ... --resume --name {name} "
-            "(the same --grid, --seeds and --set)")
+        raise TrainingInterrupted(f"sweep {name} {stopped}; continue with: {again}")
 
     children = _children(client, exp_id, parent_id)
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -315,7 +326,8 @@ def sweep(
     }
 
 
-def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log) -> tuple[list[str], Optional[str]]:
+def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, again: str,
+              log) -> tuple[list[str], Optional[str]]:
     """Run the points on Tune; (errors, what stopped the sweep or None). A first SIGINT / SIGTERM sets
     the StopFlag: running points finish their iteration and checkpoint, the others do not start."""
     import threading
@@ -326,11 +338,13 @@ def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log
     from .build import init_ray
     from .stopping import StopRequest
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     init_ray()
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours below: Tune's would stop the trials without a checkpoint
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flag = ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()  # lives as long as we do
     reservations = [p.resources for p in todo]
-    trainable = tune.with_resources(_make_trainable(todo, parent_id, name, flag),
+    trainable = tune.with_resources(_make_trainable(todo, parent_id, name, flag, again),
                                     lambda config: reservations[config["point"]])
     tuner = tune.Tuner(
         trainable,
@@ -349,10 +363,16 @@ def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log
                     return
 
         threading.Thread(target=pass_on, daemon=True).start()
+        before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours is above: Tune's stops trials without a checkpoint
         try:
             results = tuner.fit()
         finally:
             fitted.set()
+            if before is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER")
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
     errors, stopped, not_started = [], [], 0
     for res in results:
         p = todo[res.config["point"]]
@@ -367,7 +387,7 @@ def _run_tune(todo: list[Point], parent_id: str, ckpt_root: Path, name: str, log
         else:
             m = res.metrics or {}
             log(f"  {p.name}: return {m.get('final_return')}, {m.get('env_steps')} env steps")
-    if stop.signal is None:
+    if stop.signal is None or not (stopped or not_started):  # the signal came after every point had ended
         return errors, None
     return errors, (f"stopped by {stop.signal}: {len(stopped)} point(s) stopped with a checkpoint, "
                     f"{not_started} not started")

@@ -27,7 +27,7 @@ from .checkpoints import (
     supersede_later_checkpoints,
 )
 from .config import ExperimentConfig
-from .loader import flatten
+from .loader import changed_keys
 from .metrics import iteration_metrics, sampled_env_steps
 from .pretrained import check_compatible, load_module_state, load_pretrained_meta
 from .stopping import StopRequest
@@ -78,8 +78,7 @@ MODEL_KEYS = (
 
 def _check_resume_compatible(ckpt_exp: ExperimentConfig, exp: ExperimentConfig) -> None:
     """Keys that define the model (and its MLflow params) must not change on --resume."""
-    old, new = flatten(ckpt_exp.to_dict()), flatten(exp.to_dict())
-    changed = [k for k in new if k.startswith(MODEL_KEYS) and old.get(k) != new[k]]
+    changed = changed_keys(ckpt_exp.to_dict(), exp.to_dict(), MODEL_KEYS)
     if changed:
         raise ConfigError(
             f"--resume: the config changes {', '.join(changed)} from the checkpoint's; these define "
@@ -211,7 +210,7 @@ def train(
     on_iteration: Optional[Callable[[RunState, dict], None]] = None,
     record_rollouts: bool = False,
     tags: Optional[dict[str, str]] = None,
-    command: str = "ncdpo train",
+    resume_command: str = "ncdpo train --resume {run_dir}",
     stop_requested: Optional[Callable[[], Optional[str]]] = None,
 ) -> dict:
     """Run (or resume) one experiment; return the summary dict printed by ``--json``.
@@ -221,7 +220,8 @@ def train(
     ``record_rollouts``: every training episode is written raw to <run dir>/rollouts/
     (``ncdpo collect``'s medium-replay data).
     ``tags``: extra MLflow tags for a new run (``ncdpo sweep``: the parent run id).
-    ``command``: what the user reruns with ``--resume`` after an interruption (``ncdpo collect``).
+    ``resume_command``: what continues the run after an interruption (``{run_dir}`` is filled in):
+    ``ncdpo collect --resume ...``, or the sweep's own command for its trials.
     ``stop_requested()``: polled before each iteration; a reason (not None) stops the run as a first
     SIGINT does (``ncdpo sweep``'s trials, which the sweep's signal does not reach).
     """
@@ -350,7 +350,7 @@ def train(
             status = "KILLED"
             raise TrainingInterrupted(
                 f"stopped by {stop.signal} after iteration {state.iteration} ({state.env_steps:,} env steps); "
-                f"checkpoint {saved}; continue with: {command} --resume {run_dir}")
+                f"checkpoint {saved}; continue with: {resume_command.replace('{run_dir}', str(run_dir))}")
         final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
         _flush(tracker, pending)
         tracker.log_artifacts(final, "checkpoint")
@@ -366,7 +366,8 @@ def train(
         if lost is None:
             raise
         last = periodic_checkpoints(run_dir)
-        resume = f"continue with: {command} --resume {run_dir}" if last else "no checkpoint yet; start again"
+        resume = (f"continue with: {resume_command.replace('{run_dir}', str(run_dir))}" if last
+                  else "no checkpoint yet; start again")
         raise WorkerLost(f"{lost} at iteration {state.iteration} ({state.env_steps:,} env steps); RLlib 2.60 cannot "
                          f"replace it mid-run: last checkpoint {last[-1] if last else 'none'}; {resume}") from None
     finally:
