@@ -246,7 +246,7 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
 COLLECT = """\
 algorithm: ppo
 env: {id: Pendulum-v1}
-stop: {iterations: 4, env_steps: null}
+stop: {iterations: 3, env_steps: null}
 ppo: {train_batch_size: 800, minibatch_size: 200, num_epochs: 2, gamma: 0.95, gae_lambda: 0.1}
 resources: {env_runners: 0, envs_per_runner: 4}
 tracking: {experiment: pipeline}
