@@ -361,8 +361,10 @@ def train(
     except UserError:
         raise
     except Exception as e:  # a Ray process the run needs died: one line, not RLlib's traceback
-        lost = _lost_process(e) or (None if _learners_alive(algo) else
-                                    f"a learner process died (RLlib then failed with {type(e).__name__}: {one_line(e, 80)})")
+        lost = _lost_process(e)
+        if (lost is None or lost.startswith("a Ray worker process died")) and not _learners_alive(algo):
+            # a dead learner also surfaces as a generic ActorDiedError: name what died
+            lost = f"a learner process died (RLlib then failed with {type(e).__name__}: {one_line(e, 80)})"
         if lost is None:
             raise
         last = periodic_checkpoints(run_dir)
