@@ -125,9 +125,9 @@ def collect(exp: ExperimentConfig, *, resume: str | Path | None = None,
     if c.expert_checkpoint is not None and resume is not None:
         raise ConfigError("collect: --resume continues the expert's training; collect.expert_checkpoint takes a "
                           "trained one: give one or the other")
-    final = Path(resume or ".") / "checkpoints" / FINAL
-    if resume is not None and (final / STATE_FILE).is_file():  # trained: rate and record only
-        _expert_state(final, exp, "--resume")
+    trained = None if resume is None else Path(resume) / "checkpoints" / FINAL
+    if trained is not None and (trained / STATE_FILE).is_file():  # the expert finished: rate and record only
+        _expert_state(trained, exp, "--resume")
         run_dir = Path(resume).resolve()
         ckpts = _run_checkpoints(run_dir)
         log(f"the expert in {run_dir} finished training: rating its {len(ckpts)} checkpoints")

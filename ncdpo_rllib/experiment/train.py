@@ -171,9 +171,10 @@ def _diverged(e: BaseException) -> Optional[BaseException]:
     return e if "NonFiniteParametersError" in str(e) else None
 
 
-def _lost_process(e: BaseException) -> Optional[str]:
+def _lost_process(e: BaseException, learners_alive: Callable[[], bool]) -> Optional[str]:
     """What died, when ``e`` is a Ray actor's death that RLlib did not recover from (EnvRunner
-    deaths it does recover from never get here), else None."""
+    deaths it does recover from never get here), else None. A learner's death can surface as a
+    generic dead actor: when the traceback does not say, ``learners_alive()`` decides."""
     from ray.exceptions import RayActorError
 
     chain, seen = [], set()
@@ -185,8 +186,13 @@ def _lost_process(e: BaseException) -> Optional[str]:
     if died is None:
         return None
     frames = [f.filename for c in chain for f in traceback.extract_tb(c.__traceback__)]
-    who = "a learner process" if any(f.endswith("learner_group.py") for f in frames) else "a Ray worker process"
+    learner = any(f.endswith("learner_group.py") for f in frames) or not learners_alive()
+    who = "a learner process" if learner else "a Ray worker process"
     return f"{who} died ({type(died).__name__}: {one_line(died, 120)})"
+
+
+def _resume_hint(resume_command: str, run_dir: Path) -> str:
+    return resume_command.replace("{run_dir}", str(run_dir))  # not format(): a sweep's command may hold braces
 
 
 def _learners_alive(algo) -> bool:
@@ -350,7 +356,7 @@ def train(
             status = "KILLED"
             raise TrainingInterrupted(
                 f"stopped by {stop.signal} after iteration {state.iteration} ({state.env_steps:,} env steps); "
-                f"checkpoint {saved}; continue with: {resume_command.replace('{run_dir}', str(run_dir))}")
+                f"checkpoint {saved}; continue with: {_resume_hint(resume_command, run_dir)}")
         final = save_checkpoint(algo, run_dir / "checkpoints" / FINAL, exp, state)
         _flush(tracker, pending)
         tracker.log_artifacts(final, "checkpoint")
@@ -361,15 +367,13 @@ def train(
     except UserError:
         raise
     except Exception as e:  # a Ray process the run needs died: one line, not RLlib's traceback
-        lost = _lost_process(e)
-        if (lost is None or lost.startswith("a Ray worker process died")) and not _learners_alive(algo):
-            # a dead learner also surfaces as a generic ActorDiedError: name what died
-            lost = f"a learner process died (RLlib then failed with {type(e).__name__}: {one_line(e, 80)})"
+        lost = _lost_process(e, lambda: _learners_alive(algo)) or (
+            None if _learners_alive(algo) else
+            f"a learner process died (RLlib then failed with {type(e).__name__}: {one_line(e, 80)})")
         if lost is None:
             raise
         last = periodic_checkpoints(run_dir)
-        resume = (f"continue with: {resume_command.replace('{run_dir}', str(run_dir))}" if last
-                  else "no checkpoint yet; start again")
+        resume = f"continue with: {_resume_hint(resume_command, run_dir)}" if last else "no checkpoint yet; start again"
         raise WorkerLost(f"{lost} at iteration {state.iteration} ({state.env_steps:,} env steps); RLlib 2.60 cannot "
                          f"replace it mid-run: last checkpoint {last[-1] if last else 'none'}; {resume}") from None
     finally:
