@@ -207,7 +207,7 @@ def test_grad_probe_records_every_step():
     mean.sum().backward()
     assert sorted(probe.norms) == [0, 1, 2, 3, 4] and all(v > 0 for v in probe.norms.values())
     picked = probe.first_mid_last()
-    assert [picked[f"grad_norm_step_{n}"] for n in ("first", "mid", "last")] == [probe.norms[i] for i in (0, 2, 4)]
+    assert all(torch.allclose(picked[f"grad_norm_step_{n}"], probe.norms[i]) for n, i in (("first", 0), ("mid", 2), ("last", 4)))
 
 
 def test_act_log_prob_matches_closed_form():
@@ -350,6 +350,30 @@ def test_evaluation_uses_its_own_floor_and_ddim_eta():
 COMPILE_ATOL = 1e-5
 """Outputs and gradients of the compiled chain may differ from eager by float reordering (fused
 kernels): within 1e-5 absolute (outputs are O(1), gradients here O(0.1..1))."""
+
+
+@pytest.mark.parametrize("rows", [2, 128])  # below and above SMALL_MISH without grad
+def test_mish_equals_torchs_in_value_and_gradient(rows):
+    """The denoiser's mish (one sigmoid, derivative written out) is torch's, to float rounding,
+    from far negative (where it underflows to 0) to far positive (where it is x), with grad and
+    without; and the module keeps nn.Mish's (empty) state."""
+    from ncdpo_rllib.diffusion.denoiser import SMALL_MISH, Mish, mish
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-60, 60, rows * 64 - 5), torch.tensor([-1e4, -30.0, 0.0, 30.0, 1e4])])
+    x = x.view(rows, 64)
+    assert (x.numel() > SMALL_MISH) == (rows == 128)
+    ref_x, x = x.clone().requires_grad_(True), x.requires_grad_(True)
+    ref = torch.nn.functional.mish(ref_x)
+    got = mish(x)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6) and torch.isfinite(got).all()
+    upstream = torch.randn_like(ref)
+    (ref * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6) and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        assert torch.allclose(mish(x), ref, rtol=1e-6, atol=1e-6)
+    assert Mish().state_dict() == nn.Mish().state_dict() == {}
 
 
 @pytest.mark.slow

@@ -75,12 +75,12 @@ class StepGradNorms:
 
     def first_mid_last(self) -> dict[str, torch.Tensor]:
         """{grad_norm_step_first, _mid, _last}; empty before a backward pass (or without grad)."""
-        norms = self.norms
-        if not norms:
+        if self.tap is None or self.tap.grad is None:
             return {}
-        steps = sorted(norms)
+        steps = list(self.steps)
         picks = {"first": steps[0], "mid": steps[len(steps) // 2], "last": steps[-1]}
-        return {f"grad_norm_step_{name}": norms[step] for name, step in picks.items()}
+        norms = self.tap.grad[list(picks.values())].flatten(1).norm(dim=1)  # these three only, one call
+        return {f"grad_norm_step_{name}": norm for name, norm in zip(picks, norms)}
 
 
 class NoiseConditionedSampler(nn.Module):
@@ -191,6 +191,16 @@ class NoiseConditionedSampler(nn.Module):
         floor, eta: the intermediate steps' std floor and DDIM eta (default: the config's
         sampling values; evaluation passes its own).
         """
+        tap = None
+        if grad_probe is not None and torch.is_grad_enabled():
+            tap = grad_probe.make_tap(range(self.first_finetuned_step, self.num_steps), noise[:, 0])
+        run = self._run_steps if self.cfg.compile is None or self._compile_failed else self._run_compiled
+        states, x0_preds = run(cond, noise, base_cond, tap, floor, eta, keep_chain)
+        return Chain(mean=states[-1], states=states if keep_chain else [], x0_preds=x0_preds)
+
+    def _run_steps(self, cond, noise, base_cond, tap, floor, eta, keep_chain: bool):
+        """The chain: (states: x_K then the state after each step (the last only, unless
+        keep_chain), x0_hat of each step (keep_chain)). What ``diffusion.compile`` compiles."""
         first_grad_step = self.first_finetuned_step
         # The per-step and per-observation terms of each denoiser, once per chain.
         terms = self.denoiser.prepare(self.step_k, cond)
@@ -198,21 +208,10 @@ class NoiseConditionedSampler(nn.Module):
         if self.base_denoiser is not None and first_grad_step > 0:
             with torch.no_grad():
                 base_terms = self.base_denoiser.prepare(self.step_k, cond if base_cond is None else base_cond)
-        tap = None
-        if grad_probe is not None and torch.is_grad_enabled():
-            tap = grad_probe.make_tap(range(first_grad_step, self.num_steps), noise[:, 0])
-        run = self._run_steps if self.cfg.compile is None or self._compile_failed else self._run_compiled
-        states, x0_preds = run(noise, terms, base_terms, tap, floor, eta, keep_chain)
-        return Chain(mean=states[-1], states=states if keep_chain else [], x0_preds=x0_preds)
-
-    def _run_steps(self, noise, terms, base_terms, tap, floor, eta, keep_chain: bool):
-        """The loop of the chain: (states: x_K then the state after each step (the last only,
-        unless keep_chain), x0_hat of each step (keep_chain)). What ``diffusion.compile`` compiles."""
         x = noise[:, 0]
         if self.cfg.noise_clip is not None:
             x = x.clamp(-self.cfg.noise_clip, self.cfg.noise_clip)
         states, x0_preds = [x], []
-        first_grad_step = self.first_finetuned_step
         grad_on = torch.is_grad_enabled()
         for i in range(self.num_steps):
             frozen = base_terms is not None and i < first_grad_step

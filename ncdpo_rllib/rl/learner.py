@@ -69,10 +69,27 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, vf_clip_param) -> to
     return err.clamp(max=vf_clip_param) if vf_clip_param else err
 
 
+def global_norm(tensors) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, with torch's multi-tensor kernels (one call, not
+    a few small ops per tensor); NaN/inf if any element is."""
+    tensors = list(tensors)
+    return torch.nn.utils.get_total_norm(tensors, foreach=all(t.device.type in ("cpu", "cuda") for t in tensors))
+
+
 def all_finite(tensors) -> torch.Tensor:
-    """Whether every element of ``tensors`` is finite, as one boolean tensor (no host sync): the
-    norm of all of them (one fused kernel per device) is finite."""
-    return torch.nn.utils.get_total_norm(list(tensors), foreach=None).isfinite()
+    """Whether every element of ``tensors`` is finite, as one boolean tensor (no host sync)."""
+    return global_norm(tensors).isfinite()
+
+
+def clip_by_global_norm(grads: list[torch.Tensor], clip) -> torch.Tensor:
+    """Scales ``grads`` in place so that their global norm is at most ``clip`` (None: no clip) and
+    returns the norm before clipping: RLlib's ``clip_gradients(grad_clip_by="global_norm")`` in two
+    multi-tensor calls, except that a non-finite norm stays non-finite (RLlib's caps it at 1e9),
+    so that it doubles as the finiteness check."""
+    norm = global_norm(grads)
+    if clip:
+        torch._foreach_mul_(grads, (clip / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def adam(params: list) -> torch.optim.Optimizer:
@@ -136,12 +153,8 @@ class NCDPOTorchLearner(PPOTorchLearner):
             grads = {pid: g for pid, g in grads.items() if g is not None}
             if not grads:
                 continue
-            finite.append(all_finite(grads.values()))
-            clip = clips.get(name, config.grad_clip)
-            if clip:
-                norm = self._get_clip_function()(grads, grad_clip=clip, grad_clip_by="global_norm")
-            else:
-                norm = self._get_global_norm_function()(list(grads.values()))
+            norm = clip_by_global_norm(list(grads.values()), clips.get(name, config.grad_clip))
+            finite.append(norm.isfinite())
             self.metrics.log_value((module_id, f"grad_norm_{name}"), norm, reduce="mean")
             out.update(grads)
         if finite and not bool(torch.stack(finite).all()):  # one host sync per module
