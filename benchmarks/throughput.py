@@ -5,8 +5,8 @@
         --hidden 256 256 --action-chunk 4       # the fine-tuning configs' architecture
 
 - rollout env steps/s: one in-process EnvRunner with 8 vector envs, exploration forward
-  (K denoiser calls per env step for NCDPO), after a warm-up; the best of 3 rounds of 4000 steps;
-- learner samples/s: one update epoch over a 4000-step batch, minibatches of 128; the best of 3;
+  (K denoiser calls per env step for NCDPO), after a warm-up; the best of 5 rounds of 4000 steps;
+- learner samples/s: one update epoch over a 4000-step batch, minibatches of 128; the best of 5;
 - learner memory: bytes of the tensors autograd keeps for the backward pass, per minibatch
   (what backprop through K steps costs, device-independent; measured with
   torch.autograd.graph.saved_tensors_hooks), with and without gradient checkpointing;
@@ -14,7 +14,10 @@
   skip), the eager row being the comparison; the warm-up calls compile;
 - ``--before REV``: NCDPO (eager) once more with the library as it was at git revision REV, in the
   same run (a before/after table on one machine on one day).
-Each configuration runs in its own subprocess.
+Each configuration runs in its own subprocess; all of them are started and warmed up first, then
+their timed rounds are interleaved (round r of every configuration, one at a time, before round
+r + 1 of any): a machine whose speed drifts over minutes (this one's did by +-20%) then slows every
+row alike, instead of the rows that happen to run last.
 """
 
 from __future__ import annotations
@@ -24,39 +27,110 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    LIBRARY_ENV, best_seconds, learner_cost, library_at, markdown_table, runner_and_learner, use_library_from_env, write_section)
+    LIBRARY_ENV, library_at, markdown_table, runner_and_learner, use_library_from_env, write_section)
 
 use_library_from_env()
 
 BATCH, MINIBATCH = 4000, 128
-REPEATS = 3
+REPEATS = 5
 """Each rate is the best of this many rounds (one sampling round, one update epoch)."""
 
 
-def measure(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=None, chunk: int = 1,
-            compile_mode=None) -> dict:
-    """Runs in a child process: build runner + learner, time sampling and one update epoch."""
+MARK = "@@throughput "
+"""Prefix of the lines a serving child writes for the parent (RLlib may print on stdout too)."""
+
+
+def serve(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=None, chunk: int = 1,
+          compile_mode=None) -> None:
+    """A child process: build runner + learner, warm up (compiling, with compile), measure the
+    autograd memory of one update, then answer each ``round`` line on stdin with the seconds of one
+    sampling round and one update epoch, until stdin closes."""
+    import torch
+
     runner, learner = runner_and_learner(env_id, algorithm, batch=BATCH, minibatch=MINIBATCH, chunk=chunk,
                                          denoising_steps=k, grad_checkpointing=checkpointing, compile=compile_mode,
                                          hidden=hidden)
     runner.sample(num_timesteps=800)  # warm-up (and, with compile, the rollout chain's compilation)
-    rounds = []
-    sample_s = best_seconds(lambda: rounds.append(runner.sample(num_timesteps=BATCH)), REPEATS)
-    episodes = rounds[-1]
-    steps = sum(len(e) for e in episodes)
-    update_s, saved_bytes = learner_cost(learner, episodes, MINIBATCH, runner.sample(num_timesteps=800), REPEATS)
-    minibatches = -(-steps // MINIBATCH)
-    return {
-        "env_steps_per_s": steps * chunk / sample_s,  # base-env steps (a chunk executes Ta of them)
-        "learner_samples_per_s": steps / update_s,
-        "ms_per_minibatch": 1000 * update_s / minibatches,
-        "saved_mb_per_minibatch": saved_bytes / minibatches / 2**20,
-    }
+    episodes = runner.sample(num_timesteps=BATCH)
+    learner.update(episodes=runner.sample(num_timesteps=800), num_epochs=1, minibatch_size=MINIBATCH)
+    saved = {"bytes": 0}
+
+    def pack(t):
+        saved["bytes"] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
+    print(MARK + json.dumps({"saved_bytes": saved["bytes"]}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        t0 = time.perf_counter()
+        episodes = runner.sample(num_timesteps=BATCH)
+        sample_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
+        print(MARK + json.dumps({"sample_s": sample_s, "update_s": time.perf_counter() - t0,
+                                 "steps": sum(len(e) for e in episodes)}), flush=True)
+
+
+class Child:
+    """One configuration served by its own process (``serve``)."""
+
+    def __init__(self, spec: dict, env: dict | None):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.log.seek(0)
+        raise SystemExit(f"a throughput child exited ({self.proc.wait()}):\n{self.log.read()[-3000:]}")
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure_interleaved(specs: list[tuple[dict, dict | None]]) -> list[dict]:
+    """Per configuration: env steps/s and learner samples/s (each the best of REPEATS rounds, the
+    rounds interleaved across configurations), ms per minibatch and MB saved for backward."""
+    children = [Child(spec, env) for spec, env in specs]
+    try:
+        saved = [c.read()["saved_bytes"] for c in children]  # all built and warmed up
+        rounds = [[] for _ in children]
+        for _ in range(REPEATS):
+            for i, c in enumerate(children):
+                rounds[i].append(c.round())
+    finally:
+        for c in children:
+            c.close()
+    out = []
+    for (spec, _), rs, saved_bytes in zip(specs, rounds, saved):
+        sample_rate = max(r["steps"] / r["sample_s"] for r in rs)
+        update_rate = max(r["steps"] / r["update_s"] for r in rs)
+        minibatches = -(-rs[0]["steps"] // MINIBATCH)
+        out.append({
+            "env_steps_per_s": sample_rate * spec["chunk"],  # base-env steps (a chunk executes Ta of them)
+            "learner_samples_per_s": update_rate,
+            "ms_per_minibatch": 1000 * rs[0]["steps"] / update_rate / minibatches,
+            "saved_mb_per_minibatch": saved_bytes / minibatches / 2**20,
+        })
+    return out
 
 
 def main() -> None:
@@ -72,7 +146,7 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(**json.loads(args.child))))
+        serve(**json.loads(args.child))
         return
 
     # (algorithm, K, grad checkpointing, compile mode, library revision): the eager rows are the comparison
@@ -82,14 +156,12 @@ def main() -> None:
         (a, k, c, m, None) for a in args.algorithms for k in args.ks
         for c, m in ([(False, None), (True, None)] if a == "ncdpo" else [(False, None)]) + compiled
     ] + ([("ncdpo", k, False, None, args.before) for k in args.ks] if args.before else [])
+    specs = [({"env_id": args.env, "algorithm": algorithm, "k": k, "checkpointing": ckpt, "hidden": args.hidden,
+               "chunk": args.action_chunk, "compile_mode": mode},
+              {**os.environ, LIBRARY_ENV: str(library_at(rev))} if rev else None)
+             for algorithm, k, ckpt, mode, rev in configs]
     rows = []
-    for algorithm, k, ckpt, mode, rev in configs:
-        spec = {"env_id": args.env, "algorithm": algorithm, "k": k, "checkpointing": ckpt,
-                "hidden": args.hidden, "chunk": args.action_chunk, "compile_mode": mode}
-        env = {**os.environ, LIBRARY_ENV: str(library_at(rev))} if rev else None
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                             capture_output=True, text=True, check=True, env=env)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+    for (algorithm, k, ckpt, mode, rev), r in zip(configs, measure_interleaved(specs)):
         name = "MLP PPO" if algorithm == "ppo" else f"{algorithm.upper()} K={k}" + (f" (library at {rev})" if rev else "")
         # autograd's saved-tensor hooks do not see inside a compiled graph: no memory figure there
         memory = "-" if mode else f"{r['saved_mb_per_minibatch']:.2f}"
