@@ -134,11 +134,17 @@ def best_seconds(fn, repeats: int) -> float:
 def learner_cost(learner, episodes, minibatch: int, warmup_episodes, repeats: int = 3) -> tuple[float, int]:
     """(seconds for one update epoch over ``episodes``, the fastest of ``repeats``; bytes autograd
     saved for backward in one more epoch), after a warm-up update: the learner side of
-    throughput.py and latency_memory.py."""
-    import torch
-
+    latency_memory.py."""
     learner.update(episodes=warmup_episodes, num_epochs=1, minibatch_size=minibatch)
     update_s = best_seconds(lambda: learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch), repeats)
+    return update_s, saved_for_backward(lambda: learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch))
+
+
+def saved_for_backward(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while ``fn()`` runs (what backprop
+    through the chain costs in memory, device-independent; blind to the inside of a compiled graph)."""
+    import torch
+
     saved = {"bytes": 0}
 
     def pack(t):
@@ -146,8 +152,8 @@ def learner_cost(learner, episodes, minibatch: int, warmup_episodes, repeats: in
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        learner.update(episodes=episodes, num_epochs=1, minibatch_size=minibatch)
-    return update_s, saved["bytes"]
+        fn()
+    return saved["bytes"]
 
 
 def train_with_curve(exp, metrics: dict[str, str] | None = None) -> tuple[dict, dict]:

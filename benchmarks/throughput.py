@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    LIBRARY_ENV, library_at, markdown_table, runner_and_learner, use_library_from_env, write_section)
+    LIBRARY_ENV, library_at, markdown_table, runner_and_learner, saved_for_backward, use_library_from_env,
+    write_section)
 
 use_library_from_env()
 
@@ -52,23 +53,14 @@ def serve(env_id: str, algorithm: str, k: int, checkpointing: bool, hidden=None,
     """A child process: build runner + learner, warm up (compiling, with compile), measure the
     autograd memory of one update, then answer each ``round`` line on stdin with the seconds of one
     sampling round and one update epoch, until stdin closes."""
-    import torch
-
     runner, learner = runner_and_learner(env_id, algorithm, batch=BATCH, minibatch=MINIBATCH, chunk=chunk,
                                          denoising_steps=k, grad_checkpointing=checkpointing, compile=compile_mode,
                                          hidden=hidden)
     runner.sample(num_timesteps=800)  # warm-up (and, with compile, the rollout chain's compilation)
     episodes = runner.sample(num_timesteps=BATCH)
     learner.update(episodes=runner.sample(num_timesteps=800), num_epochs=1, minibatch_size=MINIBATCH)
-    saved = {"bytes": 0}
-
-    def pack(t):
-        saved["bytes"] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH)
-    print(MARK + json.dumps({"saved_bytes": saved["bytes"]}), flush=True)
+    saved = saved_for_backward(lambda: learner.update(episodes=episodes, num_epochs=1, minibatch_size=MINIBATCH))
+    print(MARK + json.dumps({"saved_bytes": saved}), flush=True)
     for line in sys.stdin:
         if line.strip() != "round":
             break
