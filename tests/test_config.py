@@ -43,7 +43,7 @@ def test_shipped_configs_parse(path):
         ({"diffusion": {"denoising_steps": 0}}, "denoising_steps must be >= 1"),
         ({"stop": {"env_steps": None}}, "stop: set env_steps or iterations"),
         ({"ppo": {"minibatch_size": 8000}}, "minibatch_size must be <= ppo.train_batch_size"),
-        ({"resources": {"envs_per_runner": 0}}, "envs_per_runner and cpus_per_runner must be >= 1"),
+        ({"resources": {"envs_per_runner": 0}}, "resources.envs_per_runner must be >= 1"),
         ({"checkpoint": {"keep": 0}}, "keep >= 1"),
         ({"diffusion": {"init_std": 20.0}}, "init_std <= 7"),
         ({"diffusion": {"frozen_base": True}}, "frozen_base needs finetune_steps"),

@@ -6,15 +6,17 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import operator
 import os
 from typing import Optional
 
 import gymnasium as gym
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 
 from ncdpo_rllib.errors import ConfigError, one_line
-from ncdpo_rllib.rl import DPPOConfig, NCDPOConfig, mean_std_filter_connector
+from ncdpo_rllib.rl import DPPOConfig, NCDPOAPPOConfig, NCDPOConfig, mean_std_filter_connector
 from ncdpo_rllib.rl.callbacks import ChunkedEnvStepsCallback, EpisodeReturnCallback
 from ncdpo_rllib.tasks.envs import check_env, env_context, make_base_env, register
 
@@ -37,7 +39,7 @@ def check_experiment(exp: ExperimentConfig):
     """Before anything runs or is written: the env, built once on the driver (``tasks.envs.check_env``),
     what the algorithm needs of its spaces, and RLlib's validation of the mapped config. Returns
     ``check_env``'s spaces."""
-    spaces = check_env(exp.env, exp.multi_agent, for_diffusion=exp.algorithm != "ppo")
+    spaces = check_env(exp.env, exp.multi_agent, for_diffusion=exp.diffusion_policy)
     if exp.algorithm == "dppo" and not isinstance(spaces[1], gym.spaces.Box):
         raise ConfigError(f"algorithm: dppo needs a Box action space; {exp.env.id} has {spaces[1]} "
                           "(use algorithm: ncdpo, whose logit-diffusion head handles Discrete)")
@@ -59,6 +61,16 @@ DIFFUSION_ONLY = {k: k for k in ("critic_lr", "actor_grad_clip", "critic_grad_cl
 """... the ones NCDPOConfig (and DPPOConfig) add."""
 DPPO_ONLY = {k: k for k in ("gamma_denoise", "clip_param_base", "clip_param_rate")}
 """... the ones DPPOConfig adds."""
+APPO_ARGS = {"circular_buffer_iterations_per_batch": "appo.batch_reuse",
+             "target_network_update_freq": "appo.target_update_freq",
+             "vtrace_clip_rho_threshold": "appo.vtrace_clip_rho",
+             "vtrace_clip_pg_rho_threshold": "appo.vtrace_clip_pg_rho",
+             "circular_buffer_num_batches": "resources.learner_queue_batches",
+             "broadcast_interval": "resources.broadcast_interval"}
+"""RLlib's APPOConfig.training() argument -> experiment key, for ncdpo-appo and appo (and
+``appo.rollout_fragment_length``, an env_runners() argument)."""
+SYNC_ONLY = ("vf_clip_param", "gae_lambda")
+"""ppo section keys APPO has no use for (its value loss has no clip; V-trace replaces GAE)."""
 
 
 def _training_args(ppo, names: dict[str, str]) -> dict:
@@ -72,7 +84,7 @@ def lr_schedules(exp: ExperimentConfig) -> dict:
     rate runs on ``lr``, schedule included (the learner's fallback)."""
     horizon = max(1, exp.stop.env_steps // exp.env.action_chunk)
     rates = {"lr": exp.ppo.lr}
-    if exp.algorithm != "ppo" and exp.ppo.critic_lr is not None:
+    if exp.diffusion_policy and exp.ppo.critic_lr is not None:
         rates["critic_lr"] = exp.ppo.critic_lr
     return {name: [[0, lr], [horizon, 0.0]] for name, lr in rates.items()}
 
@@ -94,12 +106,15 @@ def build_algo_config(
     p, r = exp.ppo, exp.resources
     pretrained = exp.init_from is not None if pretrained is None else pretrained
     use_filter = exp.env.normalize_observations and not pretrained and not exp.env.pixels
-    if exp.algorithm in ("ncdpo", "dppo"):
-        cfg = NCDPOConfig() if exp.algorithm == "ncdpo" else DPPOConfig().training(**_training_args(p, DPPO_ONLY))
+    if exp.diffusion_policy:
+        cfg = {"ncdpo": NCDPOConfig, "ncdpo-appo": NCDPOAPPOConfig,
+               "dppo": lambda: DPPOConfig().training(**_training_args(p, DPPO_ONLY))}[exp.algorithm]()
         cfg.diffusion(exp.diffusion, critic_hidden=p.critic_hidden, pixels=pixel_model_config(exp))
         cfg.training(**_training_args(p, DIFFUSION_ONLY))
-    else:  # MLP+PPO baseline: RLlib's PPO with its default MLP module, same PPO knobs.
-        cfg = PPOConfig().training(grad_clip=p.grad_clip, use_kl_loss=False)
+    else:  # the MLP baselines: RLlib's PPO / APPO with its default MLP module, same knobs.
+        cfg = (APPOConfig() if exp.asynchronous else PPOConfig()).training(grad_clip=p.grad_clip, use_kl_loss=False)
+    if exp.asynchronous:
+        cfg.training(**{rl: operator.attrgetter(key)(exp) for rl, key in APPO_ARGS.items()})
     cfg.environment(env=register(), env_config=env_context(exp.env, record_dir, video))
     connector = mean_std_filter_connector if use_filter else None
     if exp.env.kind == "pettingzoo":
@@ -109,6 +124,7 @@ def build_algo_config(
         num_envs_per_env_runner=r.envs_per_runner,
         num_cpus_per_env_runner=r.cpus_per_runner,
         sample_timeout_s=r.sample_timeout_s,
+        **({"rollout_fragment_length": exp.appo.rollout_fragment_length} if exp.asynchronous else {}),
         env_to_module_connector=connector,
     )
     cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)
@@ -116,7 +132,7 @@ def build_algo_config(
         restart_failed_env_runners=r.restart_failed_env_runners,
         max_num_env_runner_restarts=r.max_env_runner_restarts,
     )
-    cfg.training(**_training_args(p, PPO_ARGS))
+    cfg.training(**_training_args(p, {k: v for k, v in PPO_ARGS.items() if not (exp.asynchronous and k in SYNC_ONLY)}))
     if p.lr_anneal:
         cfg.training(**lr_schedules(exp))
     if exp.eval.every:
@@ -150,29 +166,29 @@ def _multi_agent(cfg: AlgorithmConfig, exp: ExperimentConfig, normalize: bool):
     from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from ncdpo_rllib.rl import DiffusionPolicyModule
     from ncdpo_rllib.rl.central_critic import MLPCentralCriticModule
     from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
 
     ma = exp.multi_agent
-    spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
+    spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.diffusion_policy)
     mapping = policy_mapping(ma.policies, ma.groups, spaces)
     cfg.multi_agent(
         policies=set(mapping.values()),
         policy_mapping_fn=lambda agent_id, episode, **kw: mapping[agent_id],
     )
-    diffusion_config = cfg.get_default_rl_module_spec().model_config if exp.algorithm != "ppo" else {}
+    diffusion_spec = cfg.get_default_rl_module_spec() if exp.diffusion_policy else None
     specs = {}
     for agent, pid in mapping.items():
         if pid in specs:
             continue
         extra = {"actor_obs_dim": int(spaces.observation[agent].shape[0])} if ma.central_critic else {}
-        if exp.algorithm == "ppo":
+        if diffusion_spec is None:
             specs[pid] = (RLModuleSpec(module_class=MLPCentralCriticModule,
                                        model_config={**extra, "critic_hidden": list(exp.ppo.critic_hidden)})
                           if ma.central_critic else RLModuleSpec())
         else:
-            specs[pid] = RLModuleSpec(module_class=DiffusionPolicyModule, model_config={**diffusion_config, **extra})
+            specs[pid] = RLModuleSpec(module_class=diffusion_spec.module_class,
+                                      model_config={**diffusion_spec.model_config, **extra})
     cfg.rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs=specs))
     if not (ma.central_critic or normalize):
         return None

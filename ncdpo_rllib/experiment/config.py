@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ncdpo_rllib.diffusion import DiffusionConfig
-from ncdpo_rllib.rl.defaults import DEFAULTS
+from ncdpo_rllib.rl.defaults import APPO_DEFAULTS, DEFAULTS
 from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.tasks.config import EncoderConfig, EnvConfig, MultiAgentConfig
 
@@ -66,11 +66,12 @@ class PPOSection:
     entropy_coeff: float = DEFAULTS.entropy_coeff
     """Entropy bonus of the final-step Gaussian (state-independent for ncdpo)."""
     num_epochs: int = DEFAULTS.num_epochs
-    """Passes over each iteration's batch."""
+    """Passes over each batch."""
     minibatch_size: int = DEFAULTS.minibatch_size
-    """Rows per gradient step."""
+    """Rows per gradient step (ncdpo-appo, appo: a multiple of ``appo.rollout_fragment_length``)."""
     train_batch_size: int = DEFAULTS.train_batch_size_per_learner
-    """Env steps sampled per training iteration."""
+    """Env steps per learner update: sampled per training iteration (ncdpo, dppo, ppo); the
+    learner's batch while the runners go on sampling (ncdpo-appo, appo)."""
     actor_grad_clip: Optional[float] = DEFAULTS.actor_grad_clip
     """Global-norm clip of the actor's gradient (ncdpo)."""
     critic_grad_clip: Optional[float] = DEFAULTS.critic_grad_clip
@@ -120,6 +121,39 @@ class PPOSection:
                 raise ValueError(f"ppo.{name} must be > 0")
 
 
+SYNCHRONOUS = {"ncdpo-appo": "ncdpo", "appo": "ppo"}
+"""Each asynchronous algorithm's synchronous twin."""
+
+
+@dataclass
+class APPOSection:
+    """The asynchronous path's own settings (algorithm: ncdpo-appo, appo; RLlib's APPO). The
+    learner-side ones that trade staleness for throughput are in ``resources``."""
+
+    rollout_fragment_length: int = APPO_DEFAULTS["rollout_fragment_length"]
+    """Env steps each vector env takes per EnvRunner ``sample()`` call: the unit the runners send
+    and V-trace's time axis (a runner sends this x ``resources.envs_per_runner`` steps at once)."""
+    batch_reuse: int = APPO_DEFAULTS["circular_buffer_iterations_per_batch"]
+    """Times the learner may train on one batch from its queue (APPO's circular buffer): more
+    updates per sample, each on older data (V-trace corrects for it)."""
+    target_update_freq: int = APPO_DEFAULTS["target_network_update_freq"]
+    """Refresh the target policy (the pi_old of the clipped surrogate) from the learner's every this
+    many x ``resources.learner_queue_batches`` x ``batch_reuse`` x ``ppo.train_batch_size`` trained
+    steps (RLlib's ``target_network_update_freq``)."""
+    vtrace_clip_rho: float = 1.0
+    """V-trace's rho-bar: the importance weights' clip in the value targets."""
+    vtrace_clip_pg_rho: float = 1.0
+    """V-trace's clip of the importance weights in the policy-gradient advantages."""
+
+    def __post_init__(self):
+        for name in ("rollout_fragment_length", "batch_reuse", "target_update_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"appo.{name} must be >= 1")
+        for name in ("vtrace_clip_rho", "vtrace_clip_pg_rho"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"appo.{name} must be > 0")
+
+
 @dataclass
 class ResourcesConfig:
     """Where rollouts and updates run (RLlib's env_runners / learners settings)."""
@@ -140,6 +174,17 @@ class ResourcesConfig:
     (restarts are logged as ``env_runner_restarts``)."""
     max_env_runner_restarts: int = 1000
     """Give up (fail the run) after this many EnvRunner restarts."""
+    learner_queue_batches: int = APPO_DEFAULTS["circular_buffer_num_batches"]
+    """ncdpo-appo, appo: batches the learner's queue holds (APPO's circular buffer). When the
+    runners sample faster than the learner trains, the oldest batch is dropped: a short queue keeps
+    the data fresh and wastes samples; a long one uses them, staler."""
+    broadcast_interval: int = APPO_DEFAULTS["broadcast_interval"]
+    """ncdpo-appo, appo: learner updates between two weight pushes to the EnvRunners (1 = after
+    every update: fresher weights, more traffic; the lag shows as
+    ``learner/<policy>/diff_num_grad_updates_vs_sampler_policy``). RLlib's learner answers the driver
+    only at a push: with a local learner (``learners: 0``) and 1 here the driver waits for each update
+    and the runners sample one request ahead at most; a remote learner (``learners: 1``) or a longer
+    interval lets them run on."""
     sample_timeout_s: Optional[float] = 600.0
     """How long one round of remote EnvRunner sampling may take before RLlib drops it and the
     iteration trains on what arrived (RLlib's default, 60 s, is too short for rendered pixels on a
@@ -150,8 +195,9 @@ class ResourcesConfig:
             raise ValueError("resources: env_runners, learners and gpus_per_learner must be >= 0")
         if self.sample_timeout_s is not None and self.sample_timeout_s <= 0:
             raise ValueError("resources.sample_timeout_s must be > 0 (or null: no timeout)")
-        if self.envs_per_runner < 1 or self.cpus_per_runner < 1:
-            raise ValueError("resources: envs_per_runner and cpus_per_runner must be >= 1")
+        for name in ("envs_per_runner", "cpus_per_runner", "learner_queue_batches", "broadcast_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"resources.{name} must be >= 1")
 
 
 @dataclass
@@ -295,9 +341,11 @@ class CollectConfig:
 class ExperimentConfig:
     """One experiment: a YAML file maps onto this, section by section."""
 
-    algorithm: Literal["ncdpo", "dppo", "ppo"] = "ncdpo"
+    algorithm: Literal["ncdpo", "dppo", "ppo", "ncdpo-appo", "appo"] = "ncdpo"
     """ncdpo = the diffusion policy, PPO through the whole chain; dppo = the same module with
-    DPPO's per-denoising-step likelihoods; ppo = RLlib's PPO with its default MLP module."""
+    DPPO's per-denoising-step likelihoods; ppo = RLlib's PPO with its default MLP module;
+    ncdpo-appo, appo = the same as ncdpo and ppo on RLlib's asynchronous APPO (runners never wait
+    for the learner; V-trace corrects for their stale weights; the ``appo`` section)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     multi_agent: MultiAgentConfig = field(default_factory=MultiAgentConfig)
@@ -306,6 +354,7 @@ class ExperimentConfig:
     stop: StopConfig = field(default_factory=StopConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
+    appo: APPOSection = field(default_factory=APPOSection)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -316,11 +365,26 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
 
+    @property
+    def diffusion_policy(self) -> bool:
+        """Whether the policy is the diffusion policy (ncdpo, dppo, ncdpo-appo), not RLlib's MLP."""
+        return self.algorithm not in ("ppo", "appo")
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether it trains on RLlib's asynchronous APPO path (ncdpo-appo, appo)."""
+        return self.algorithm in ("ncdpo-appo", "appo")
+
     def __post_init__(self):
-        if self.init_from is not None and self.algorithm == "ppo":
-            raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo or dppo)")
-        if self.ppo.kl_to_reference and self.algorithm == "ppo":  # dppo: DPPOConfig.validate() refuses it
+        if self.init_from is not None and not self.diffusion_policy:
+            raise ValueError("init_from is for the diffusion policy (algorithm: ncdpo, dppo or ncdpo-appo)")
+        if self.ppo.kl_to_reference and not self.diffusion_policy:  # dppo, ncdpo-appo: their validate() refuses it
             raise ValueError("ppo.kl_to_reference is implemented for algorithm: ncdpo only")
+        if self.asynchronous and self.ppo.vf_clip_param is not None:
+            raise ValueError("ppo.vf_clip_param: APPO's value loss has no clip; set it to null for "
+                             f"algorithm: {self.algorithm}")
+        if self.appo != APPOSection() and not self.asynchronous:
+            raise ValueError("the appo section is for algorithm: ncdpo-appo or appo; remove it, or change the algorithm")
         if self.ppo.lr_anneal and self.stop.env_steps is None:
             raise ValueError("ppo.lr_anneal decays the learning rates over stop.env_steps: set stop.env_steps")
         if self.ppo.clip_param_base is not None and self.algorithm != "dppo":
@@ -330,14 +394,15 @@ class ExperimentConfig:
                           "advantage_clip_quantiles": self.ppo.advantage_clip_quantiles,
                           "reward_scale_running": self.ppo.reward_scale_running}
         used = [f"ppo.{k}" for k, v in diffusion_only.items() if v]
-        if used and self.algorithm == "ppo":
-            raise ValueError(f"{', '.join(used)}: for algorithm: ncdpo or dppo (the MLP PPO baseline is RLlib's own PPO)")
+        if used and not self.diffusion_policy:
+            raise ValueError(f"{', '.join(used)}: for algorithm: ncdpo or dppo (the MLP baseline is RLlib's own "
+                             f"{self.algorithm.upper()})")
         if self.env.pixels and self.encoder.shift_in_finetune and self.ppo.kl_to_reference:
             raise ValueError("encoder.shift_in_finetune with ppo.kl_to_reference: the reference policy would see "
                              "other shifts than the policy; turn one of them off")
-        if self.env.pixels and self.algorithm == "ppo":
+        if self.env.pixels and not self.diffusion_policy:
             raise ValueError("env.observation: pixels needs the diffusion policy's image encoder: use algorithm: "
-                             "ncdpo or dppo (the MLP PPO baseline is state-only)")
+                             "ncdpo, dppo or ncdpo-appo (the MLP baselines are state-only)")
         if self.encoder != EncoderConfig() and not self.env.pixels:
             raise ValueError("the encoder section is for env.observation: pixels or pixels_state; remove it for state")
         if self.env.pixels and self.encoder.type == "cnn" and self.env.image_size < 36:
@@ -354,6 +419,9 @@ class ExperimentConfig:
                     raise ValueError(f"{key} is for single-agent envs (env.kind: gymnasium); unset it for PettingZoo")
             if self.algorithm == "dppo":
                 raise ValueError("algorithm: dppo is single-agent here; use ncdpo or ppo with env.kind: pettingzoo")
+            if self.asynchronous and self.multi_agent.central_critic:
+                raise ValueError("multi_agent.central_critic is MAPPO's critic, on the synchronous path: use algorithm: "
+                                 f"{SYNCHRONOUS[self.algorithm]}, or turn it off")
         elif self.multi_agent == MultiAgentConfig(policies="shared"):
             # The default before "auto": resolved configs saved then (checkpoints, pre-trained policies)
             # carry it for every env; for a Gymnasium env it means "no multi_agent section".

@@ -24,6 +24,7 @@ SECTIONS = [
     ("stop", experiment_config, "StopConfig"),
     ("diffusion", diffusion_config, "DiffusionConfig"),
     ("ppo", experiment_config, "PPOSection"),
+    ("appo", experiment_config, "APPOSection"),
     ("resources", experiment_config, "ResourcesConfig"),
     ("tracking", experiment_config, "TrackingConfig"),
     ("checkpoint", experiment_config, "CheckpointConfig"),
@@ -32,7 +33,7 @@ SECTIONS = [
     ("collect", experiment_config, "CollectConfig"),
 ]
 
-NESTED = {"env", "encoder", "multi_agent", "stop", "diffusion", "ppo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
+NESTED = {"env", "encoder", "multi_agent", "stop", "diffusion", "ppo", "appo", "resources", "tracking", "checkpoint", "eval", "pretrain", "collect"}
 
 METRICS = """\
 ## Metrics
@@ -59,6 +60,9 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `learner/<module>/nonfinite_updates_skipped` | optimizer steps skipped for NaN/inf gradients |
 | `learner/<module>/actor_frozen` | 1 while the critic warm-up keeps the actor fixed |
 | `learner/<module>/kl_to_reference` | KL to the reference (pre-trained) policy, when `ppo.kl_to_reference` > 0 |
+| `learner/<module>/diff_num_grad_updates_vs_sampler_policy` | staleness (RLlib's own metric): learner updates since the weights that sampled the batch, counting the update in progress (1 = sampled with the newest weights; the synchronous path shows 1) |
+| `learner/<module>/learner_queue_size` | ncdpo-appo: entries waiting in the learner's queue when a batch is trained (APPO's circular buffer: a batch counts once per remaining reuse) |
+| `learner/<module>/mean_IS`, `var_IS` | ncdpo-appo, appo: APPO's importance weights pi_target / mu (behaviour), mean and variance |
 | `agent_return_mean/<agent>`, `policy_return_mean/<policy>` | multi-agent: RLlib's per-agent and per-policy episode returns (smoothed over the last 100 episodes; `return_mean` is the team return, summed over agents, of this iteration's episodes) |
 | `success_rate`, `eval_success_rate` | Meta-World: share of this iteration's (evaluation) episodes in which `info["success"]` was set at any step |
 | `eval_return_mean` | mean return of the evaluation episodes (deterministic policy), on the iterations that ran an evaluation (every `eval.every`) |
@@ -80,7 +84,10 @@ episode's end counts the steps it executed), not policy steps; `episode_len_mean
 level, `dataset/<level>/episodes`, `steps`, `return_mean`, `return_std`; the summary is its
 `collect.json` artifact.
 
-The MLP PPO baseline logs RLlib's PPO learner keys under `learner/<module>/` instead.
+The MLP baselines log RLlib's PPO (APPO) learner keys under `learner/<module>/` instead.
+On the asynchronous path (ncdpo-appo, appo) the learner trains in its own thread while the
+runners sample: `time_learner_s` is not measured there, and an iteration lasts at least RLlib's
+`min_time_s_per_iteration` (10 s).
 """
 
 

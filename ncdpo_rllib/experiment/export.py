@@ -125,7 +125,7 @@ def build_exported(runner, exp) -> list[tuple]:
     if exp.env.kind == "pettingzoo":
         from ncdpo_rllib.tasks.multiagent import check_pettingzoo_env, policy_mapping
 
-        spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.algorithm != "ppo")
+        spaces = check_pettingzoo_env(exp.env.id, exp.env.kwargs, diffusion=exp.diffusion_policy)
         mapping = policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
         parts = [(agent, runner.module[pid], spaces.observation[agent], spaces.action[agent], {"policy": pid})
                  for agent, pid in mapping.items()]

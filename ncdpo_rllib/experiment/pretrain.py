@@ -217,8 +217,8 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
     from .build import check_experiment
 
     p, env = exp.pretrain, exp.env
-    if exp.algorithm == "ppo":
-        raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo)")
+    if not exp.diffusion_policy:
+        raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo, ncdpo-appo)")
     if exp.env.kind == "pettingzoo":
         raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium or metaworld")
     if p.dataset is None:

@@ -217,7 +217,7 @@ class Tracker:
             "algorithm": exp.algorithm,
             "env": exp.env.id,
             "seed": str(exp.seed),
-            "denoising_steps": str(exp.diffusion.denoising_steps if exp.algorithm != "ppo" else "n/a"),
+            "denoising_steps": str(exp.diffusion.denoising_steps if exp.diffusion_policy else "n/a"),
             "stage": "finetune" if exp.init_from else "train",
             **environment_tags(),
             **self.extra_tags,

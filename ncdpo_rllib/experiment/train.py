@@ -39,10 +39,16 @@ def _run_name(exp: ExperimentConfig) -> str:
     return exp.tracking.run_name or f"{exp.algorithm}-{exp.env.id}-s{exp.seed}-{stamp}"
 
 
-def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, iter_s: float) -> str:
+WEIGHT_LAG = "diff_num_grad_updates_vs_sampler_policy"
+"""RLlib's staleness metric (per policy): learner updates since the weights that sampled the batch."""
+
+
+def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, iter_s: float,
+              asynchronous: bool = False) -> str:
     """One line per iteration: the training return, then what the run reports of: the success rate
     (envs with ``info["success"]``), this iteration's evaluation, the fraction of epochs that
-    ``target_kl`` stopped (NCDPO / DPPO; the mean over policies)."""
+    ``target_kl`` stopped (NCDPO / DPPO; the mean over policies) or, on the asynchronous path, the
+    learner updates since the weights that sampled its batches (RLlib's count: 1 = the newest)."""
     ret = metrics.get("return_mean")
     parts = [f"iter {state.iteration:4d}", f"env steps {state.env_steps:9,d}",
              f"return {ret:9.2f}" if ret is not None else "return       n/a"]
@@ -53,8 +59,11 @@ def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, it
         evaluation.append(f"success {metrics['eval_success_rate']:.2f}")
     if evaluation:
         parts.append("eval " + ", ".join(evaluation))
+    lags = [v for k, v in metrics.items() if asynchronous and k.startswith("learner/") and k.endswith(f"/{WEIGHT_LAG}")]
     stops = [v for k, v in metrics.items() if k.startswith("learner/") and k.endswith("/kl_stop_fraction")]
-    if stops:
+    if lags:
+        parts.append(f"weight lag {sum(lags) / len(lags):4.1f}")
+    elif stops:
         parts.append(f"KL-stopped {sum(stops) / len(stops):4.0%}")
     parts += [f"{steps_per_s:7,.0f} steps/s", f"{iter_s:5.1f} s/iter", f"{state.wall_s:7.1f} s total"]
     return " | ".join(parts)
@@ -147,6 +156,9 @@ def _layout(exp: ExperimentConfig) -> str:
         f"sampling in the driver ({r.envs_per_runner} envs)")
     device = f"{r.gpus_per_learner:g} GPU each" if r.gpus_per_learner else "CPU"
     learners = f"{r.learners} remote learner(s), {device}" if r.learners else f"local learner, {device}"
+    if exp.asynchronous:
+        learners += (f"; asynchronous: learner queue {r.learner_queue_batches} batches, each trained up to "
+                     f"{exp.appo.batch_reuse}x, weights pushed every {r.broadcast_interval} update(s)")
     return f"{runners}; {learners}"
 
 
@@ -327,7 +339,7 @@ def train(
             # MLflow gets an iteration's metrics once a checkpoint covers it: a run killed
             # between checkpoints and resumed then logs no step twice and skips none.
             pending.append((state.env_steps, metrics))
-            log(_progress(state, metrics, sampled / iter_s, iter_s))
+            log(_progress(state, metrics, sampled / iter_s, iter_s, exp.asynchronous))
             restarts = int(metrics.get("env_runner_restarts") or 0)
             healthy = metrics.get("env_runners_healthy")
             if restarts > seen_restarts:  # RLlib's count, for this process

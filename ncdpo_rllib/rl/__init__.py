@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "NCDPO": "config", "NCDPOConfig": "config", "mean_std_filter_connector": "config",
+    "NCDPOAPPO": "appo", "NCDPOAPPOConfig": "appo", "NCDPOAPPOTorchLearner": "appo", "DiffusionAPPOModule": "appo",
     "DPPO": "dppo", "DPPO_CHAIN": "dppo", "DPPO_STEP_LOGP": "dppo", "DPPOConfig": "dppo", "DPPOModule": "dppo",
     "DPPOTorchLearner": "dppo",
     "NCDPOTorchLearner": "learner", "NonFiniteParametersError": "learner",

@@ -57,11 +57,17 @@ class PerAgentMeanStdFilter(MeanStdFilter):
         return MeanStdFilter._get_state_from_filters(self._filters)
 
 
-class NCDPOConfig(PPOConfig):
-    def __init__(self, algo_class=None):
-        super().__init__(algo_class=algo_class or NCDPO)
+class DiffusionAlgorithmConfig:
+    """What the diffusion policy's algorithm configs share, whatever RLlib config they extend
+    (``NCDPOConfig``, ``DPPOConfig``: PPO's; ``NCDPOAPPOConfig``: APPO's): the module (``diffusion()``,
+    ``module_class``), the defaults of ``ncdpo_rllib.rl.defaults`` and the keys the learners add."""
+
+    module_class = DiffusionPolicyModule
+    learner_class = NCDPOTorchLearner
+
+    def _set_diffusion_defaults(self) -> None:
         self.use_kl_loss = False
-        self.grad_clip = None  # NCDPO clips the actor's and the critic's gradients separately
+        self.grad_clip = None  # the actor's and the critic's gradients are clipped separately
         # The learner skips a step with non-finite gradients itself (UpdateControl). True makes RLlib's
         # apply_gradients check no gradient (False: it zeroes NaNs and steps, a host sync per parameter).
         self.torch_skip_nan_gradients = True
@@ -94,8 +100,8 @@ class NCDPOConfig(PPOConfig):
         advantage_clip_quantiles: Optional[tuple[float, float]] = NotProvided,
         reward_scale_running: bool = NotProvided,
         **kwargs,
-    ) -> "NCDPOConfig":
-        """PPOConfig.training(...) plus NCDPO's critic_lr, per-optimizer clips, target_kl,
+    ):
+        """RLlib's training(...) plus the critic_lr, per-optimizer clips, target_kl,
         critic warm-up iterations (actor frozen), the KL-to-reference weight, the log-prob
         reduction (``sum`` | ``mean``) and clamp, the advantage treatment (``batch`` |
         ``minibatch`` standardisation, quantile clip) and running reward scaling."""
@@ -131,7 +137,7 @@ class NCDPOConfig(PPOConfig):
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         return RLModuleSpec(
-            module_class=DiffusionPolicyModule,
+            module_class=self.module_class,
             model_config={
                 DIFFUSION: self.diffusion_config.to_dict(),
                 "critic_hidden": self.critic_hidden,
@@ -141,7 +147,7 @@ class NCDPOConfig(PPOConfig):
         )
 
     def get_default_learner_class(self):
-        return NCDPOTorchLearner
+        return self.learner_class
 
     def validate(self) -> None:
         super().validate()
@@ -161,7 +167,14 @@ class NCDPOConfig(PPOConfig):
         if q is not None and not (len(q) == 2 and 0 <= q[0] < q[1] <= 1):
             self._value_error("`advantage_clip_quantiles` must be [low, high] with 0 <= low < high <= 1, or None")
         if self.torch_compile_learner:
-            self._value_error("torch_compile_learner is not supported by NCDPOTorchLearner (gradient hooks, early stop)")
+            self._value_error("torch_compile_learner is not supported by the diffusion learners (gradient hooks, "
+                              "early stop)")
+
+
+class NCDPOConfig(DiffusionAlgorithmConfig, PPOConfig):
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or NCDPO)
+        self._set_diffusion_defaults()
 
 
 class NCDPO(PPO):

@@ -32,7 +32,6 @@ import torch
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.ppo import PPO
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from ncdpo_rllib.diffusion import StepGradNorms, gaussian_log_prob_elements, reduce_log_prob
@@ -175,6 +174,9 @@ class DPPOConfig(NCDPOConfig):
     """NCDPO's config (same PPO defaults, diffusion knobs, optimizers) plus ``gamma_denoise`` and
     the per-step clip schedule (``clip_param_base``, ``clip_param_rate``)."""
 
+    module_class = DPPOModule
+    learner_class = DPPOTorchLearner
+
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or DPPO)
         self.gamma_denoise: float = DEFAULTS.gamma_denoise
@@ -191,13 +193,6 @@ class DPPOConfig(NCDPOConfig):
             if value is not NotProvided:
                 setattr(self, name, value)
         return self
-
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        model_config = super().get_default_rl_module_spec().model_config
-        return RLModuleSpec(module_class=DPPOModule, model_config=model_config)
-
-    def get_default_learner_class(self):
-        return DPPOTorchLearner
 
     def validate(self) -> None:
         super().validate()

@@ -117,15 +117,15 @@ class NonFiniteParametersError(RuntimeError):
     """Raised when a module's parameters became NaN/inf: training cannot continue."""
 
 
-class NCDPOTorchLearner(PPOTorchLearner):
+class DiffusionLearnerMixin:
+    """What the diffusion policy's learners share, whatever RLlib learner they extend (PPO's:
+    ``NCDPOTorchLearner``, ``DPPOTorchLearner``; APPO's: ``NCDPOAPPOTorchLearner``): the actor's and
+    the critic's optimizers with their own clips, the per-denoising-step gradient norms, and the
+    update control (critic warm-up, target-KL stop, non-finite gradients)."""
+
     def build(self) -> None:
-        """PPO's build; with ``reward_scale_running``, the reward scaler right before GAE."""
         super().build()
         self.control = UpdateControl()
-        if getattr(self.config, "reward_scale_running", False) and self._learner_connector is not None:
-            self._learner_connector.insert_before(
-                GeneralAdvantageEstimation, RunningRewardScaling(gamma=self.config.gamma)
-            )
 
     # --- optimizers -------------------------------------------------------------------
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
@@ -215,6 +215,48 @@ class NCDPOTorchLearner(PPOTorchLearner):
                     "clips and resume from the last checkpoint"
                 )
 
+    # --- diagnostics ----------------------------------------------------------------------
+    def _log_policy_diagnostics(self, module_id, config, fwd_out, *, ratio, log_ratio, clip) -> None:
+        """Ratio, clip fraction, approx KL (and the target-KL stop it decides), final-step std,
+        critic warm-up: the diagnostics every diffusion learner logs, under the same names."""
+        approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's k3 estimator
+        self._maybe_stop_on_kl(module_id, config, approx_kl)
+        self.metrics.log_dict(
+            {
+                "ratio_mean": ratio.mean(),
+                "clip_fraction": ((ratio - 1).abs() > clip).float().mean(),
+                "approx_kl": approx_kl,
+                "kl_stop_fraction": float(module_id in self.control.kl_stopped),
+                "actor_frozen": float(self.control.actor_frozen),
+            },
+            key=module_id,
+            reduce="mean",
+        )
+        if not getattr(self.module[module_id].unwrapped(), "discrete", False):
+            final_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean()
+            self.metrics.log_value((module_id, "final_std"), final_std, reduce="mean")
+        self.metrics.log_value((module_id, "ratio_max"), ratio.max(), reduce="max")
+
+    def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
+        """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
+        if not getattr(config, "target_kl", None):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
+            approx_kl /= torch.distributed.get_world_size()
+        if approx_kl > 1.5 * config.target_kl:
+            self.control.kl_stopped.add(module_id)
+
+
+class NCDPOTorchLearner(DiffusionLearnerMixin, PPOTorchLearner):
+    def build(self) -> None:
+        """PPO's build; with ``reward_scale_running``, the reward scaler right before GAE."""
+        super().build()
+        if getattr(self.config, "reward_scale_running", False) and self._learner_connector is not None:
+            self._learner_connector.insert_before(
+                GeneralAdvantageEstimation, RunningRewardScaling(gamma=self.config.gamma)
+            )
+
     # --- the loss -----------------------------------------------------------------------
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         module = self.module[module_id].unwrapped()
@@ -267,39 +309,19 @@ class NCDPOTorchLearner(PPOTorchLearner):
 
     def _log_diagnostics(self, module_id, config, fwd_out, *, surrogate, vf_loss, entropy, ratio, log_ratio,
                          values, value_targets, clip) -> None:
-        """The target-KL stop and the diagnostics NCDPO and DPPO share; inputs: valid rows only
-        (DPPO's ratios: every (env step, denoising step) pair, ``clip`` one per step)."""
-        approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's k3 estimator
-        self._maybe_stop_on_kl(module_id, config, approx_kl)
+        """The losses, then the policy diagnostics and the target-KL stop (``_log_policy_diagnostics``);
+        inputs: valid rows only (DPPO's ratios: every (env step, denoising step) pair, ``clip`` one per step)."""
         self.metrics.log_dict(
             {
                 POLICY_LOSS_KEY: -surrogate.mean(),
                 VF_LOSS_KEY: vf_loss.mean(),
                 ENTROPY_KEY: entropy.mean(),
                 "vf_explained_var": explained_variance(value_targets, values),
-                "ratio_mean": ratio.mean(),
-                "clip_fraction": ((ratio - 1).abs() > clip).float().mean(),
-                "approx_kl": approx_kl,
-                "kl_stop_fraction": float(module_id in self.control.kl_stopped),
             },
             key=module_id,
             reduce="mean",
         )
-        if not getattr(self.module[module_id].unwrapped(), "discrete", False):
-            final_std = fwd_out[Columns.ACTION_DIST_INPUTS].chunk(2, dim=-1)[1].exp().mean()
-            self.metrics.log_value((module_id, "final_std"), final_std, reduce="mean")
-        self.metrics.log_value((module_id, "ratio_max"), ratio.max(), reduce="max")
-        self.metrics.log_value((module_id, "actor_frozen"), float(self.control.actor_frozen), reduce="mean")
-
-    def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
-        """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
-        if not config.target_kl:
-            return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)
-            approx_kl /= torch.distributed.get_world_size()
-        if approx_kl > 1.5 * config.target_kl:
-            self.control.kl_stopped.add(module_id)
+        self._log_policy_diagnostics(module_id, config, fwd_out, ratio=ratio, log_ratio=log_ratio, clip=clip)
 
     @staticmethod
     def _kl_to_reference(module, batch, fwd_out) -> torch.Tensor:

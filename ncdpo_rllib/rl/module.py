@@ -223,11 +223,12 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
         """The actor's input: the (normalised) own observation."""
         return self._obs(batch)[:, : self.actor_obs_dim]
 
-    def _dist_inputs(self, cond: torch.Tensor, noise: torch.Tensor, **chain_kwargs) -> torch.Tensor:
-        """ACTION_DIST_INPUTS from stored noise: [mean, log_std], or the logits."""
-        if self.discrete:
-            return self.actor(cond, noise, **chain_kwargs)
-        return torch.cat(self.actor(cond, noise, **chain_kwargs), dim=-1)
+    def _dist_inputs(self, cond: torch.Tensor, noise: torch.Tensor, actor: Optional[nn.Module] = None,
+                     **chain_kwargs) -> torch.Tensor:
+        """ACTION_DIST_INPUTS from stored noise: [mean, log_std], or the logits (of ``actor``, default
+        the policy's own)."""
+        out = (actor or self.actor)(cond, noise, **chain_kwargs)
+        return out if self.discrete else torch.cat(out, dim=-1)
 
     def _forward_exploration(self, batch: dict, **kwargs) -> dict:
         with torch.inference_mode():
