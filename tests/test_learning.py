@@ -44,6 +44,13 @@ def test_ncdpo_learns_inverted_pendulum(tmp_path):
     assert late(returns) > 20 * RANDOM_POLICY_RETURN, returns
 
 
+def test_async_ncdpo_learns_inverted_pendulum(tmp_path):
+    """algorithm: ncdpo-appo (RLlib's APPO: V-trace, the learner in its own thread) on the same budget."""
+    returns = run(tmp_path, algorithm="ncdpo-appo", diffusion={"denoising_steps": 5})
+    assert returns[0] < 4 * RANDOM_POLICY_RETURN
+    assert late(returns) > 20 * RANDOM_POLICY_RETURN, returns
+
+
 def test_k1_ncdpo_and_mlp_ppo_learn_alike(tmp_path):
     """Tolerance: both reach >= 20x the random policy's return, within a factor of 3 of each other."""
     ncdpo = late(run(tmp_path, diffusion={"denoising_steps": 1}))

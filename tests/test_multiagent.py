@@ -198,6 +198,8 @@ TINY = ["--set", "stop.iterations=2", "--set", "stop.env_steps=null", "--set", "
     ("spread_ncdpo.yaml", []),
     ("spread_ncdpo.yaml", ["--set", "algorithm=ppo"]),  # MLP+MAPPO, centralised critic
     ("spread_ncdpo.yaml", ["--set", "algorithm=ppo", "--set", "multi_agent.central_critic=false"]),
+    ("spread_ncdpo.yaml", ["--set", "algorithm=ncdpo-appo", "--set", "multi_agent.central_critic=false",
+                           "--set", "ppo.minibatch_size=128", "--set", "ppo.train_batch_size=256"]),  # async, shared
     ("spread_continuous_ncdpo.yaml", []),
     ("speaker_listener_ncdpo.yaml", []),
     ("tag_ncdpo.yaml", ["--set", "resources.env_runners=1"]),  # remote runner: per-agent filter merge, 16 vs 14 obs

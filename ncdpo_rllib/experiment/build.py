@@ -115,6 +115,9 @@ def build_algo_config(
         cfg = (APPOConfig() if exp.asynchronous else PPOConfig()).training(grad_clip=p.grad_clip, use_kl_loss=False)
     if exp.asynchronous:
         cfg.training(**{rl: operator.attrgetter(key)(exp) for rl, key in APPO_ARGS.items()})
+        # An iteration (progress line, eval.every, checkpoint.every, stop.iterations) ends once a
+        # train batch's worth of env steps was sampled, as on the synchronous path (RLlib's APPO: 10 s).
+        cfg.reporting(min_time_s_per_iteration=None, min_sample_timesteps_per_iteration=p.train_batch_size)
     cfg.environment(env=register(), env_config=env_context(exp.env, record_dir, video))
     connector = mean_std_filter_connector if use_filter else None
     if exp.env.kind == "pettingzoo":

@@ -86,8 +86,8 @@ level, `dataset/<level>/episodes`, `steps`, `return_mean`, `return_std`; the sum
 
 The MLP baselines log RLlib's PPO (APPO) learner keys under `learner/<module>/` instead.
 On the asynchronous path (ncdpo-appo, appo) the learner trains in its own thread while the
-runners sample: `time_learner_s` is not measured there, and an iteration lasts at least RLlib's
-`min_time_s_per_iteration` (10 s).
+runners sample: `time_learner_s` is not measured there. An iteration ends once
+`ppo.train_batch_size` env steps were sampled, as on the synchronous path.
 """
 
 
