@@ -29,11 +29,14 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def variant_overrides(variant: str) -> list[str]:
-    if variant == "ppo":
-        return ["algorithm=ppo"]
-    if variant.startswith("ncdpo:"):
-        return ["algorithm=ncdpo", f"diffusion.denoising_steps={int(variant.split(':')[1])}"]
-    raise SystemExit(f"unknown variant {variant!r}: use ppo or ncdpo:K")
+    """ppo / appo: RLlib's MLP on PPO / APPO; ncdpo:K / ncdpo-appo:K: NCDPO at K steps, synchronous or
+    asynchronous (``ncdpo train``'s algorithm key)."""
+    algorithm, _, k = variant.partition(":")
+    if algorithm in ("ppo", "appo") and not k:
+        return [f"algorithm={algorithm}"]
+    if algorithm in ("ncdpo", "ncdpo-appo") and k.isdigit():
+        return [f"algorithm={algorithm}", f"diffusion.denoising_steps={int(k)}"]
+    raise SystemExit(f"unknown variant {variant!r}: use ppo, appo, ncdpo:K or ncdpo-appo:K")
 
 
 def run_one(args, variant: str, seed: int) -> dict:
@@ -108,17 +111,20 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["ppo", "ncdpo:5", "ncdpo:10", "ncdpo:20"])
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
     p.add_argument("--fresh", action="store_true", help="discard saved results for this env")
+    p.add_argument("--tag", default="", help="a separate results file and docs section (e.g. async: the "
+                   "synchronous vs asynchronous comparison, every variant trained in this one run)")
     args = p.parse_args()
     args.env_id = load_config(args.config).env.id
+    suffix = f"_{args.tag}" if args.tag else ""
 
-    results_file = ROOT / "benchmarks" / "results" / f"sample_efficiency_{args.env_id}.json"
+    results_file = ROOT / "benchmarks" / "results" / f"sample_efficiency_{args.env_id}{suffix}.json"
     cells = ((f"{variant} seed {seed} ({args.steps:,} env steps)",
               {"variant": variant, "seed": seed, "steps": args.steps, "set": args.set},
               functools.partial(run_one, args, variant, seed))
              for seed in args.seeds for variant in args.variants)
     runs = run_cells(results_file, cells, fresh=args.fresh)
     table = summarise(runs, args.variants, args.steps)
-    image = plot(runs, args.variants, args.env_id)
+    image = plot(runs, args.variants, args.env_id + suffix)
     print(table)
     body = (
         f"Return = mean episode return of the iterations ending at that env-step count (mean of "
@@ -127,7 +133,8 @@ def main() -> None:
         f"'final vs PPO' is a ratio for positive returns, a difference otherwise.\n\n{table}\n\n"
         f"![learning curves]({image.relative_to(ROOT / 'docs')})\n"
     )
-    write_section(f"sample_efficiency:{args.env_id}", f"Sample efficiency from scratch: {args.env_id}", body)
+    write_section(f"sample_efficiency:{args.env_id}{':' + args.tag if args.tag else ''}",
+                  f"Sample efficiency from scratch: {args.env_id}{' (' + args.tag + ')' if args.tag else ''}", body)
 
 
 if __name__ == "__main__":
