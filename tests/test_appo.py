@@ -1,11 +1,7 @@
 """The asynchronous path (algorithm: ncdpo-appo / appo, RLlib's APPO): the exactness of the
 importance weights on the stored noise, the target network, the config mapping and its errors,
-and real runs through the CLI (resume, MLflow, evaluate, a killed runner)."""
-
-import os
-import signal
-import time
-import uuid
+and a real run through the CLI (resume, MLflow, evaluate). A killed runner: tests/test_fault_tolerance.py;
+learning: tests/test_learning.py; multi-agent: tests/test_multiagent.py."""
 
 import numpy as np
 import pytest
@@ -23,7 +19,6 @@ from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.rl import NOISE, DiffusionAPPOModule, NCDPOAPPOConfig
 from ncdpo_rllib.rl.appo import TARGET_ACTOR
 from tests.conftest import TINY, last_json, learner_stats, run_cli, runner_and_learner
-from tests.test_fault_tolerance import _marked_env_runner_pids, _spawn_train
 
 MODULE = "default_policy"
 
@@ -200,34 +195,3 @@ def test_an_async_run_trains_resumes_logs_to_mlflow_and_evaluates_through_the_cl
     evaluated = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--json"], tmp_path, env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert last_json(evaluated.stdout)["algorithm"] == "ncdpo-appo"
-
-
-@pytest.mark.slow
-def test_a_killed_env_runner_is_restarted_and_the_async_run_goes_on(tmp_path):
-    marker = uuid.uuid4().hex
-    proc, _ = _spawn_train(
-        tmp_path,
-        TINY_ASYNC.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 30, env_steps: null}")
-        .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}"),
-        ["--json"], {"NCDPO_TEST_MARK": marker},
-    )
-    lines, killed = [], None
-    try:
-        deadline = time.time() + 300
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("iter    2") and killed is None:
-                pids = _marked_env_runner_pids(marker)
-                assert len(pids) >= 2, pids
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
-            if time.time() > deadline:
-                break
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stderr = "".join(lines)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert killed is not None and "env runner failure: restarted" in stderr, stderr[-3000:]
-    assert last_json(proc.stdout.read())["iterations"] == 30

@@ -83,13 +83,17 @@ def _marked_env_runner_pids(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_env_runner_is_restarted_and_training_finishes(tmp_path):
+@pytest.mark.parametrize("algorithm, iterations", [("ncdpo", 10), ("ncdpo-appo", 30)])
+def test_killed_env_runner_is_restarted_and_training_finishes(tmp_path, algorithm, iterations):
+    """Synchronous and asynchronous (APPO: the other runner samples on meanwhile) alike. Enough
+    iterations that the restarted runner (a new process importing torch and RLlib) comes back
+    before the run ends, which takes a while on a loaded 2-core machine: an asynchronous
+    iteration is shorter (it ends once its steps are sampled)."""
     marker = uuid.uuid4().hex
     proc, uri = _spawn_train(
         tmp_path,
-        # 10 iterations: the restarted runner must come back (a new process importing torch and
-        # RLlib) before the run ends, which takes a while on a loaded 2-core machine
-        TINY.replace("stop: {iterations: 2, env_steps: null}", "stop: {iterations: 10, env_steps: null}")
+        f"algorithm: {algorithm}\n"
+        + TINY.replace("stop: {iterations: 2, env_steps: null}", f"stop: {{iterations: {iterations}, env_steps: null}}")
         .replace("resources: {env_runners: 0, envs_per_runner: 2}", "resources: {env_runners: 2, envs_per_runner: 1}"),
         ["--json"], {"NCDPO_TEST_MARK": marker},
     )
@@ -113,7 +117,7 @@ def test_killed_env_runner_is_restarted_and_training_finishes(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert killed is not None and "env runner failure: restarted" in stderr, stderr[-3000:]
     summary = last_json(proc.stdout.read())
-    assert summary["iterations"] == 10
+    assert summary["iterations"] == iterations
     client = MlflowClient(uri)
     restarts = client.get_metric_history(summary["mlflow_run_id"], "env_runner_restarts")
     assert max(m.value for m in restarts) >= 1

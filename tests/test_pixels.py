@@ -148,7 +148,7 @@ def test_image_batch_flows_from_env_runner_to_learner_with_the_stored_noise():
 def test_pixel_config_errors():
     cases = {
         "is implemented for kind: metaworld": {"env": {"id": "Pendulum-v1", "observation": "pixels"}},
-        "use algorithm: ncdpo or dppo": {"algorithm": "ppo", "env": {"kind": "metaworld", "id": "reach-v3",
+        "use algorithm: ncdpo, dppo or ncdpo-appo": {"algorithm": "ppo", "env": {"kind": "metaworld", "id": "reach-v3",
                                                                      "observation": "pixels"}},
         "encoder section is for": {"encoder": {"type": "vit"}},
         "multiple of 8": {"env": {"kind": "metaworld", "id": "reach-v3", "observation": "pixels",
