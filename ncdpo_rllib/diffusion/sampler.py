@@ -67,19 +67,22 @@ class StepGradNorms:
         return self.tap
 
     @property
+    def grad(self) -> Optional[torch.Tensor]:
+        """d(loss)/d(output of each step), (S, B, D); None before a backward pass (or without grad)."""
+        return None if self.tap is None else self.tap.grad
+
+    @property
     def norms(self) -> dict[int, torch.Tensor]:
         """{step: gradient norm}; empty before a backward pass."""
-        if self.tap is None or self.tap.grad is None:
-            return {}
-        return {i: self.tap.grad[i].norm() for i in self.steps}
+        return {} if self.grad is None else {i: self.grad[i].norm() for i in self.steps}
 
     def first_mid_last(self) -> dict[str, torch.Tensor]:
         """{grad_norm_step_first, _mid, _last}; empty before a backward pass (or without grad)."""
-        if self.tap is None or self.tap.grad is None:
+        if self.grad is None:
             return {}
         steps = list(self.steps)
         picks = {"first": steps[0], "mid": steps[len(steps) // 2], "last": steps[-1]}
-        norms = self.tap.grad[list(picks.values())].flatten(1).norm(dim=1)  # these three only, one call
+        norms = self.grad[list(picks.values())].flatten(1).norm(dim=1)  # these three only, one call
         return {f"grad_norm_step_{name}": norm for name, norm in zip(picks, norms)}
 
 
