@@ -20,7 +20,10 @@ with ``--set resources.gpus_per_learner=1`` for a GPU learner. Cells run one at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -76,8 +79,14 @@ def main() -> None:
     args = p.parse_args()
     env_id = load_config(args.config).env.id
 
-    grid = [(k, runners, learners, algorithm) for k in args.ks for runners in args.runners
-            for learners in args.learners for algorithm in ALGORITHMS]
+    resources = load_config(args.config).resources
+    grid, skipped = [], []
+    for k, runners, learners in itertools.product(args.ks, args.runners, args.learners):
+        cpus = dataclasses.replace(resources, env_runners=runners, learners=learners).cpus_needed
+        if cpus > (os.cpu_count() or 1):  # Ray would wait for the CPUs for ever (train() refuses)
+            skipped.append(f"{runners} runner(s) with {learners} remote learner(s) (needs {cpus} CPUs)")
+            continue
+        grid += [(k, runners, learners, algorithm) for algorithm in ALGORITHMS]
     cells = ((f"{algorithm} K={k}, {runners} runner(s), {learners} remote learner(s)",
               {"config": args.config, "algorithm": algorithm, "k": k, "runners": runners, "learners": learners,
                "steps": args.steps, "set": args.set},
@@ -104,6 +113,7 @@ def main() -> None:
         "counts rows x epochs the learner trained; 'weight lag' is RLlib's count of learner updates since the "
         "weights that sampled a batch (1 = the newest). Same PPO knobs for both (the config's), one cell at a "
         f"time.\n\n{table}\n"
+        + (f"\nNot run on this machine ({os.cpu_count()} CPUs): {'; '.join(sorted(set(skipped)))}.\n" if skipped else "")
     )
     write_section("async_throughput", f"Synchronous vs asynchronous throughput: {env_id}", body)
 

@@ -13,6 +13,7 @@ says how much, a bigger machine or a GPU learner shows the scaling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -90,7 +91,7 @@ def main() -> None:
                      f"{r['env_steps_per_s']:,.0f}", f"{r['learner_samples_per_s']:,.0f}"])
         print(rows[-1], flush=True)
     for learners in [n for n in args.learners if n > 0]:
-        cpus = exp.resources.cpus_per_runner + learners  # RLlib reserves 1 CPU per CPU learner
+        cpus = dataclasses.replace(exp.resources, env_runners=1, learners=learners).cpus_needed
         if cpus > (os.cpu_count() or 1):
             rows.append(["1 EnvRunner", f"{learners} remote", f"not run: needs {cpus} CPUs, this machine has "
                          f"{os.cpu_count()} (Ray would wait for them forever)", "-"])

@@ -95,6 +95,9 @@ def _assert_one_line_error(proc, *needles):
         (["env.kind=pettingzoo", "env.id=mpe2.simple_tag_v3", "multi_agent.policies=groups",
           "multi_agent.groups={adversaries: 'adversary_*', runners: 'runner_*'}"],
          ["pattern 'runner_*' matches no agent"]),
+        # More than the local Ray has: RLlib would wait for the CPUs for ever.
+        (["resources.env_runners=64"], ["resources need 64 CPUs (64 env runner(s) x 1)", "the Ray cluster has",
+                                        "lower resources.env_runners"]),
     ],
 )
 def test_bad_config_fails_cleanly_and_writes_nothing(tmp_path, tiny_config, sets, needles):

@@ -190,6 +190,13 @@ class ResourcesConfig:
     iteration trains on what arrived (RLlib's default, 60 s, is too short for rendered pixels on a
     few loaded cores: whole iterations then sample nothing); null = wait for ever."""
 
+    @property
+    def cpus_needed(self) -> int:
+        """CPUs the Ray cluster must have for this layout: each remote EnvRunner holds
+        ``cpus_per_runner``, each remote CPU learner one (RLlib's reservation); the driver, with its
+        local runner or learner, holds none."""
+        return self.env_runners * self.cpus_per_runner + (0 if self.gpus_per_learner else self.learners)
+
     def __post_init__(self):
         if min(self.env_runners, self.learners, self.gpus_per_learner) < 0:
             raise ValueError("resources: env_runners, learners and gpus_per_learner must be >= 0")

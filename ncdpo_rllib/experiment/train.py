@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -150,6 +151,25 @@ def _fit_gpus(exp: ExperimentConfig, log) -> ExperimentConfig:
     return dataclasses.replace(exp, resources=dataclasses.replace(r, gpus_per_learner=0))
 
 
+def _check_cpus(exp: ExperimentConfig, log) -> None:
+    """A layout that needs more CPUs than the Ray cluster has would wait for them for ever (RLlib
+    says nothing): on a local Ray that is a one-line error; on a cluster ($RAY_ADDRESS) an
+    autoscaler may still add nodes, so a line says what the run waits for."""
+    import ray
+
+    r = exp.resources
+    have = ray.cluster_resources().get("CPU", 0)
+    if r.cpus_needed <= have:
+        return
+    learners = f" + {r.learners} learner(s) x 1" if r.learners and not r.gpus_per_learner else ""
+    msg = (f"resources need {r.cpus_needed} CPUs ({r.env_runners} env runner(s) x {r.cpus_per_runner}{learners}); "
+           f"the Ray cluster has {have:g}")
+    if os.environ.get("RAY_ADDRESS"):
+        log(f"{msg}: the run waits until nodes with room join")
+    else:
+        raise ConfigError(f"{msg}: lower resources.env_runners, resources.cpus_per_runner or resources.learners")
+
+
 def _layout(exp: ExperimentConfig) -> str:
     r = exp.resources
     runners = f"{r.env_runners} env runner(s) x {r.envs_per_runner} envs" if r.env_runners else (
@@ -265,6 +285,7 @@ def train(
 
     init_ray()
     exp = _fit_gpus(exp, log)
+    _check_cpus(exp, log)
     video_staging = run_dir / "videos" / ".staging"
     if exp.eval.video_every:
         video_staging.mkdir(parents=True, exist_ok=True)
