@@ -49,7 +49,7 @@ def run_one(args, algorithm: str, k: int, runners: int, learners: int) -> dict:
                  f"tracking.run_name={name}", "eval.every=0", *args.set]
     _, curve = train_with_curve(load_config(args.config, overrides), {
         "return": "return_mean",
-        "trained": f"learner/{MODULE}/num_module_steps_trained",
+        "trained": f"learner/{MODULE}/num_module_steps_trained_lifetime",
         "lag": f"learner/{MODULE}/diff_num_grad_updates_vs_sampler_policy",
     })
     return {"curve": curve}
@@ -62,7 +62,10 @@ def rates(run: dict) -> tuple[float, float, float]:
         return float("nan"), float("nan"), float("nan")
     wall = c["wall_s"][-1] - c["wall_s"][0]
     sampled = c["env_steps"][-1] - c["env_steps"][0]
-    trained = np.nansum(c["trained"][1:])
+    # RLlib's lifetime count: an asynchronous learner's results reach the driver late or in bunches,
+    # a per-iteration count would miss some; the lifetime one only lags.
+    lifetime = [x for x in c["trained"] if not np.isnan(x)]
+    trained = lifetime[-1] - lifetime[0] if len(lifetime) > 1 else float("nan")
     return sampled / wall, trained / wall, float(np.nanmean(c["lag"][1:]))
 
 
