@@ -183,8 +183,8 @@ class ResourcesConfig:
     every update: fresher weights, more traffic; the lag shows as
     ``learner/<policy>/diff_num_grad_updates_vs_sampler_policy``). RLlib's learner answers the driver
     only at a push: with a local learner (``learners: 0``) and 1 here the driver waits for each update
-    and the runners sample one request ahead at most; a remote learner (``learners: 1``) or a longer
-    interval lets them run on."""
+    and the runners sample one request ahead at most. A remote learner did not train here (RLlib 2.60,
+    docs/benchmarks.md, "Synchronous vs asynchronous throughput")."""
     sample_timeout_s: Optional[float] = 600.0
     """How long one round of remote EnvRunner sampling may take before RLlib drops it and the
     iteration trains on what arrived (RLlib's default, 60 s, is too short for rendered pixels on a

@@ -239,7 +239,7 @@ class DiffusionLearnerMixin:
 
     def _maybe_stop_on_kl(self, module_id, config, approx_kl: torch.Tensor) -> None:
         """Target-KL early stop; with several learners, decided on the mean KL, identically on all."""
-        if not getattr(config, "target_kl", None):
+        if not config.target_kl:
             return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(approx_kl, op=torch.distributed.ReduceOp.SUM)

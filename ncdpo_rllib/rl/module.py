@@ -227,7 +227,7 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
                      **chain_kwargs) -> torch.Tensor:
         """ACTION_DIST_INPUTS from stored noise: [mean, log_std], or the logits (of ``actor``, default
         the policy's own)."""
-        out = (actor or self.actor)(cond, noise, **chain_kwargs)
+        out = (self.actor if actor is None else actor)(cond, noise, **chain_kwargs)
         return out if self.discrete else torch.cat(out, dim=-1)
 
     def _forward_exploration(self, batch: dict, **kwargs) -> dict:
