@@ -7,11 +7,12 @@ NCDPO  := $(VENV)/bin/ncdpo
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/pendulum_ncdpo.yaml
 
-.PHONY: help install train test test-fast bench bench-finetune clean
+.PHONY: help install train test test-fast test-images bench bench-finetune clean
 
 help:
 	@echo "make train   - set up .venv and run NCDPO on $(CONFIG) (MLflow: ./mlflow.db)"
 	@echo "make test    - set up .venv and run the whole test suite (slow tests included)"
+	@echo "make test-images - build the CPU image with buildah and train inside it (root; ~N min)"
 	@echo "make bench   - run the benchmarks (long; writes docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
@@ -35,7 +36,15 @@ test: $(STAMP)
 	$(PY) -m pytest -v -n $(TEST_WORKERS) --dist worksteal --durations=50
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not images"
+
+# The CPU image built for real (debootstrap base, docker/build.sh with buildah) and trained in;
+# not part of `make test` (see README, "Images"). Installs buildah and debootstrap when missing.
+IMAGES ?= cpu
+test-images: $(STAMP)
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap)
+	NCDPO_TEST_IMAGES="$(IMAGES)" $(PY) -m pytest -v -s -m images tests/test_images.py
 
 # Full-size benchmarks (many hours on 2 cores: locomotion at 1M steps is ~27 runs of 5-10 min, Meta-World
 # ~25 runs of 5 min); each script resumes from its results file and takes --help for smaller runs.

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import configparser
 import importlib.util
 import json
 import os
@@ -468,13 +469,20 @@ def test_dockerfile_structure(flavour):
     ins = _instructions(path)
     ops = [op for op, _ in ins]
     froms = [rest for op, rest in ins if op == "FROM"]
-    assert len(froms) == 2 and froms[0].endswith("AS build") and "slim" in froms[1]
+    # Both stages on the BASE_IMAGE build argument (default: the slim Python image).
+    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"], froms
+    assert ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm") in ins
     runs = " && ".join(rest for op, rest in ins if op == "RUN")
     torch = PINS["torch"]
     if flavour == "cpu":
-        assert f"--index-url https://download.pytorch.org/whl/cpu torch=={torch}" in runs
+        assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in ins
+        assert f'--index-url "${{TORCH_INDEX_URL}}" torch=={torch}' in runs
     else:
-        assert f"torch=={torch}" in runs and "whl/cpu" not in runs
+        assert f'"torch=={torch},!={torch}+cpu"' in runs and "whl/cpu" not in runs
+    # Every RUN that calls pip reads the optional pip configuration secret, and only there.
+    for op, rest in ins:
+        if op == "RUN" and "pip install" in rest:
+            assert rest.startswith("--mount=type=secret,id=pipconf,target=/etc/pip.conf "), rest
     assert "pip install ." in runs and "pip install --no-deps ." in runs  # the project, pyproject's pins
     assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
     assert "rsync" in runs and "wget" in runs
@@ -492,6 +500,63 @@ def test_dockerfile_structure(flavour):
             for src in [a for a in rest.split() if not a.startswith("--")][:-1]:
                 assert src.rstrip("/") in allowed, src
     assert f"docker build -f docker/Dockerfile.{flavour} -t ncdpo-rllib:{VERSION}-{flavour} ." in path.read_text()
+
+
+def test_pip_config_is_handed_to_the_build(tmp_path):
+    """docker/pip_config.py (what docker/build.sh hands an image build): the real `pip config list`
+    of a configuration with a network index carrying credentials, a file:// index, a CA bundle and
+    find-links holding the CPU torch wheel -> one merged pip.conf (mode 600) plus the local paths to
+    mount read-only; --no-local (docker) drops the local entries and keeps the network ones."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel = wheels / f"torch-{PINS['torch']}+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.touch()
+    (tmp_path / "repo" / "simple").mkdir(parents=True)
+    (tmp_path / "ca.pem").touch()
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"""[global]
+index-url = https://user:secret@mirror.example/simple
+extra-index-url = file://{tmp_path}/repo/simple https://other.example/simple
+cert = {tmp_path}/ca.pem
+[install]
+find-links = {wheels}
+""")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_CONFIG_FILE": str(conf),
+           "PIP_DEFAULT_TIMEOUT": "42"}
+
+    def hand_over(out, *flags):
+        r = subprocess.run([sys.executable, DOCKER / "pip_config.py", out, *flags], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines(), configparser.ConfigParser(interpolation=None), out / "pip.conf"
+
+    lines, cfg, merged = hand_over(tmp_path / "out")
+    cfg.read(merged)
+    assert merged.stat().st_mode & 0o777 == 0o600  # index URLs may carry credentials
+    assert cfg["global"]["index-url"] == "https://user:secret@mirror.example/simple"
+    assert cfg["global"]["extra-index-url"] == f"file://{tmp_path}/repo/simple https://other.example/simple"
+    assert cfg["global"]["cert"] == f"{tmp_path}/ca.pem" and cfg["global"]["default-timeout"] == "42"
+    assert cfg["install"]["find-links"] == str(wheels) and "config-file" not in cfg["global"]
+    # The index's repository root (its pages link to ../../files/...), the bundle, the wheels.
+    assert {f"mount {tmp_path}/repo", f"mount {tmp_path}/ca.pem", f"mount {wheels}"} <= set(lines)
+    assert f"torch-wheel {wheel}" in lines
+
+    lines, cfg, merged = hand_over(tmp_path / "docker", "--no-local")
+    cfg.read(merged)
+    assert not [ln for ln in lines if str(tmp_path) in ln]
+    assert cfg["global"]["extra-index-url"] == "https://other.example/simple"
+    assert "cert" not in cfg["global"] and not cfg.has_option("install", "find-links")
+    assert cfg["global"]["index-url"] == "https://user:secret@mirror.example/simple"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gpu"], "unknown argument 'gpu'"),
+    (["cpu", "--engine", "podman"], "--engine must be docker or buildah, not 'podman'"),
+])
+def test_build_script_refuses_bad_arguments(argv, message):
+    r = subprocess.run(["bash", DOCKER / "build.sh", *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"build.sh: {message}" + (" (see docker/build.sh --help)" if "unknown" in message else "")]
 
 
 # ---------------------------------------------------------------------------------------------
