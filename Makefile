@@ -12,7 +12,7 @@ CONFIG ?= configs/pendulum_ncdpo.yaml
 help:
 	@echo "make train   - set up .venv and run NCDPO on $(CONFIG) (MLflow: ./mlflow.db)"
 	@echo "make test    - set up .venv and run the whole test suite (slow tests included)"
-	@echo "make test-images - build the CPU image with buildah and train inside it (root; ~N min)"
+	@echo "make test-images - build the CPU image with buildah and train inside it (root; ~15 min)"
 	@echo "make bench   - run the benchmarks (long; writes docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
@@ -38,8 +38,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not images"
 
-# The CPU image built for real (debootstrap base, docker/build.sh with buildah) and trained in;
-# not part of `make test` (see README, "Images"). Installs buildah and debootstrap when missing.
+# The images built for real (debootstrap base, docker/build.sh with buildah) and trained in (IMAGES="cpu cuda");
+# not part of `make test` (cluster/README.md, "How the images are tested"). Installs buildah and debootstrap when missing.
 IMAGES ?= cpu
 test-images: $(STAMP)
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
