@@ -20,7 +20,7 @@
 # Environment: PYTHON (whose pip configuration, default python3), BUILDAH_OPTS (buildah's global
 # options, default "--storage-driver vfs"), BUILDAH_ISOLATION (default chroot: no daemon, no
 # user namespaces needed; runs as root).
-# Prints the image id and size last: "image TAG id ID size BYTES".
+# Prints the image id, size and build time last: "image TAG id ID size SIZE build_s N".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,10 +67,6 @@ if [ "$host_pip" = 1 ]; then
             torch-wheel) torch_wheel=$path ;;
         esac
     done <<< "$listing"
-    if [ "$engine" = docker ]; then
-        dropped=$("${PYTHON:-python3}" docker/pip_config.py "$stage/all" | sed -n 's/^mount //p' | tr '\n' ' ')
-        [ -n "$dropped" ] && echo "build.sh: docker cannot mount local paths into a build; pip inside uses only the network indexes of this machine's configuration (dropped: $dropped)" >&2
-    fi
 fi
 if [ "$torch_index" = unset ] && [ "$flavour" = cpu ] && [ -n "$torch_wheel" ]; then
     torch_index=""   # the configuration's find-links has the CPU wheel: let pip take it from there

@@ -12,7 +12,7 @@ may carry credentials) and prints, one per line:
     torch-wheel PATH  a CPU wheel of the pinned torch in a find-links directory
 
 ``--no-local`` drops every local path from the configuration instead (docker's builder cannot
-mount host paths); what is left are the network indexes. Nothing here is project code: standard
+mount host paths) and names them in one warning on stderr; what is left are the network indexes. Nothing here is project code: standard
 library only, so it runs before the project is installed. docker/build.sh calls it.
 """
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = read_config(args.python)
     mounts: list[Path] = []
     wheels: list[Path] = []
+    dropped: list[str] = []
     for sec in sections.values():
         for key in list(sec):
             if key not in PATHLIKE:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     kept.append(token)
                     continue
                 if args.no_local:
+                    dropped.append(str(path))
                     continue
                 kept.append(token)
                 if path not in mounts:
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         cfg.write(f)
+    if dropped:
+        print("build.sh: docker cannot mount local paths into a build; pip inside uses only the network "
+              f"indexes of this machine's configuration (dropped: {' '.join(dropped)})", file=sys.stderr)
     for path in mounts:
         print(f"mount {path}")
     for wheel in wheels:
