@@ -33,9 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, markdown_table, run_cells, train_with_curve, write_section  # noqa: E402
-from ncdpo_rllib.experiment.config import load_config  # noqa: E402
+from ncdpo_rllib.experiment.config import SYNCHRONOUS, load_config  # noqa: E402
+from ncdpo_rllib.rl.appo import TRAINED_ROWS  # noqa: E402
 
 ALGORITHMS = ("ncdpo", "ncdpo-appo")
+ASYNC = tuple(SYNCHRONOUS)
 MODULE = "default_policy"
 
 
@@ -49,24 +51,38 @@ def run_one(args, algorithm: str, k: int, runners: int, learners: int) -> dict:
                  f"tracking.run_name={name}", "eval.every=0", *args.set]
     _, curve = train_with_curve(load_config(args.config, overrides), {
         "return": "return_mean",
-        "trained": f"learner/{MODULE}/num_module_steps_trained_lifetime",
+        # The async learner's own count (RLlib's lifetime count stops moving with a remote learner).
+        "trained": f"learner/{MODULE}/{TRAINED_ROWS}" if algorithm in ASYNC else
+                   f"learner/{MODULE}/num_module_steps_trained_lifetime",
         "lag": f"learner/{MODULE}/diff_num_grad_updates_vs_sampler_policy",
+        "dropped": "env_steps_dropped",
     })
     return {"curve": curve}
 
 
-def rates(run: dict) -> tuple[float, float, float]:
-    """(env steps/s, trained samples/s, mean weight lag) over the iterations after the first."""
+def rates(run: dict) -> tuple[float, str, float]:
+    """(env steps/s, trained samples/s as text, mean weight lag) over the iterations after the first.
+    An asynchronous learner's counts reach the driver late or in bunches; the count is the learner's
+    own since its start, so it only lags. Where it arrived once only, the rate is that count over the
+    time to its arrival, start-up included, marked with a *."""
     c = run["curve"]
     if len(c["env_steps"]) < 2:
-        return float("nan"), float("nan"), float("nan")
+        return float("nan"), "nan", float("nan")
     wall = c["wall_s"][-1] - c["wall_s"][0]
     sampled = c["env_steps"][-1] - c["env_steps"][0]
-    # RLlib's lifetime count: an asynchronous learner's results reach the driver late or in bunches,
-    # a per-iteration count would miss some; the lifetime one only lags.
-    lifetime = [x for x in c["trained"] if not np.isnan(x)]
-    trained = lifetime[-1] - lifetime[0] if len(lifetime) > 1 else float("nan")
-    return sampled / wall, trained / wall, float(np.nanmean(c["lag"][1:]))
+    seen = [(w, x) for w, x in zip(c["wall_s"], c["trained"]) if not np.isnan(x)]
+    if len(seen) > 1:
+        trained = f"{(seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0]):,.0f}"
+    else:
+        trained = f"{seen[0][1] / seen[0][0]:,.0f}*" if seen else "0"
+    return sampled / wall, trained, float(np.nanmean(c["lag"][1:]))
+
+
+def dropped(run: dict) -> str:
+    """Env steps RLlib dropped for a busy remote learner, over the whole run (runs saved before the
+    count was recorded: n/a)."""
+    counts = run["curve"].get("dropped")
+    return "n/a" if counts is None else f"{int(np.nansum(counts)):,}"
 
 
 def main() -> None:
@@ -79,7 +95,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--tag", default="", help="a separate results file and docs section (e.g. a comparison "
+                   "of one setting, made with --set, on a machine shared with another job)")
     args = p.parse_args()
+    suffix = f"_{args.tag}" if args.tag else ""
     env_id = load_config(args.config).env.id
 
     resources = load_config(args.config).resources
@@ -95,7 +114,7 @@ def main() -> None:
                "steps": args.steps, "set": args.set},
               functools.partial(run_one, args, algorithm, k, runners, learners))
              for k, runners, learners, algorithm in grid)
-    runs = run_cells(ROOT / "benchmarks" / "results" / "async_throughput.json", cells, fresh=args.fresh,
+    runs = run_cells(ROOT / "benchmarks" / "results" / f"async_throughput{suffix}.json", cells, fresh=args.fresh,
                      report_only=args.report_only)
     rows = []
     for run in runs:
@@ -104,21 +123,25 @@ def main() -> None:
                      (r["k"], r["runners"], r["learners"]) == (run["k"], run["runners"], run["learners"])), None)
         speedup = env_rate / rates(sync)[0] if sync is not None and run is not sync else None
         rows.append([run["algorithm"], run["k"], run["runners"], run["learners"], f"{env_rate:,.0f}",
-                     f"{train_rate:,.0f}", "-" if run["algorithm"] == "ncdpo" else f"{lag:.1f}",
+                     train_rate, "-" if run["algorithm"] == "ncdpo" else f"{lag:.1f}",
+                     "-" if run["algorithm"] == "ncdpo" else dropped(run),
                      f"{speedup:.2f}x" if speedup else "-"])
     table = markdown_table(["algorithm", "K", "env runners", "remote learners", "env steps/s", "trained samples/s",
-                            "weight lag", "env steps/s vs sync"], rows)
+                            "weight lag", "env steps dropped", "env steps/s vs sync"], rows)
     print(table)
     body = (
         f"{env_id}, {args.steps:,} env steps per cell, rates over the iterations after the first. ncdpo = "
         "synchronous (RLlib's PPO: sampling stops while the learner trains); ncdpo-appo = asynchronous "
         "(RLlib's APPO: the runners sample on with the weights they have, V-trace corrects). 'trained samples/s' "
-        "counts rows x epochs the learner trained; 'weight lag' is RLlib's count of learner updates since the "
+        "counts rows x epochs the learner trained (* = its count reached the driver once only: that count over "
+        "the time to its arrival); 'env steps dropped': sampled, then dropped because the remote learner had "
+        "`resources.learner_requests_in_flight` batches outstanding; 'weight lag' is RLlib's count of learner updates since the "
         "weights that sampled a batch (1 = the newest). Same PPO knobs for both (the config's), one cell at a "
         f"time.\n\n{table}\n"
         + (f"\nNot run on this machine ({os.cpu_count()} CPUs): {'; '.join(sorted(set(skipped)))}.\n" if skipped else "")
     )
-    write_section("async_throughput", f"Synchronous vs asynchronous throughput: {env_id}", body)
+    write_section(f"async_throughput{':' + args.tag if args.tag else ''}",
+                  f"Synchronous vs asynchronous throughput: {env_id}{' (' + args.tag + ')' if args.tag else ''}", body)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.experiment.build import build_algo_config, check_experiment
 from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.rl import NOISE, DiffusionAPPOModule, NCDPOAPPOConfig
-from ncdpo_rllib.rl.appo import TARGET_ACTOR
+from ncdpo_rllib.rl.appo import TARGET_ACTOR, TRAINED_ROWS
 from tests.conftest import TINY, last_json, learner_stats, run_cli, runner_and_learner
 
 MODULE = "default_policy"
@@ -137,18 +137,21 @@ def test_the_async_keys_reach_rllibs_appo_config():
     exp = parse_config({"algorithm": "ncdpo-appo", "env": {"id": "Pendulum-v1"},
                         "appo": {"rollout_fragment_length": 32, "batch_reuse": 3, "target_update_freq": 4,
                                  "vtrace_clip_rho": 2.0, "vtrace_clip_pg_rho": 1.5},
-                        "resources": {"learner_queue_batches": 5, "broadcast_interval": 2},
+                        "resources": {"learner_queue_batches": 5, "broadcast_interval": 2,
+                                      "learner_requests_in_flight": 1, "sampler_wait_s": 0.5},
                         "ppo": {"lr": 1e-4, "critic_lr": 2e-3, "minibatch_size": 64, "vf_clip_param": None}})
     cfg = build_algo_config(exp)
     assert isinstance(cfg, NCDPOAPPOConfig)
     assert cfg.get_default_rl_module_spec().module_class is DiffusionAPPOModule
     assert (cfg.rollout_fragment_length, cfg.circular_buffer_iterations_per_batch, cfg.target_network_update_freq,
             cfg.vtrace_clip_rho_threshold, cfg.vtrace_clip_pg_rho_threshold, cfg.circular_buffer_num_batches,
-            cfg.broadcast_interval) == (32, 3, 4, 2.0, 1.5, 5, 2)
+            cfg.broadcast_interval, cfg.max_requests_in_flight_per_learner,
+            cfg.timeout_s_sampler_manager) == (32, 3, 4, 2.0, 1.5, 5, 2, 1, 0.5)
     assert (cfg.lr, cfg.critic_lr, cfg.minibatch_size, cfg.num_epochs) == (1e-4, 2e-3, 64, 10)
     cfg.validate()
     mlp = build_algo_config(parse_config({"algorithm": "appo", "env": {"id": "Pendulum-v1"}}))
     assert type(mlp).__name__ == "APPOConfig" and mlp.circular_buffer_num_batches == 8
+    assert mlp.timeout_s_sampler_manager == 0.1  # not RLlib's 0: the driver would spin a core
     mlp.validate()
 
 
@@ -160,6 +163,9 @@ def test_the_async_keys_reach_rllibs_appo_config():
     ({"algorithm": "ncdpo", "appo": {"batch_reuse": 2}}, "the appo section is for algorithm: ncdpo-appo or appo"),
     ({"algorithm": "ncdpo-appo", "appo": {"rollout_fragment_length": 0}}, "appo.rollout_fragment_length must be >= 1"),
     ({"algorithm": "ncdpo-appo", "resources": {"broadcast_interval": 0}}, "resources.broadcast_interval must be >= 1"),
+    ({"algorithm": "appo", "resources": {"learner_requests_in_flight": 0}},
+     "resources.learner_requests_in_flight must be >= 1"),
+    ({"algorithm": "appo", "resources": {"sampler_wait_s": -1}}, "resources.sampler_wait_s must be >= 0"),
     ({"algorithm": "appo", "env": {"kind": "pettingzoo", "id": "mpe2.simple_spread_v3"},
       "multi_agent": {"central_critic": True}}, "multi_agent.central_critic is MAPPO's critic"),
 ])
@@ -180,6 +186,7 @@ def test_an_async_run_trains_resumes_logs_to_mlflow_and_evaluates_through_the_cl
     first = run_cli(["train", "tiny.yaml", "--set", "tracking.run_name=async", "--json"], tmp_path, env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "asynchronous: learner queue 8 batches" in first.stderr and "weight lag" in first.stderr
+    assert "dropped       0" in first.stderr  # a local learner: RLlib drops nothing
     run_dir = tmp_path / "runs" / "async"
     resumed = run_cli(["train", "--resume", run_dir, "--set", "stop.iterations=3", "--json"], tmp_path, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -187,9 +194,11 @@ def test_an_async_run_trains_resumes_logs_to_mlflow_and_evaluates_through_the_cl
     assert summary["iterations"] == 3 and summary["env_steps"] == 3 * 256
     client = MlflowClient(uri)
     metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
-    for name in ("ratio_mean", "approx_kl", "mean_IS", "learner_queue_size", "grad_norm_step_first",
+    for name in ("ratio_mean", "approx_kl", "mean_IS", "learner_queue_size", "grad_norm_step_first", TRAINED_ROWS,
                  "diff_num_grad_updates_vs_sampler_policy"):
         assert f"learner/{MODULE}/{name}" in metrics, (name, sorted(metrics))
+    assert metrics["env_steps_dropped"] == 0
+    assert metrics[f"learner/{MODULE}/{TRAINED_ROWS}"] >= 256  # the resumed process trained a batch at least
     steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "iteration")]
     assert sorted(steps) == [256, 512, 768]  # resumed: no gap, no duplicate
     evaluated = run_cli(["evaluate", summary["checkpoint"], "--episodes", "2", "--json"], tmp_path, env)

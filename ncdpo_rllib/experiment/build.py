@@ -66,7 +66,8 @@ APPO_ARGS = {"circular_buffer_iterations_per_batch": "appo.batch_reuse",
              "vtrace_clip_rho_threshold": "appo.vtrace_clip_rho",
              "vtrace_clip_pg_rho_threshold": "appo.vtrace_clip_pg_rho",
              "circular_buffer_num_batches": "resources.learner_queue_batches",
-             "broadcast_interval": "resources.broadcast_interval"}
+             "broadcast_interval": "resources.broadcast_interval",
+             "timeout_s_sampler_manager": "resources.sampler_wait_s"}
 """RLlib's APPOConfig.training() argument -> experiment key, for ncdpo-appo and appo (and
 ``appo.rollout_fragment_length``, an env_runners() argument)."""
 SYNC_ONLY = ("vf_clip_param", "gae_lambda")
@@ -130,7 +131,8 @@ def build_algo_config(
         **({"rollout_fragment_length": exp.appo.rollout_fragment_length} if exp.asynchronous else {}),
         env_to_module_connector=connector,
     )
-    cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner)
+    cfg.learners(num_learners=r.learners, num_gpus_per_learner=r.gpus_per_learner,
+                 **({"max_requests_in_flight_per_learner": r.learner_requests_in_flight} if exp.asynchronous else {}))
     cfg.fault_tolerance(
         restart_failed_env_runners=r.restart_failed_env_runners,
         max_num_env_runner_restarts=r.max_env_runner_restarts,

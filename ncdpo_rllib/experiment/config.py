@@ -175,16 +175,26 @@ class ResourcesConfig:
     max_env_runner_restarts: int = 1000
     """Give up (fail the run) after this many EnvRunner restarts."""
     learner_queue_batches: int = APPO_DEFAULTS["circular_buffer_num_batches"]
-    """ncdpo-appo, appo: batches the learner's queue holds (APPO's circular buffer). When the
-    runners sample faster than the learner trains, the oldest batch is dropped: a short queue keeps
-    the data fresh and wastes samples; a long one uses them, staler."""
+    """ncdpo-appo, appo: batches the learner thread's buffer holds (APPO's circular buffer; when full,
+    the oldest is dropped). It fills only when the driver hands the learner batches faster than the
+    learner answers, i.e. with ``broadcast_interval`` > 1: at 1, each update call waits for its own
+    batch to be trained, so the buffer holds one batch and ``learner_requests_in_flight`` is the queue."""
+    learner_requests_in_flight: int = APPO_DEFAULTS["max_requests_in_flight_per_learner"]
+    """ncdpo-appo, appo with remote learners (``learners`` >= 1): batches sent to a learner and not
+    yet answered. When all are outstanding, the driver drops the next batches (their env steps show
+    as ``env_steps_dropped``): more keeps the learner fed from a queue, each batch staler when it is
+    trained; fewer trains fresher data and drops more of it when the learner is the slower side."""
     broadcast_interval: int = APPO_DEFAULTS["broadcast_interval"]
     """ncdpo-appo, appo: learner updates between two weight pushes to the EnvRunners (1 = after
     every update: fresher weights, more traffic; the lag shows as
-    ``learner/<policy>/diff_num_grad_updates_vs_sampler_policy``). RLlib's learner answers the driver
-    only at a push: with a local learner (``learners: 0``) and 1 here the driver waits for each update
-    and the runners sample one request ahead at most. A remote learner did not train here (RLlib 2.60,
-    docs/benchmarks.md, "Synchronous vs asynchronous throughput")."""
+    ``learner/<policy>/diff_num_grad_updates_vs_sampler_policy``). RLlib's learner answers the
+    driver only at a push: at 1 every update call waits for its batch to be trained (with a local
+    learner, ``learners: 0``, the driver itself waits, and the runners sample one request ahead)."""
+    sampler_wait_s: float = APPO_DEFAULTS["timeout_s_sampler_manager"]
+    """ncdpo-appo, appo: how long the driver waits for a runner's batch before it checks the learner
+    again (RLlib's ``timeout_s_sampler_manager``). RLlib's 0 polls in a loop that keeps a whole core
+    busy in the driver, taken from the runners and the learner on a small machine (measured here: the
+    driver used 258 CPU-s in a 386 s run at 0, 2.6 CPU-s at 0.1; docs/benchmarks.md)."""
     sample_timeout_s: Optional[float] = 600.0
     """How long one round of remote EnvRunner sampling may take before RLlib drops it and the
     iteration trains on what arrived (RLlib's default, 60 s, is too short for rendered pixels on a
@@ -202,9 +212,12 @@ class ResourcesConfig:
             raise ValueError("resources: env_runners, learners and gpus_per_learner must be >= 0")
         if self.sample_timeout_s is not None and self.sample_timeout_s <= 0:
             raise ValueError("resources.sample_timeout_s must be > 0 (or null: no timeout)")
-        for name in ("envs_per_runner", "cpus_per_runner", "learner_queue_batches", "broadcast_interval"):
+        for name in ("envs_per_runner", "cpus_per_runner", "learner_queue_batches", "learner_requests_in_flight",
+                     "broadcast_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"resources.{name} must be >= 1")
+        if self.sampler_wait_s < 0:
+            raise ValueError("resources.sampler_wait_s must be >= 0")
 
 
 @dataclass

@@ -62,6 +62,8 @@ Logged to MLflow once per iteration with `step` = env steps so far:
 | `learner/<module>/kl_to_reference` | KL to the reference (pre-trained) policy, when `ppo.kl_to_reference` > 0 |
 | `learner/<module>/diff_num_grad_updates_vs_sampler_policy` | staleness (RLlib's own metric): learner updates since the weights that sampled the batch, counting the update in progress (1 = sampled with the newest weights; the synchronous path shows 1) |
 | `learner/<module>/learner_queue_size` | ncdpo-appo: entries waiting in the learner's queue when a batch is trained (APPO's circular buffer: a batch counts once per remaining reuse) |
+| `learner/<module>/trained_rows_total` | ncdpo-appo: rows (x epochs, x reuse) the learner trained since its process started |
+| `env_steps_dropped` | ncdpo-appo, appo with remote learners: env steps sampled this iteration that RLlib dropped because every learner had `resources.learner_requests_in_flight` batches outstanding |
 | `learner/<module>/mean_IS`, `var_IS` | ncdpo-appo, appo: APPO's importance weights pi_target / mu (behaviour), mean and variance |
 | `agent_return_mean/<agent>`, `policy_return_mean/<policy>` | multi-agent: RLlib's per-agent and per-policy episode returns (smoothed over the last 100 episodes; `return_mean` is the team return, summed over agents, of this iteration's episodes) |
 | `success_rate`, `eval_success_rate` | Meta-World: share of this iteration's (evaluation) episodes in which `info["success"]` was set at any step |

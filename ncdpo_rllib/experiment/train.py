@@ -42,6 +42,8 @@ def _run_name(exp: ExperimentConfig) -> str:
 
 WEIGHT_LAG = "diff_num_grad_updates_vs_sampler_policy"
 """RLlib's staleness metric (per policy): learner updates since the weights that sampled the batch."""
+TS_DROPPED = "learner_group_ts_dropped_lifetime"
+"""RLlib's LearnerGroup count of env steps dropped because every remote learner was busy."""
 
 
 def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, iter_s: float,
@@ -60,10 +62,12 @@ def _progress(state: RunState, metrics: dict[str, float], steps_per_s: float, it
         evaluation.append(f"success {metrics['eval_success_rate']:.2f}")
     if evaluation:
         parts.append("eval " + ", ".join(evaluation))
-    lags = [v for k, v in metrics.items() if asynchronous and k.startswith("learner/") and k.endswith(f"/{WEIGHT_LAG}")]
+    lags = [v for k, v in metrics.items() if k.startswith("learner/") and k.endswith(f"/{WEIGHT_LAG}")]
     stops = [v for k, v in metrics.items() if k.startswith("learner/") and k.endswith("/kl_stop_fraction")]
-    if lags:
-        parts.append(f"weight lag {sum(lags) / len(lags):4.1f}")
+    if asynchronous:
+        if lags:
+            parts.append(f"weight lag {sum(lags) / len(lags):4.1f}")
+        parts.append(f"dropped {int(metrics.get('env_steps_dropped', 0)):7,d}")
     elif stops:
         parts.append(f"KL-stopped {sum(stops) / len(stops):4.0%}")
     parts += [f"{steps_per_s:7,.0f} steps/s", f"{iter_s:5.1f} s/iter", f"{state.wall_s:7.1f} s total"]
@@ -177,7 +181,8 @@ def _layout(exp: ExperimentConfig) -> str:
     device = f"{r.gpus_per_learner:g} GPU each" if r.gpus_per_learner else "CPU"
     learners = f"{r.learners} remote learner(s), {device}" if r.learners else f"local learner, {device}"
     if exp.asynchronous:
-        learners += (f"; asynchronous: learner queue {r.learner_queue_batches} batches, each trained up to "
+        queue = f"{r.learner_requests_in_flight} batches in flight per learner, " if r.learners else ""
+        learners += (f"; asynchronous: {queue}learner queue {r.learner_queue_batches} batches, each trained up to "
                      f"{exp.appo.batch_reuse}x, weights pushed every {r.broadcast_interval} update(s)")
     return f"{runners}; {learners}"
 
@@ -316,7 +321,7 @@ def train(
             mapping = policy_mapping(exp.multi_agent.policies, exp.multi_agent.groups, spaces)
             log(f"policies ({exp.multi_agent.policies}): {describe_mapping(mapping)}")
         pending: list[tuple[int, dict]] = []
-        seen_restarts, short_of_runners = 0, False
+        seen_restarts, short_of_runners, dropped_before = 0, False, 0
         stop = StopRequest(log).__enter__()  # restored in the finally below
         while not _done(exp, state):
             if stop.signal is None and stop_requested is not None:
@@ -344,6 +349,10 @@ def train(
             state.env_steps += sampled
             state.wall_s += iter_s
             metrics = iteration_metrics(result, exp.eval.every)
+            if exp.asynchronous:  # RLlib's count since this process started; the metric is per iteration
+                dropped_lifetime = int(algo.learner_group.get_stats().get(TS_DROPPED, 0))
+                metrics["env_steps_dropped"] = dropped_lifetime - dropped_before
+                dropped_before = dropped_lifetime
             ret = metrics.get("return_mean")
             if ret is not None:
                 state.last_return = ret

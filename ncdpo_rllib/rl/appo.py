@@ -13,8 +13,8 @@ pi / mu are exact (DPPO's per-step likelihoods would need one correction per den
   copy stays on the learner: runners never receive it).
 - ``NCDPOAPPOTorchLearner``: APPO's loss (V-trace targets and advantages, the clipped surrogate on
   pi / pi_target) with the diffusion learners' optimizers, clips and update control
-  (``DiffusionLearnerMixin``), plus the diagnostics NCDPO logs and the learner's queue depth
-  ``learner_queue_size`` (batches waiting). RLlib itself logs the staleness,
+  (``DiffusionLearnerMixin``), plus the diagnostics NCDPO logs, the learner's queue depth
+  ``learner_queue_size`` (batches waiting) and its count of trained rows ``trained_rows_total``. RLlib itself logs the staleness,
   ``diff_num_grad_updates_vs_sampler_policy``: learner updates since the weights that sampled the
   batch, counting the one in progress (1 = sampled with the newest weights).
 - ``NCDPOAPPOConfig`` / ``NCDPOAPPO``: APPO's config and training step with the module and learner.
@@ -39,6 +39,9 @@ from .learner import DiffusionLearnerMixin
 from .module import NOISE, DiffusionPolicyModule
 
 TARGET_ACTOR = "target_actor"
+TRAINED_ROWS = "trained_rows_total"
+"""The async learner's count of rows it trained (x epochs and reuse) since its process started:
+exact where RLlib's lifetime counts, summed across the learner thread's bunched results, are not."""
 
 
 class DiffusionAPPOModule(DiffusionPolicyModule, TargetNetworkAPI, InferenceOnlyAPI):
@@ -76,6 +79,9 @@ class NCDPOAPPOTorchLearner(DiffusionLearnerMixin, APPOTorchLearner):
             log_ratio = (dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP])[mask]
             self._log_policy_diagnostics(module_id, config, fwd_out, ratio=log_ratio.exp(), log_ratio=log_ratio,
                                          clip=config.clip_param)
+            counts = self.__dict__.setdefault("_trained_rows", {})
+            counts[module_id] = counts.get(module_id, 0) + int(mask.sum())
+            self.metrics.log_value((module_id, TRAINED_ROWS), counts[module_id], reduce="mean", window=1)
             queue = getattr(self, "_learner_thread_in_queue", None)
             if queue is not None:
                 self.metrics.log_value((module_id, "learner_queue_size"), queue.qsize(), reduce="mean")

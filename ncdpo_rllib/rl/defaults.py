@@ -53,6 +53,8 @@ APPO_DEFAULTS = {
     "circular_buffer_iterations_per_batch": 1,  # times the learner may train on one batch
     "target_network_update_freq": 2,  # RLlib's APPO default
     "broadcast_interval": 1,  # learner updates between weight pushes to the EnvRunners
+    "max_requests_in_flight_per_learner": 3,  # RLlib's: batches sent to a remote learner, not yet answered
+    "timeout_s_sampler_manager": 0.1,  # the driver's wait for a runner's batch (RLlib's 0.0 spins a core)
 }
 """The asynchronous path's own settings (``NCDPOAPPOConfig``; the experiment file's ``appo``
 section and ``resources.learner_queue_batches`` / ``broadcast_interval``), named as RLlib's
