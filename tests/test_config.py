@@ -6,7 +6,7 @@ import gymnasium as gym
 import pytest
 
 from ncdpo_rllib.experiment.build import build_algo_config
-from ncdpo_rllib.experiment.config import ExperimentConfig, load_config, parse_config
+from ncdpo_rllib.experiment.config import ExperimentConfig, ResourcesConfig, load_config, parse_config
 from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.rl import DiffusionPolicyModule, NCDPOConfig, NCDPOTorchLearner
 from ncdpo_rllib.tasks.config import EnvConfig
@@ -251,3 +251,11 @@ def test_saved_configs_from_before_policies_auto_still_load():
     assert exp.multi_agent == MultiAgentConfig()
     with pytest.raises(ConfigError, match="the multi_agent section is for env.kind: pettingzoo"):
         parse_config({"multi_agent": {"policies": "independent"}})
+
+
+def test_the_cpus_a_layout_needs_and_the_words_that_say_so_agree():
+    cases = [(ResourcesConfig(env_runners=2, cpus_per_runner=2, learners=1), 5, "2 env runner(s) x 2 + 1 learner(s) x 1"),
+             (ResourcesConfig(env_runners=3, learners=2, gpus_per_learner=1), 3, "3 env runner(s) x 1"),  # GPU learners
+             (ResourcesConfig(env_runners=0), 0, "0 env runner(s) x 1")]
+    for r, cpus, words in cases:
+        assert (r.cpus_needed, r.cpus_needed_in_words) == (cpus, words)

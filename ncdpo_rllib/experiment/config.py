@@ -205,7 +205,17 @@ class ResourcesConfig:
         """CPUs the Ray cluster must have for this layout: each remote EnvRunner holds
         ``cpus_per_runner``, each remote CPU learner one (RLlib's reservation); the driver, with its
         local runner or learner, holds none."""
-        return self.env_runners * self.cpus_per_runner + (0 if self.gpus_per_learner else self.learners)
+        return self.env_runners * self.cpus_per_runner + self._cpu_learners
+
+    @property
+    def cpus_needed_in_words(self) -> str:
+        """``cpus_needed``'s terms, for messages: "2 env runner(s) x 1 + 1 learner(s) x 1"."""
+        learners = f" + {self._cpu_learners} learner(s) x 1" if self._cpu_learners else ""
+        return f"{self.env_runners} env runner(s) x {self.cpus_per_runner}{learners}"
+
+    @property
+    def _cpu_learners(self) -> int:
+        return 0 if self.gpus_per_learner else self.learners
 
     def __post_init__(self):
         if min(self.env_runners, self.learners, self.gpus_per_learner) < 0:

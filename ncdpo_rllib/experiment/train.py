@@ -165,9 +165,7 @@ def _check_cpus(exp: ExperimentConfig, log) -> None:
     have = ray.cluster_resources().get("CPU", 0)
     if r.cpus_needed <= have:
         return
-    learners = f" + {r.learners} learner(s) x 1" if r.learners and not r.gpus_per_learner else ""
-    msg = (f"resources need {r.cpus_needed} CPUs ({r.env_runners} env runner(s) x {r.cpus_per_runner}{learners}); "
-           f"the Ray cluster has {have:g}")
+    msg = f"resources need {r.cpus_needed} CPUs ({r.cpus_needed_in_words}); the Ray cluster has {have:g}"
     if os.environ.get("RAY_ADDRESS"):
         log(f"{msg}: the run waits until nodes with room join")
     else:
