@@ -15,12 +15,13 @@ help:
 	@echo "make test-images - build the CPU image with buildah and train inside it (root; ~15 min)"
 	@echo "make bench   - run the benchmarks (long; writes docs/benchmarks.md)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch first: the pinned CPU build, so nothing pulls a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 install: $(STAMP)

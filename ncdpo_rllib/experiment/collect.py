@@ -105,11 +105,11 @@ def collect(exp: ExperimentConfig, *, resume: str | Path | None = None,
             raise ConfigError("collect.scripted records in one pass: there is nothing to --resume; run it again")
         return collect_scripted(exp, log=log)
     if exp.env.pixels:
-        raise ConfigError("pixel datasets are recorded from Meta-World's scripted experts: set collect.scripted: true")
+        raise ConfigError("pixel datasets are recorded from the scripted experts: set collect.scripted: true")
     if exp.algorithm != "ppo":
         raise ConfigError("collect trains an MLP-PPO expert: set algorithm: ppo")
     if exp.env.kind == "pettingzoo":
-        raise ConfigError("collect records single-agent datasets: env.kind must be gymnasium or metaworld")
+        raise ConfigError("collect records single-agent datasets: env.kind must be gymnasium, metaworld or robosuite")
     if exp.eval.every:
         raise ConfigError("collect: set eval.every to 0 (evaluation episodes would be recorded as "
                           "training rollouts); checkpoints are rated after training")
@@ -242,14 +242,13 @@ GIVE_UP_BEFORE = 25
 
 
 def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
-    """Meta-World's scripted expert, degraded as ``collect`` asks; (episodes, success flags)."""
+    """The task's scripted expert, degraded as ``collect`` asks; (episodes, success flags, the
+    expert's name)."""
     from ncdpo_rllib.data import Episode
-    from ncdpo_rllib.tasks.metaworld import make_metaworld_env, scripted_policy
+    from ncdpo_rllib.tasks.envs import scripted_expert
 
     c = exp.collect
-    env = make_metaworld_env(exp.env)  # with pixels: observations are [state, image]
-    state_dim = getattr(env, "state_dim", env.observation_space.shape[0])  # what the expert reads
-    expert = scripted_policy(exp.env.id)
+    env, expert, source = scripted_expert(exp.env)  # with pixels: observations are [state, image]
     episodes, successes, total = [], [], 0
     try:
         while total < c.steps_per_level:
@@ -260,7 +259,7 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
                 if give_up is not None and len(actions) >= give_up:
                     action = rng.uniform(-1, 1, env.action_space.shape)
                 else:
-                    action = expert.get_action(obs[:state_dim]) + c.action_noise * rng.standard_normal(env.action_space.shape)
+                    action = expert(obs) + c.action_noise * rng.standard_normal(env.action_space.shape)
                 action = np.clip(action, -1, 1).astype(np.float32)
                 obs, reward, terminated, truncated, info = env.step(action)
                 observations.append(obs)
@@ -277,7 +276,7 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
                     f"success rate {np.mean(successes):.2f}")
     finally:
         env.close()
-    return episodes, successes
+    return episodes, successes, source
 
 
 def scripted_level(exp: ExperimentConfig) -> str:
@@ -286,12 +285,13 @@ def scripted_level(exp: ExperimentConfig) -> str:
 
 
 def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
-    """``collect.scripted``: Meta-World's scripted expert -> <out>/<task>/scripted (Minari)."""
+    """``collect.scripted``: a Meta-World or robosuite task's scripted expert -> <out>/<task>/scripted (Minari)."""
     from ncdpo_rllib.data import write_dataset
 
+    from ncdpo_rllib.tasks.envs import check_scripted
+
     c = exp.collect
-    if exp.env.kind != "metaworld":
-        raise ConfigError("collect.scripted records Meta-World's scripted experts: set env.kind: metaworld")
+    check_scripted(exp.env)
     from .build import check_experiment
 
     check_experiment(exp)
@@ -301,9 +301,9 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
     tracker = Tracker(exp, tags={"stage": "collect"})
     status = "FAILED"
     try:
-        episodes, successes = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
+        episodes, successes, source = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
         rets = np.array([ep.ret for ep in episodes])
-        meta = {"source": f"Meta-World scripted expert ({exp.env.id}, goal {exp.env.goal})",
+        meta = {"source": source,
                 "observation": exp.env.observation, "image_size": exp.env.image_size if exp.env.pixels else None,
                 "camera": exp.env.camera if exp.env.pixels else None,
                 "action_noise": c.action_noise, "failed_fraction": c.failed_fraction,

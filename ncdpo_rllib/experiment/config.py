@@ -346,8 +346,9 @@ class CollectConfig:
     """Record with the stochastic policy (explore=True), as D4RL did with SAC. Off by default:
     a PPO expert's sampled actions are far worse than its mean (Hopper: 238 vs 3080)."""
     scripted: bool = False
-    """env.kind metaworld: record Meta-World's scripted expert (no PPO training) into one
-    dataset, <out>/<task>/scripted; ``steps_per_level`` env steps of whole episodes."""
+    """env.kind metaworld or robosuite: record the task's scripted expert (no PPO training) into
+    one dataset, <out>/<task>/scripted; ``steps_per_level`` env steps of whole episodes.
+    robosuite has scripted experts for Lift."""
     action_noise: float = 0.0
     """scripted: std of Gaussian noise added to the expert's actions (clipped to [-1, 1])."""
     failed_fraction: float = 0.0

@@ -220,7 +220,7 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
     if not exp.diffusion_policy:
         raise ConfigError("pretrain trains the diffusion policy: set algorithm: ncdpo (or dppo, ncdpo-appo)")
     if exp.env.kind == "pettingzoo":
-        raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium or metaworld")
+        raise ConfigError("pretrain clones single-agent datasets: env.kind must be gymnasium, metaworld or robosuite")
     if p.dataset is None:
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
     check_experiment(exp)

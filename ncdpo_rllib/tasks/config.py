@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
+DEFAULT_CAMERAS = {"metaworld": "corner2", "robosuite": "agentview"}
+"""env.camera when it is null, per env family (the others keep Meta-World's, unused)."""
+
+
 @dataclass
 class EnvConfig:
     """The task."""
@@ -16,12 +20,20 @@ class EnvConfig:
     """gymnasium: a registered env id (``Pendulum-v1``, ``HalfCheetah-v5``); pettingzoo: an
     importable module with ``parallel_env()`` or ``env()`` (``mpe2.simple_spread_v3``,
     ``pettingzoo.sisl.multiwalker_v9``)."""
-    kind: Literal["gymnasium", "pettingzoo", "metaworld"] = "gymnasium"
+    kind: Literal["gymnasium", "pettingzoo", "metaworld", "robosuite"] = "gymnasium"
     """Env family: a single-agent Gymnasium env; a multi-agent PettingZoo env (parallel API;
-    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section; or a
-    Meta-World MT1 task (``id: pick-place-v3``; success rate logged with the return)."""
+    AEC envs are converted with ``aec_to_parallel``), see the ``multi_agent`` section; a
+    Meta-World MT1 task (``id: pick-place-v3``); or a robosuite task (``id: Lift``,
+    ``PickPlaceCan``, ``NutAssemblySquare``: robomimic's family, OSC_POSE control at 20 Hz).
+    Meta-World and robosuite log a success rate with the return."""
     kwargs: dict = field(default_factory=dict)
-    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor / the Meta-World task class."""
+    """Keyword arguments for ``gymnasium.make`` / the PettingZoo constructor / the Meta-World task
+    class / ``robosuite.make`` (e.g. ``reward_shaping: false`` for robosuite's sparse reward)."""
+    robots: str = "Panda"
+    """robosuite only: the arm (robosuite's robot name)."""
+    obs_keys: list[str] = field(default_factory=list)
+    """robosuite only: the observation keys, concatenated in this order (empty = robomimic's
+    low-dim keys: robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object)."""
     goal: Literal["random", "fixed"] = "random"
     """metaworld only: a new object/goal variation (of MT1's 50) at every reset, or always the first."""
     normalize_observations: bool = True
@@ -42,9 +54,11 @@ class EnvConfig:
     pixels (``normalize_observations`` is ignored): images are scaled to [0, 1] in the encoder."""
     image_size: int = 64
     """Pixels: frame width and height (64 or 84 fit a CPU)."""
-    camera: str = "corner2"
-    """Pixels: the MuJoCo camera to render (Meta-World: corner, corner2, corner3, corner4,
-    topview, behindGripper, gripperPOV)."""
+    camera: Optional[str] = None
+    """Pixels (and videos of Meta-World and robosuite tasks): the MuJoCo camera to render
+    (Meta-World: corner, corner2, corner3, corner4, topview, behindGripper, gripperPOV; robosuite:
+    agentview, robot0_eye_in_hand, frontview, birdview, sideview). null = the family's
+    (``DEFAULT_CAMERAS``): corner2 for Meta-World, agentview for robosuite."""
 
     def __post_init__(self):
         if self.action_chunk < 1 or self.obs_history < 1:
@@ -53,12 +67,17 @@ class EnvConfig:
             raise ValueError("env: goal is for kind: metaworld")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError("env: max_episode_steps must be >= 1 (or null)")
-        if self.observation != "state" and self.kind != "metaworld":
-            raise ValueError("env: observation: pixels is implemented for kind: metaworld")
+        if self.observation != "state" and self.kind not in ("metaworld", "robosuite"):
+            raise ValueError("env: observation: pixels is implemented for kind: metaworld and robosuite")
+        if self.kind != "robosuite" and (self.robots != "Panda" or self.obs_keys):
+            raise ValueError("env: robots and obs_keys are for kind: robosuite")
         if not 16 <= self.image_size <= 256:
             raise ValueError("env: image_size must be between 16 and 256")
-        if self.observation == "state" and (self.image_size != 64 or self.camera != "corner2"):
+        default_camera = DEFAULT_CAMERAS.get(self.kind, DEFAULT_CAMERAS["metaworld"])
+        if self.observation == "state" and (self.image_size != 64 or self.camera not in (None, default_camera)):
             raise ValueError("env: image_size and camera are for observation: pixels or pixels_state")
+        if self.camera is None:
+            self.camera = default_camera
         if self.max_episode_steps is not None and "max_episode_steps" in self.kwargs:
             raise ValueError("env: max_episode_steps is set twice (also in env.kwargs); keep env.max_episode_steps")
 

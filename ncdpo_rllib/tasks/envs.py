@@ -53,16 +53,20 @@ def as_env_config(env_config: Union[EnvConfig, Mapping]) -> tuple[EnvConfig, dic
 
 
 def make_base_env(env: EnvConfig, pixels: bool = True, render: bool = False) -> gym.Env:
-    """The single-agent env before chunking: a Gymnasium env with its time limit, or a Meta-World
-    task (rendering its camera image when ``pixels`` and the config asks for pixels). ``render``:
+    """The single-agent env before chunking: a Gymnasium env with its time limit, a Meta-World
+    or a robosuite task (rendering its camera image when ``pixels`` and the config asks for pixels). ``render``:
     a Gymnasium env made with ``render_mode="rgb_array"`` (for videos; a one-line error where it
     cannot render)."""
     if env.kind == "metaworld":
         from .metaworld import make_metaworld_env
 
         return make_metaworld_env(env, pixels=pixels)
+    if env.kind == "robosuite":
+        from .robosuite_tasks import make_robosuite_env
+
+        return make_robosuite_env(env, pixels=pixels)
     if env.kind != "gymnasium":
-        raise ConfigError(f"env.kind {env.kind!r}: a single-agent env (gymnasium or metaworld) is needed here")
+        raise ConfigError(f"env.kind {env.kind!r}: a single-agent env (gymnasium, metaworld or robosuite) is needed here")
     try:
         gym.spec(env.id)
     except gym.error.Error:
@@ -82,6 +86,33 @@ def make_base_env(env: EnvConfig, pixels: bool = True, render: bool = False) -> 
         raise ConfigError(f"env.id {env.id!r} needs an extra dependency: {e}") from None
     except TypeError as e:
         raise ConfigError(f"env.kwargs for {env.id!r} are not accepted: {e}") from None
+
+
+def check_scripted(env: EnvConfig) -> None:
+    """Only Meta-World and robosuite tasks have scripted experts."""
+    if env.kind not in ("metaworld", "robosuite"):
+        raise ConfigError(f"collect.scripted records the scripted experts of Meta-World and robosuite tasks; env.kind "
+                          f"is {env.kind!r} (train a PPO expert instead: collect.scripted: false)")
+
+
+def scripted_expert(env: EnvConfig):
+    """(env, act, source) for ``collect.scripted``: the task made as for pixels (observations
+    [state, image] when the config asks for images), a function from its observation to the
+    scripted expert's action, and a line naming the expert. Meta-World's experts read the state
+    part of the observation; robosuite's read the simulator's positions."""
+    check_scripted(env)
+    if env.kind == "metaworld":
+        from .metaworld import make_metaworld_env, scripted_policy
+
+        base = make_metaworld_env(env)
+        state_dim = getattr(base, "state_dim", base.observation_space.shape[0])
+        expert = scripted_policy(env.id)
+        return base, lambda obs: expert.get_action(obs[:state_dim]), f"Meta-World scripted expert ({env.id}, goal {env.goal})"
+    from .robosuite_tasks import make_robosuite_env, scripted_policy
+
+    base = make_robosuite_env(env)
+    expert = scripted_policy(base)
+    return base, expert.get_action, f"robosuite scripted expert ({env.id}, {env.robots}, {type(expert).__name__})"
 
 
 def _render_modes(env_id: str) -> list[str]:

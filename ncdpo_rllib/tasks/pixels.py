@@ -38,12 +38,21 @@ def pixel_dim(image_size: int) -> int:
     return image_size * image_size * CHANNELS
 
 
+def flips(env: gym.Env) -> bool:
+    """Whether frames of this env's cameras are flipped vertically: Meta-World's corner cameras
+    (the useful ones) render upside down without it (its others, topview, gripperPOV and
+    behindGripper, come out flipped instead); an env class whose cameras are upright says so
+    with ``upright_cameras = True`` (robosuite's)."""
+    return not getattr(env.unwrapped, "upright_cameras", False)
+
+
 class CameraRenderer:
     """MuJoCo's offscreen renderer for one camera at size x size, made at the first frame (building
-    an env for its spaces opens no GL context); shadows, reflections and skybox off."""
+    an env for its spaces opens no GL context); shadows, reflections and skybox off; frames
+    flipped vertically if ``flip`` (see ``flips``)."""
 
-    def __init__(self, model, size: int, camera: str):
-        self.model, self.size, self.camera = model, size, camera
+    def __init__(self, model, size: int, camera: str, flip: bool = True):
+        self.model, self.size, self.camera, self.flip = model, size, camera, flip
         self._renderer = None
 
     def render(self, data) -> np.ndarray:
@@ -61,9 +70,8 @@ class CameraRenderer:
                          mujoco.mjtRndFlag.mjRND_SKYBOX):
                 flags[flag] = 0
         self._renderer.update_scene(data, camera=self.camera)
-        # Flipped vertically: Meta-World's corner cameras (the useful ones) render upside down
-        # without it; the others (topview, gripperPOV, behindGripper) come out flipped instead.
-        return self._renderer.render()[::-1]
+        frame = self._renderer.render()
+        return frame[::-1] if self.flip else frame
 
     def close(self) -> None:
         if self._renderer is not None:
@@ -90,7 +98,7 @@ class PixelObservations(gym.ObservationWrapper):
         low = np.concatenate([np.full(self.state_dim, -np.inf), np.zeros(pixel_dim(image_size))]).astype(np.float32)
         high = np.concatenate([np.full(self.state_dim, np.inf), np.full(pixel_dim(image_size), 255.0)]).astype(np.float32)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
-        self._renderer = CameraRenderer(env.unwrapped.model, image_size, camera)
+        self._renderer = CameraRenderer(env.unwrapped.model, image_size, camera, flip=flips(env))
 
     def render_frame(self) -> np.ndarray:
         """(H, W, 3) uint8 from the configured camera."""

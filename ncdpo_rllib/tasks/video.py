@@ -108,10 +108,10 @@ def parallel_episode_video(env, out_dir: str, episodes: int, prefix: str = "epis
 
 def video_frames(env: gym.Env, kind: str, camera: str) -> Callable[[], np.ndarray]:
     """How to render a frame of ``env`` (made with ``render=True``), for the video."""
-    if kind == "metaworld":
-        from .pixels import CameraRenderer
+    if kind in ("metaworld", "robosuite"):
+        from .pixels import CameraRenderer, flips
 
-        renderer = CameraRenderer(env.unwrapped.model, VIDEO_SIZE, camera)
+        renderer = CameraRenderer(env.unwrapped.model, VIDEO_SIZE, camera, flip=flips(env))
         return lambda: renderer.render(env.unwrapped.data)
     return env.render
 

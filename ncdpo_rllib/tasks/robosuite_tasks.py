@@ -1,0 +1,223 @@
+"""robosuite manipulation tasks, the family of robomimic's datasets
+(``env: {kind: robosuite, id: Lift, robots: Panda}``).
+
+robosuite's own env classes with its operational-space controller (``OSC_POSE``: a 6-D end-effector
+delta and the gripper, each in [-1, 1]) at 20 Hz, wrapped as a Gymnasium env:
+
+- observations: the robomimic low-dimensional keys (``env.obs_keys``; default
+  ``robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object``; ``object`` is robosuite's
+  ``object-state``), concatenated in that order as float32;
+- ``info["success"]``: the task's own success check, every step (the training callback and
+  ``ncdpo evaluate`` turn it into a success rate, as for Meta-World);
+- episodes are truncated after ``env.max_episode_steps`` (default ``HORIZON``) and never terminate;
+- pixels: the shared ``PixelObservations`` (MuJoCo's renderer on robosuite's model, camera
+  ``env.camera``, e.g. ``agentview``), so images look and are stored as for Meta-World.
+
+robosuite draws its initial object placements and robot noise from NumPy's global generator:
+``reset(seed=...)`` seeds that generator (one env per process is what makes this reproducible;
+RLlib's EnvRunners step their envs in order, so several per runner stay deterministic too).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+
+from ncdpo_rllib.errors import ConfigError, one_line
+
+from .config import EnvConfig
+
+HORIZON = 400
+"""Default episode length in env steps (robomimic's evaluation horizon for Lift and PickPlaceCan)."""
+DEFAULT_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+"""robomimic's low-dimensional observation keys."""
+ROBOMIMIC_NAMES = {"object": "object-state"}
+"""robomimic's name for a robosuite observation key -> robosuite's."""
+CONTROLLER = "OSC_POSE"
+SETTINGS = {
+    "has_renderer": False,
+    "has_offscreen_renderer": False,  # pixels come from PixelObservations' own renderer
+    "use_camera_obs": False,
+    "use_object_obs": True,
+    "reward_shaping": True,
+    "control_freq": 20,
+    "ignore_done": True,  # the TimeLimit truncates
+    "hard_reset": False,  # keep one MuJoCo model: the camera renderer holds it
+}
+"""robosuite.make's arguments that the project sets; ``env.kwargs`` override them (except
+``ignore_done`` and ``hard_reset``)."""
+FIXED = ("ignore_done", "hard_reset", "horizon", "robots", "controller_configs")
+
+
+def import_robosuite():
+    """robosuite (its start-up notes silenced), or a one-line error."""
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)  # "No private macro file found!" x3
+    try:
+        import robosuite
+    except (AttributeError, ImportError, OSError) as e:
+        if isinstance(e, ModuleNotFoundError):
+            raise ConfigError(f"env.kind: robosuite needs the {e.name} package (make install installs robosuite "
+                              "1.4.1: pip install --no-deps -r requirements-nodeps.txt)") from None
+        from .pixels import gl_hint
+
+        raise ConfigError(f"robosuite failed to import ({type(e).__name__}: {one_line(e, 120)}); {gl_hint()}") from None
+    return robosuite
+
+
+def task_names() -> list[str]:
+    """Single-arm robosuite tasks (the two-arm ones need two robots)."""
+    return sorted(n for n in import_robosuite().ALL_ENVIRONMENTS if not n.startswith("TwoArm"))
+
+
+def check_task(name: str) -> None:
+    names = task_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; tasks: {', '.join(names)}"
+        raise ConfigError(f"env.id {name!r} is not a single-arm robosuite task{hint}")
+
+
+class RobosuiteEnv(gym.Env):
+    """One robosuite task as a Gymnasium env (see the module's docstring)."""
+
+    metadata = {"render_modes": [], "render_fps": 20}
+    upright_cameras = True  # MuJoCo's Renderer shows robosuite's cameras the right way up (pixels.flips)
+
+    def __init__(self, name: str, robots: str, obs_keys, kwargs: Optional[dict] = None):
+        suite = import_robosuite()
+        check_task(name)
+        fixed = sorted(set(kwargs or {}) & set(FIXED))
+        if fixed:
+            raise ConfigError(f"env.kwargs may not set {', '.join(fixed)} for a robosuite task: the project sets "
+                              "them (robots: env.robots; horizon: env.max_episode_steps)")
+        if robots not in suite.ALL_ROBOTS:
+            raise ConfigError(f"env.robots {robots!r} is not a robosuite robot; choose one of {', '.join(sorted(suite.ALL_ROBOTS))}")
+        settings = SETTINGS | dict(kwargs or {})
+        try:
+            self._env = suite.make(name, robots=robots, controller_configs=suite.load_controller_config(
+                default_controller=CONTROLLER), horizon=10**9, **settings)
+        except TypeError as e:
+            raise ConfigError(f"env.kwargs for robosuite task {name!r} are not accepted: {one_line(e, 160)}") from None
+        first, self.steps = self._env.reset(), 0
+        self.obs_keys = list(obs_keys or DEFAULT_OBS_KEYS)
+        self.obs_slices, start = {}, 0
+        for key in self.obs_keys:
+            source = ROBOMIMIC_NAMES.get(key, key)
+            if source not in first:
+                raise ConfigError(f"env.obs_keys: {key!r} is not an observation of robosuite's {name}; it has "
+                                  f"{', '.join(sorted(first))} (and 'object' for object-state)")
+            size = int(np.asarray(first[source]).size)
+            self.obs_slices[key] = slice(start, start + size)
+            start += size
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (start,), np.float32)
+        low, high = self._env.action_spec
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.task = name
+
+    # MuJoCo's model and data, for the camera renderer (PixelObservations) and videos.
+    @property
+    def model(self):
+        return self._env.sim.model._model
+
+    @property
+    def data(self):
+        return self._env.sim.data._data
+
+    @property
+    def raw_observation(self) -> dict:
+        """robosuite's observation dict of the last reset or step (every observable, whatever
+        ``obs_keys`` selects: the scripted experts read positions from it)."""
+        return self._raw
+
+    def _flat(self, obs: dict) -> np.ndarray:
+        self._raw = obs
+        return np.concatenate([np.asarray(obs[ROBOMIMIC_NAMES.get(k, k)], np.float32).reshape(-1)
+                               for k in self.obs_keys])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            np.random.seed(seed % 2**32)
+        self.steps = 0
+        return self._flat(self._env.reset()), {"success": False}
+
+    def step(self, action):
+        obs, reward, _, info = self._env.step(np.asarray(action, dtype=np.float64))
+        self.steps += 1
+        info = dict(info, success=bool(self._env._check_success()))  # robomimic's is_success() reads the same
+        return self._flat(obs), float(reward), False, False, info
+
+    def close(self):
+        self._env.close()
+
+
+def make_robosuite_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
+    """The robosuite task ``cfg.id`` with ``cfg.robots``, ``cfg.obs_keys``, ``cfg.kwargs`` and
+    ``cfg.max_episode_steps`` (default ``HORIZON``); for pixels, the camera image (appended here
+    unless ``pixels`` is false: ``make_env`` then adds it above the chunking)."""
+    env = RobosuiteEnv(cfg.id, cfg.robots, cfg.obs_keys, cfg.kwargs)
+    env = gym.wrappers.TimeLimit(env, cfg.max_episode_steps or HORIZON)
+    if pixels and cfg.pixels:
+        from .pixels import PixelObservations
+
+        env = PixelObservations(env, cfg.image_size, cfg.camera)
+    return env
+
+
+class LiftExpert:
+    """A scripted Lift expert: waypoints for OSC_POSE's position delta (gripper pointing down, as
+    the arm starts): above the cube, down to it, close the gripper, lift. It reads the end
+    effector's and the cube's positions from robosuite's observation dict (``raw_observation``),
+    so it works whatever ``obs_keys`` the policy sees; its phase restarts with every episode."""
+
+    ABOVE, DESCEND, CLOSE, LIFT = range(4)
+    HOVER = 0.08  # m above the cube before descending
+    REACHED = 0.01  # m: a waypoint counts as reached
+    CLOSE_STEPS = 8
+    LIFT_BY = 0.2  # m
+    GAIN = 10.0  # action per m of error (OSC_POSE: an action of 1 moves the goal 5 cm)
+
+    def __init__(self, env: gym.Env):
+        self.env = env.unwrapped
+        self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
+
+    def get_action(self, obs=None) -> np.ndarray:
+        raw = self.env.raw_observation
+        eef, cube = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw["cube_pos"])
+        if self.env.steps == 0:
+            self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
+        gripper = -1.0
+        if self.phase == self.ABOVE:
+            target = cube + [0.0, 0.0, self.HOVER]
+            if np.linalg.norm(target - eef) < self.REACHED:
+                self.phase = self.DESCEND
+        if self.phase == self.DESCEND:
+            target = cube.copy()
+            if np.linalg.norm(target - eef) < self.REACHED:
+                self.phase = self.CLOSE
+        if self.phase == self.CLOSE:
+            target, gripper = cube.copy(), 1.0
+            self.closed_for += 1
+            if self.closed_for >= self.CLOSE_STEPS:
+                self.phase, self.lift_to = self.LIFT, cube + [0.0, 0.0, self.LIFT_BY]
+        if self.phase == self.LIFT:
+            target, gripper = self.lift_to, 1.0
+        action = np.zeros(7)
+        action[:3] = np.clip(self.GAIN * (target - eef), -1.0, 1.0)
+        action[6] = gripper
+        return action
+
+
+EXPERTS = {"Lift": LiftExpert}
+
+
+def scripted_policy(env: gym.Env):
+    """The scripted expert of a robosuite task (``EXPERTS``), acting in ``env``."""
+    task = env.unwrapped.task
+    if task not in EXPERTS:
+        raise ConfigError(f"no scripted expert for robosuite task {task!r}; scripted experts: {', '.join(EXPERTS)}")
+    return EXPERTS[task](env)
