@@ -182,9 +182,19 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _cmd_dataset(args: argparse.Namespace) -> int:
-    from ncdpo_rllib.data import describe, import_dataset, load_dataset
+    from ncdpo_rllib.data import describe, import_dataset, import_robomimic, load_dataset
+    from ncdpo_rllib.errors import UserError
 
-    if args.action == "import":
+    if args.action == "import" and args.format == "robomimic":
+        from ncdpo_rllib.tasks.robosuite_tasks import DEFAULT_OBS_KEYS
+
+        path = import_robomimic(args.src, args.dest, args.obs_keys or DEFAULT_OBS_KEYS, filter_key=args.filter,
+                                env_id=args.env_id, overwrite=args.overwrite)
+        print(describe(load_dataset(path)), file=sys.stderr, flush=True)
+    elif args.action == "import":
+        if not args.env_id or args.obs_keys or args.filter:
+            raise UserError("dataset import of a D4RL-layout file: give --env-id (the Gymnasium env id); --obs-keys "
+                            "and --filter are for --format robomimic")
         path = import_dataset(args.src, args.dest, env_id=args.env_id, overwrite=args.overwrite)
         print(describe(load_dataset(path)), file=sys.stderr, flush=True)
     else:
@@ -368,10 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="action", required=True)
     di = dsub.add_parser("info", help="summary of a dataset directory")
     di.add_argument("path")
-    dm = dsub.add_parser("import", help="import a D4RL-layout .hdf5/.npz file as a dataset directory")
-    dm.add_argument("src", help="file with observations, actions, rewards, terminals, timeouts")
+    dm = dsub.add_parser("import", help="import a D4RL-layout .hdf5/.npz file or a robomimic .hdf5 file as a "
+                                        "dataset directory")
+    dm.add_argument("src", help="d4rl: a file with observations, actions, rewards, terminals, timeouts; "
+                                "robomimic: data/demo_<i>/(obs/<key>, actions, rewards, dones)")
     dm.add_argument("dest", help="dataset directory to write")
-    dm.add_argument("--env-id", required=True, help="the Gymnasium env id the data comes from")
+    dm.add_argument("--format", choices=["d4rl", "robomimic"], default="d4rl")
+    dm.add_argument("--env-id", help="d4rl (required): the Gymnasium env id the data comes from; robomimic "
+                                     "(optional): check that the file was recorded on this robosuite task")
+    dm.add_argument("--obs-keys", nargs="+", metavar="KEY",
+                    help="robomimic: observation keys, in order (default robot0_eef_pos robot0_eef_quat "
+                         "robot0_gripper_qpos object; one image key such as agentview_image may come last)")
+    dm.add_argument("--filter", metavar="MASK", help="robomimic: import the demos of mask/<MASK> only (e.g. train)")
     dm.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=_cmd_dataset)
     return parser

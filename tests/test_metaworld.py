@@ -93,7 +93,7 @@ def test_scripted_demonstrations_and_their_degraded_version():
     def success_rate(**collect):
         exp = parse_config({"env": {"kind": "metaworld", "id": "reach-v3"},
                             "collect": {"scripted": True, "steps_per_level": 2500, **collect}})
-        episodes, successes, _ = scripted_episodes(exp, np.random.default_rng(0), log=lambda m: None)
+        episodes, successes, _, _ = scripted_episodes(exp, np.random.default_rng(0), log=lambda m: None)
         assert len(episodes) == 5 and all(len(ep) == 500 and ep.observations.shape == (501, 39) for ep in episodes)
         assert all(np.abs(ep.actions).max() <= 1.0 for ep in episodes)
         return np.mean(successes)

@@ -96,6 +96,17 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     assert collected.returncode == 0, collected.stderr[-3000:]
     data = last_json(collected.stdout)["datasets"]["scripted"]
     assert data["episodes"] == 5 and data["steps"] == 300 and 0.0 <= data["success_rate"] <= 1.0
+    # the robomimic-layout copy the collector wrote imports to the same episodes
+    from ncdpo_rllib.data import load_dataset
+
+    imported = run_cli(["dataset", "import", data["robomimic_file"], "imported", "--format", "robomimic",
+                        "--env-id", "Lift"], tmp_path)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    ours, theirs = load_dataset(data["path"]), load_dataset(tmp_path / "imported")
+    assert len(ours.episodes) == len(theirs.episodes) == 5
+    for a, b in zip(ours.episodes, theirs.episodes):
+        assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+        assert np.array_equal(a.rewards, b.rewards) and (a.terminated, a.truncated) == (b.terminated, b.truncated)
     pre = run_cli(["pretrain", "lift.yaml", *tiny, "--json"], tmp_path, env)
     assert pre.returncode == 0, pre.stderr[-3000:]
     pretrained = last_json(pre.stdout)
@@ -106,3 +117,79 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     assert ft.returncode == 0, ft.stderr[-3000:]
     run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
     assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics
+
+
+def _robomimic_file(path, demos=((5, True), (3, False)), drop=None, short=None, env_args=True, masks=True):
+    """A small robomimic-layout file built here, independently of the project's writer: demo i has
+    n steps of robot0_eef_pos (3), object (2) and agentview_image (4x4x3 uint8), 7-D actions."""
+    import json
+
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        if env_args:
+            data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {"robots": ["Panda"]}})
+        for i, (n, done) in enumerate(demos):
+            g = data.create_group(f"demo_{i}")
+            g["actions"] = np.full((n, 7), i + 0.5, np.float32)
+            g["rewards"] = np.arange(n, dtype=np.float64)
+            g["dones"] = np.array([0] * (n - 1) + [int(done)])
+            for group, offset in (("obs", 0), ("next_obs", 1)):
+                steps = np.arange(n)[:, None] + offset + 100 * i
+                g[f"{group}/robot0_eef_pos"] = np.repeat(steps, 3, axis=1).astype(np.float64)
+                g[f"{group}/object"] = np.repeat(-steps, 2, axis=1).astype(np.float64)
+                g[f"{group}/agentview_image"] = np.broadcast_to((steps % 256)[:, :, None, None], (n, 4, 4, 3)).astype(np.uint8)
+            if drop:
+                del g[drop]
+            if short:
+                value = g[short][()][:-1]
+                del g[short]
+                g[short] = value
+        if masks:
+            f["mask/train"] = np.array([b"demo_0"])
+            f["mask/valid"] = np.array([b"demo_1"])
+
+
+def test_robomimic_import_keeps_observations_actions_and_episode_boundaries(tmp_path):
+    from ncdpo_rllib.data import import_robomimic, load_dataset
+
+    _robomimic_file(tmp_path / "demo.hdf5")
+    ds = load_dataset(import_robomimic(tmp_path / "demo.hdf5", tmp_path / "lift", ["robot0_eef_pos", "object"]))
+    assert ds.env_id == "Lift" and [len(ep) for ep in ds.episodes] == [5, 3]
+    first, second = ds.episodes
+    assert np.array_equal(first.observations[:, :3], np.repeat(np.arange(6)[:, None], 3, 1))  # 5 obs + next_obs[-1]
+    assert np.array_equal(first.observations[:, 3:], -np.repeat(np.arange(6)[:, None], 2, 1))
+    assert np.array_equal(second.observations[0], [100, 100, 100, -100, -100])
+    assert np.all(first.actions == 0.5) and np.all(second.actions == 1.5) and list(first.rewards) == [0, 1, 2, 3, 4]
+    assert first.terminated and not first.truncated and second.truncated and not second.terminated
+    assert ds.metadata["imported_from"] == "robomimic" and ds.metadata["robomimic_env_args"]["env_name"] == "Lift"
+    # a filter, and an image key last: the project's [state, image] pixel layout
+    ds = load_dataset(import_robomimic(tmp_path / "demo.hdf5", tmp_path / "valid", ["object", "agentview_image"],
+                                       filter_key="valid"))
+    assert [len(ep) for ep in ds.episodes] == [3] and ds.obs_dim == 2 + 4 * 4 * 3
+    assert np.all(ds.episodes[0].observations[1, 2:] == 101) and ds.metadata["camera"] == "agentview"
+    assert ds.metadata["image_size"] == 4
+
+
+@pytest.mark.parametrize("variant, needle", [
+    ({"drop": "dones"}, "data/demo_0 has no 'dones'"),
+    ({"drop": "obs/object"}, "data/demo_0/obs has no 'object'"),
+    ({"short": "rewards"}, "data/demo_0: rewards has 4 steps, actions 5"),
+    ({"short": "obs/robot0_eef_pos"}, "data/demo_0: obs/robot0_eef_pos has 4 steps, actions 5"),
+    ({"env_args": False}, "'data' has no env_args attribute"),
+    ({"masks": False, "filter": "train"}, "no mask/train; the file's filters: none"),
+    ({"env_id": "PickPlaceCan"}, "recorded on Lift, not PickPlaceCan"),
+])
+def test_malformed_robomimic_files_are_one_line_errors_naming_file_and_key(tmp_path, variant, needle):
+    variant = dict(variant)
+    cli = ["dataset", "import", "demo.hdf5", "out", "--format", "robomimic", "--obs-keys", "robot0_eef_pos", "object"]
+    if "filter" in variant:
+        cli += ["--filter", variant.pop("filter")]
+    if "env_id" in variant:
+        cli += ["--env-id", variant.pop("env_id")]
+    _robomimic_file(tmp_path / "demo.hdf5", **variant)
+    proc = run_cli(cli, tmp_path)
+    assert proc.returncode != 0 and needle in proc.stderr and "demo.hdf5" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -1,4 +1,4 @@
-"""Demonstration data: Minari datasets on disk, D4RL import, recording from envs, BC windows."""
+"""Demonstration data: Minari datasets on disk, D4RL and robomimic import, recording from envs, BC windows."""
 
 from ncdpo_rllib.errors import DatasetError
 
@@ -6,6 +6,7 @@ from .d4rl import import_dataset
 from .datasets import Dataset, Episode, describe, make_windows
 from .minari_store import load_dataset, write_dataset
 from .recording import RecordingWrapper, read_shards
+from .robomimic import import_robomimic
 
 __all__ = [
     "Dataset",
@@ -14,6 +15,7 @@ __all__ = [
     "RecordingWrapper",
     "describe",
     "import_dataset",
+    "import_robomimic",
     "load_dataset",
     "make_windows",
     "read_shards",

@@ -243,7 +243,7 @@ GIVE_UP_BEFORE = 25
 
 def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
     """The task's scripted expert, degraded as ``collect`` asks; (episodes, success flags, the
-    expert's name)."""
+    expert's name, the observation's keys as slices: robosuite's ``obs_slices``, else None)."""
     from ncdpo_rllib.data import Episode
     from ncdpo_rllib.tasks.envs import scripted_expert
 
@@ -274,9 +274,10 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
             if len(episodes) % 10 == 0:
                 log(f"scripted {exp.env.id}: {len(episodes)} episodes, {total:,} steps, "
                     f"success rate {np.mean(successes):.2f}")
+        layout = getattr(env.unwrapped, "obs_slices", None)
     finally:
         env.close()
-    return episodes, successes, source
+    return episodes, successes, source, layout
 
 
 def scripted_level(exp: ExperimentConfig) -> str:
@@ -296,25 +297,42 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
 
     check_experiment(exp)
     path = Path(c.out) / exp.env.id / scripted_level(exp)
-    if path.exists():
-        raise ConfigError(f"dataset directory {path} already exists: remove it or set collect.out")
+    robomimic_file = path.with_name(path.name + ".hdf5")  # robosuite tasks: robomimic's layout as well
+    for existing in (path, robomimic_file):
+        if existing.exists():
+            raise ConfigError(f"{existing} already exists: remove it or set collect.out")
     tracker = Tracker(exp, tags={"stage": "collect"})
     status = "FAILED"
     try:
-        episodes, successes, source = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
+        episodes, successes, source, layout = scripted_episodes(exp, np.random.default_rng(exp.seed), log)
         rets = np.array([ep.ret for ep in episodes])
         meta = {"source": source,
                 "observation": exp.env.observation, "image_size": exp.env.image_size if exp.env.pixels else None,
                 "camera": exp.env.camera if exp.env.pixels else None,
                 "action_noise": c.action_noise, "failed_fraction": c.failed_fraction,
                 "success_rate": float(np.mean(successes)), "episode_success": successes}
-        write_dataset(path, episodes, exp.env.id, meta)
+        if layout is not None:
+            from ncdpo_rllib.data.robomimic import write_robomimic
+            from ncdpo_rllib.tasks.robosuite_tasks import CONTROLLER
+
+            image = (f"{exp.env.camera}_image", exp.env.image_size) if exp.env.pixels else None
+            write_robomimic(robomimic_file, episodes, exp.env.id, layout,
+                            {"robots": exp.env.robots, "controller": CONTROLLER, **exp.env.kwargs}, image=image)
+        try:
+            write_dataset(path, episodes, exp.env.id, meta)
+        except BaseException:
+            robomimic_file.unlink(missing_ok=True)
+            raise
         level = {"path": str(path.resolve()), "episodes": len(episodes), "steps": int(sum(len(e) for e in episodes)),
                  "return_mean": float(rets.mean()), "return_std": float(rets.std()),
                  "success_rate": float(np.mean(successes))}
+        if layout is not None:
+            level["robomimic_file"] = str(robomimic_file.resolve())
+            log(f"wrote {robomimic_file} (robomimic's layout; ncdpo dataset import --format robomimic reads it)")
         log(f"wrote {path.name}: {path} ({level['episodes']} episodes, {level['steps']:,} steps, return "
             f"{rets.mean():.1f} +- {rets.std():.1f}, success rate {level['success_rate']:.2f})")
-        tracker.log_metrics({f"dataset/{path.name}/{k}": v for k, v in level.items() if k != "path"}, step=0)
+        tracker.log_metrics({f"dataset/{path.name}/{k}": v for k, v in level.items()
+                             if k not in ("path", "robomimic_file")}, step=0)
         status = "FINISHED"
         return {"datasets": {path.name: level}, "mlflow_run_id": tracker.run_id}
     finally:
