@@ -107,7 +107,9 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
     for a, b in zip(ours.episodes, theirs.episodes):
         assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
         assert np.array_equal(a.rewards, b.rewards) and (a.terminated, a.truncated) == (b.terminated, b.truncated)
-    pre = run_cli(["pretrain", "lift.yaml", *tiny, "--json"], tmp_path, env)
+    # pre-training reads the robomimic file directly (the dataset directory is Meta-World's test's path)
+    pre = run_cli(["pretrain", "lift.yaml", *tiny, "--set", f"pretrain.dataset={data['robomimic_file']}", "--json"],
+                  tmp_path, env)
     assert pre.returncode == 0, pre.stderr[-3000:]
     pretrained = last_json(pre.stdout)
     assert 0.0 <= pretrained["eval"]["success_rate"] <= 1.0

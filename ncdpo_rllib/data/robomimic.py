@@ -31,7 +31,7 @@ import numpy as np
 
 from ncdpo_rllib.errors import DatasetError, one_line
 
-from .datasets import Episode
+from .datasets import Dataset, Episode
 from .minari_store import write_dataset
 
 IMAGE_SUFFIX = "_image"
@@ -131,21 +131,33 @@ def _read_demo(path: Path, name: str, g: h5py.Group, obs_keys: Sequence[str]) ->
     return Episode(np.concatenate([observations, final[None]]), actions, rewards, terminated, not terminated), size
 
 
-def import_robomimic(src: str | os.PathLike, dest: str | os.PathLike, obs_keys: Sequence[str], *,
-                     filter_key: Optional[str] = None, env_id: Optional[str] = None, overwrite: bool = False) -> Path:
-    """A robomimic file as a Minari dataset at ``dest`` (metadata: the env's name, its env_args, the
-    keys, the filter, and for an image key the camera and image size); return ``dest``."""
+def is_robomimic_file(path: str | os.PathLike) -> bool:
+    """An HDF5 file (not a dataset directory): what ``pretrain.dataset`` reads as robomimic's layout."""
+    return Path(path).is_file() and Path(path).suffix in (".hdf5", ".h5")
+
+
+def load_robomimic(src: str | os.PathLike, obs_keys: Sequence[str], filter_key: Optional[str] = None) -> Dataset:
+    """A robomimic file as a ``Dataset`` in memory (metadata: the env's name, its env_args, the keys,
+    the filter, and for an image key the camera and image size)."""
     episodes, info = read_robomimic(src, obs_keys, filter_key)
-    if env_id and env_id != info["env_name"]:
-        raise DatasetError(f"{src}: recorded on {info['env_name']}, not {env_id}; drop --env-id or import the "
-                           "file of that env")
-    meta: dict[str, Any] = {"level": Path(dest).name, "source": str(src), "imported_from": "robomimic",
+    meta: dict[str, Any] = {"source": str(src), "imported_from": "robomimic",
                             "robomimic_env_args": info["env_args"], "obs_keys": info["obs_keys"],
                             "filter_key": filter_key, "demos": len(info["demos"])}
     if info["image"]:
         meta.update(observation="pixels_state", camera=info["image"]["key"][: -len(IMAGE_SUFFIX)],
                     image_size=info["image"]["size"])
-    return write_dataset(dest, episodes, info["env_name"], meta, overwrite=overwrite)
+    return Dataset(env_id=info["env_name"], episodes=episodes, metadata=meta, path=Path(src))
+
+
+def import_robomimic(src: str | os.PathLike, dest: str | os.PathLike, obs_keys: Sequence[str], *,
+                     filter_key: Optional[str] = None, env_id: Optional[str] = None, overwrite: bool = False) -> Path:
+    """A robomimic file as a Minari dataset at ``dest`` (``load_robomimic``'s metadata); return ``dest``."""
+    dataset = load_robomimic(src, obs_keys, filter_key)
+    if env_id and env_id != dataset.env_id:
+        raise DatasetError(f"{src}: recorded on {dataset.env_id}, not {env_id}; drop --env-id or import the "
+                           "file of that env")
+    meta = {"level": Path(dest).name, **dataset.metadata}
+    return write_dataset(dest, dataset.episodes, dataset.env_id, meta, overwrite=overwrite)
 
 
 def write_robomimic(path: str | os.PathLike, episodes: Sequence[Episode], env_name: str,

@@ -297,7 +297,9 @@ class PretrainConfig:
     """``ncdpo pretrain``: DDPM behaviour cloning of the diffusion module on a dataset."""
 
     dataset: Optional[str] = None
-    """Path of a dataset directory (``ncdpo collect`` / ``ncdpo dataset import`` write them)."""
+    """Path of a dataset directory (``ncdpo collect`` / ``ncdpo dataset import`` write them), or, for
+    a robosuite task, a robomimic HDF5 file (read with ``env.obs_keys``, plus ``<camera>_image``
+    with pixels)."""
     gradient_steps: int = 20_000
     """Optimizer steps."""
     batch_size: int = 256

@@ -76,6 +76,18 @@ def _split(dataset, val_fraction: float, seed: int):
     return pick(order[n_val:]), pick(order[:n_val])
 
 
+def _load(path: str, exp: ExperimentConfig):
+    """A dataset directory, or (robosuite tasks) a robomimic HDF5 file read with the env's keys."""
+    from ncdpo_rllib.data import load_dataset
+    from ncdpo_rllib.data.robomimic import is_robomimic_file, load_robomimic
+
+    if exp.env.kind == "robosuite" and is_robomimic_file(path):
+        from ncdpo_rllib.tasks.robosuite_tasks import robomimic_keys
+
+        return load_robomimic(path, robomimic_keys(exp.env))
+    return load_dataset(path)
+
+
 def _check_dataset(dataset, exp: ExperimentConfig):
     import gymnasium as gym
 
@@ -212,7 +224,7 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
              log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Behaviour-clone the policy on ``pretrain.dataset``; ``resume``: continue the interrupted run
     in that run directory (``exp`` must be its config, see :func:`resume_config`)."""
-    from ncdpo_rllib.data import load_dataset, make_windows
+    from ncdpo_rllib.data import make_windows
 
     from .build import check_experiment
 
@@ -225,7 +237,7 @@ def pretrain(exp: ExperimentConfig, *, resume: str | Path | None = None,
         raise ConfigError("pretrain.dataset is not set: give a dataset directory (see `ncdpo collect`)")
     check_experiment(exp)
     run_dir, saved = _load_resume(resume, exp) if resume is not None else (_run_dir(exp), None)
-    dataset = load_dataset(p.dataset)
+    dataset = _load(p.dataset, exp)
     act_space = _check_dataset(dataset, exp)
 
     torch.manual_seed(exp.seed)

@@ -81,6 +81,12 @@ def check_task(name: str) -> None:
         raise ConfigError(f"env.id {name!r} is not a single-arm robosuite task{hint}")
 
 
+def robomimic_keys(cfg: EnvConfig) -> list[str]:
+    """The robomimic observation keys of this env section, in order: ``env.obs_keys`` (default
+    ``DEFAULT_OBS_KEYS``), then ``<camera>_image`` with pixels (the [state, image] layout)."""
+    return [*(cfg.obs_keys or DEFAULT_OBS_KEYS), *([f"{cfg.camera}_image"] if cfg.pixels else [])]
+
+
 class RobosuiteEnv(gym.Env):
     """One robosuite task as a Gymnasium env (see the module's docstring)."""
 
