@@ -40,3 +40,20 @@ def one_line(exc: BaseException, limit: int = 200, *, with_type: bool = False) -
     if with_type or not text:
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unknown_name(key: str, name: str, what: str, names, listed: int = 0) -> str:
+    """``"<key> '<name>' is not <what>; did you mean a, b?"``: the message for a name that is not
+    one of ``names``, with up to 3 close matches, else (``listed`` > 0) the first ``listed`` names."""
+    import difflib
+
+    names = list(names)
+    close = difflib.get_close_matches(name, names, n=3)
+    if close:
+        hint = f"; did you mean {', '.join(close)}?"
+    elif listed:
+        hint = f"; choose one of {', '.join(names[:listed])}{', ...' if len(names) > listed else ''}"
+    else:
+        hint = ""
+    return f"{key} {name!r} is not {what}{hint}"
+

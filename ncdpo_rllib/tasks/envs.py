@@ -11,13 +11,12 @@ fails there, with a one-line fix, not in a Ray worker.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Optional, Union
 
 import gymnasium as gym
 
-from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, unknown_name
 
 from .config import EnvConfig, MultiAgentConfig
 
@@ -70,9 +69,7 @@ def make_base_env(env: EnvConfig, pixels: bool = True, render: bool = False) -> 
     try:
         gym.spec(env.id)
     except gym.error.Error:
-        close = difflib.get_close_matches(env.id, list(gym.registry.keys()), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"env.id {env.id!r} is not a registered Gymnasium env{hint}") from None
+        raise ConfigError(unknown_name("env.id", env.id, "a registered Gymnasium env", gym.registry.keys())) from None
     limit = {"max_episode_steps": env.max_episode_steps} if env.max_episode_steps else {}
     if render:
         modes = _render_modes(env.id)

@@ -10,12 +10,10 @@ succeeds if the flag was set at any step, as Meta-World's benchmarks count it).
 
 from __future__ import annotations
 
-import difflib
-
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.errors import ConfigError, one_line
+from ncdpo_rllib.errors import ConfigError, one_line, unknown_name
 
 from .config import EnvConfig
 
@@ -59,9 +57,7 @@ def task_names() -> list[str]:
 def check_task(name: str) -> None:
     names = task_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; tasks: {', '.join(names[:6])}, ..."
-        raise ConfigError(f"env.id {name!r} is not a Meta-World task{hint}")
+        raise ConfigError(unknown_name("env.id", name, "a Meta-World task", names, listed=6))
 
 
 def make_metaworld_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:

@@ -20,14 +20,13 @@ RLlib's EnvRunners step their envs in order, so several per runner stay determin
 
 from __future__ import annotations
 
-import difflib
 import logging
 from typing import Optional
 
 import gymnasium as gym
 import numpy as np
 
-from ncdpo_rllib.errors import ConfigError, one_line
+from ncdpo_rllib.errors import ConfigError, one_line, unknown_name
 
 from .config import EnvConfig
 
@@ -76,9 +75,7 @@ def task_names() -> list[str]:
 def check_task(name: str) -> None:
     names = task_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; tasks: {', '.join(names)}"
-        raise ConfigError(f"env.id {name!r} is not a single-arm robosuite task{hint}")
+        raise ConfigError(unknown_name("env.id", name, "a single-arm robosuite task", names, listed=len(names)))
 
 
 def robomimic_keys(cfg: EnvConfig) -> list[str]:
