@@ -40,8 +40,9 @@ def test_lift_builds_steps_and_the_scripted_expert_lifts_the_cube():
     assert np.mean(successes) >= 0.8, successes
     assert len({tuple(np.round(c, 3)) for c in cubes}) > 1  # placements vary with the seed
     again, *_ = scripted_expert(EnvConfig(**LIFT))
-    # and repeat with it (to 1 mm: without a hard reset the solver's warm start differs a little)
-    assert np.allclose(again.reset(seed=3)[0][9:12], cubes[3], atol=1e-3)
+    # and repeat with it: the placement (x, y); the height the cube settles at after a reset
+    # without a hard reset varies by ~1 mm from run to run
+    assert np.allclose(again.reset(seed=3)[0][9:11], cubes[3][:2], atol=1e-5)
     again.close()
 
 
