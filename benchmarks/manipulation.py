@@ -1,15 +1,16 @@
-"""Meta-World manipulation from state and from pixels: pre-trained success, then NCDPO vs DPPO.
+"""Manipulation (Meta-World, robosuite) from state and from pixels: pre-trained success, then NCDPO vs DPPO.
 
     python benchmarks/manipulation.py --obs state --seeds 0 1 2 --steps 300000
     python benchmarks/manipulation.py --tasks reach button_press --obs pixels --seeds 0 1 2 \
         --steps 100000 --section metaworld-recipes-pixels
+    python benchmarks/manipulation.py --family robosuite --tasks lift --obs state --seeds 0 1 2 --steps 48000
 
 (one budget per call: state and pixels each get their own section.)
 
 Each algorithm runs its recipe (``--recipe ALGO=PATH``; default ``configs/recipes/<algo>_*.yaml``:
 NCDPO's frozen defaults and DPPO as its reference does it) composed over the task file.
 
-Per task and observation (``configs/metaworld_<task>[_pixels].yaml``; each stage is reused
+Per task and observation (``configs/<family>_<task>[_pixels].yaml``; each stage is reused
 when its output exists, so an interrupted benchmark resumes):
 1. the degraded scripted dataset (``ncdpo collect``) into data/<task>/scripted[-pixels64];
 2. behaviour cloning (seed 0) and its deterministic success rate (``pretrain.eval_episodes``);
@@ -17,7 +18,7 @@ when its output exists, so an interrupted benchmark resumes):
    evaluating the deterministic policy every ``eval.every`` iterations, with the algorithm's
    recipe over the task file.
 
-Results go to benchmarks/results/metaworld_recipes.json; the table (success rates, wall-clock,
+Results go to benchmarks/results/metaworld_recipes.json (robosuite: robosuite.json); the table (success rates, wall-clock,
 sampling env steps/s with pixels vs state), the rliable aggregate over the test tasks and a PNG of
 evaluation success vs env steps and vs wall-clock go into docs/benchmarks.md. (Not named
 metaworld.py: the script's directory comes first on sys.path and would shadow the metaworld package.)
@@ -46,16 +47,22 @@ from benchmarks.common import (  # noqa: E402
     IMAGES, ROOT, markdown_table, pinned_pretrained, plot_runs, run_cells, save_figure, train_with_curve, write_section)
 from ncdpo_rllib.experiment.config import load_config  # noqa: E402
 
-TASKS = {"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
-         "door_open": "door-open-v3", "pick_place": "pick-place-v3"}
+FAMILIES = {  # family -> (its tasks: short name -> env id, its title, results file, docs section, dev task)
+    "metaworld": ({"reach": "reach-v3", "button_press": "button-press-topdown-v3", "drawer_open": "drawer-open-v3",
+                   "door_open": "door-open-v3", "pick_place": "pick-place-v3"},
+                  "Meta-World", "metaworld_recipes.json", "metaworld-recipes", "button_press"),
+    "robosuite": ({"lift": "Lift", "can": "PickPlaceCan"}, "robosuite", "robosuite.json", "robosuite", None),
+}
 RECIPES = {"ncdpo": ROOT / "configs" / "recipes" / "ncdpo_finetune.yaml",
            "dppo": ROOT / "configs" / "recipes" / "dppo_finetune.yaml"}
-RESULTS = ROOT / "benchmarks" / "results" / "metaworld_recipes.json"
 LEARNER = "learner/default_policy/"  # the learner's metrics, as train() names them
 
 
+FAMILY, TASKS = "metaworld", FAMILIES["metaworld"][0]  # main() sets them from --family
+
+
 def config_path(task: str, obs: str) -> Path:
-    return ROOT / "configs" / f"metaworld_{task}{'_pixels' if obs == 'pixels' else ''}.yaml"
+    return ROOT / "configs" / f"{FAMILY}_{task}{'_pixels' if obs == 'pixels' else ''}.yaml"
 
 
 def ensure_pretrained(task: str, obs: str) -> dict:
@@ -72,16 +79,16 @@ def ensure_pretrained(task: str, obs: str) -> dict:
         if not dataset.is_dir():
             print(f"[bench] collecting {dataset}", flush=True)
             collect(exp)
-        meta_file = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}" / "pretrain" / "pretrained" / "pretrain.json"
+        meta_file = ROOT / "runs" / "bench" / f"{FAMILY}-{task}-{obs}" / "pretrain" / "pretrained" / "pretrain.json"
         if not meta_file.is_file():
             shutil.rmtree(meta_file.parent.parent, ignore_errors=True)
             print(f"[bench] pre-training {task} ({obs}) on {dataset}", flush=True)
             pretrain(load_config(config_path(task, obs), [
                 f"pretrain.dataset={dataset}", f"checkpoint.dir={meta_file.parent.parent.parent}",
-                "tracking.run_name=pretrain", f"tracking.experiment=bench-metaworld-{task}-{obs}"]))
+                "tracking.run_name=pretrain", f"tracking.experiment=bench-{FAMILY}-{task}-{obs}"]))
         return meta_file.parent
 
-    return _pretrained_summary(pinned_pretrained(f"metaworld-{task}-{obs}", make) / "pretrain.json")
+    return _pretrained_summary(pinned_pretrained(f"{FAMILY}-{task}-{obs}", make) / "pretrain.json")
 
 
 def _pretrained_summary(meta_file: Path) -> dict:
@@ -97,13 +104,13 @@ CURVE_METRICS = {"success": "success_rate", "eval_success": "eval_success_rate",
 
 
 def run_one(args, task: str, obs: str, algo: str, seed: int, pretrained: dict) -> dict:
-    root = ROOT / "runs" / "bench" / f"metaworld-{task}-{obs}"
+    root = ROOT / "runs" / "bench" / f"{FAMILY}-{task}-{obs}"
     name = f"{algo}-s{seed}"
     shutil.rmtree(root / name, ignore_errors=True)
     overrides = [f"seed={seed}", f"init_from={pretrained['checkpoint']}",
                  f"stop.env_steps={args.steps}", "stop.iterations=null", "checkpoint.every=0",
                  f"checkpoint.dir={root}", f"tracking.run_name={name}",
-                 f"tracking.experiment=bench-metaworld-{task}-{obs}", *args.set]
+                 f"tracking.experiment=bench-{FAMILY}-{task}-{obs}", *args.set]
     exp = load_config([config_path(task, obs), args.recipes[algo]], overrides)
     assert exp.algorithm == algo, f"{args.recipes[algo]} sets algorithm: {exp.algorithm}, not {algo}"
     summary, curve = train_with_curve(exp, CURVE_METRICS)
@@ -174,7 +181,7 @@ def aggregate_section(args, runs: list[dict], pretrained: dict) -> str:
             continue
         matrices = {name: score_matrix(by_task)[0] for name, by_task in scores.items()}
         agg = aggregate_scores(matrices)
-        image = IMAGES / f"metaworld_aggregate_{obs}.png"
+        image = IMAGES / f"{FAMILY}_aggregate_{obs}.png"
         plot_aggregate(agg, "final success rate", image)
         one_seed = " With one run per task the stratified bootstrap has nothing to resample: the intervals are points." \
             if all(m.shape[0] == 1 for m in matrices.values()) else ""
@@ -214,8 +221,12 @@ def plot(args, runs: list[dict], pretrained: dict) -> Path:
 
 
 def main() -> None:
+    global FAMILY, TASKS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
+    p.add_argument("--family", choices=sorted(FAMILIES), default="metaworld",
+                   help="the task family: configs/<family>_<task>[_pixels].yaml")
+    p.add_argument("--tasks", nargs="+", choices=sorted(t for f in FAMILIES.values() for t in f[0]),
+                   help="tasks of the family (default: all of them)")
     p.add_argument("--obs", nargs="+", choices=["state", "pixels"], default=["state", "pixels"])
     p.add_argument("--algos", nargs="+", choices=["ncdpo", "dppo"], default=["ncdpo", "dppo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -227,13 +238,23 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="discard saved run results")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the section from the saved runs (a missing run is left out and said)")
-    p.add_argument("--dev-task", default="button_press", help="the task the defaults were tuned on: "
-                   "left out of the aggregate")
-    p.add_argument("--section", default="metaworld-recipes", help="docs/benchmarks.md section to (re)write")
-    p.add_argument("--results", type=Path, default=RESULTS, help="run results JSON (resumable)")
+    p.add_argument("--dev-task", help="the task the defaults were tuned on: left out of the aggregate "
+                   "(default: the family's, Meta-World's button_press)")
+    p.add_argument("--section", help="docs/benchmarks.md section to (re)write (default: the family's)")
+    p.add_argument("--results", type=Path, help="run results JSON, resumable (default: the family's, in "
+                   "benchmarks/results/)")
     p.add_argument("--timing-seeds", type=int, nargs="+", help="seeds whose runs the time columns average "
                    "(default: all; leave out runs that shared the CPU with other work)")
     args = p.parse_args()
+    FAMILY = args.family
+    TASKS, title, results, section, dev_task = FAMILIES[FAMILY]
+    args.tasks = args.tasks or list(TASKS)
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown:
+        p.error(f"--tasks {' '.join(unknown)}: not {title} tasks; choose from {', '.join(TASKS)}")
+    args.results = args.results or ROOT / "benchmarks" / "results" / results
+    args.section = args.section or section
+    args.dev_task = args.dev_task or dev_task
     args.recipes = dict(RECIPES)
     for item in args.recipe:
         algo, _, path = item.partition("=")
@@ -255,7 +276,7 @@ def main() -> None:
     agg = aggregate_section(args, runs, pretrained)
     print(agg)
     recipes = ", ".join(f"{a}: `{args.recipes[a].relative_to(ROOT)}`" for a in args.algos)
-    write_section(args.section, f"Meta-World from {' and '.join(args.obs)}: NCDPO vs DPPO fine-tuning (recipes)",
+    write_section(args.section, f"{title} from {' and '.join(args.obs)}: NCDPO vs DPPO fine-tuning (recipes)",
                   f"Recipes over each task file: {recipes}.\n\n{table}\n\n{agg}\n\n"
                   f"![success vs env steps and wall-clock]({image.relative_to(ROOT / 'docs')})\n")
 

@@ -186,9 +186,9 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     from ncdpo_rllib.errors import UserError
 
     if args.action == "import" and args.format == "robomimic":
-        from ncdpo_rllib.tasks.robosuite_tasks import DEFAULT_OBS_KEYS
+        from ncdpo_rllib.tasks.robosuite_tasks import state_keys
 
-        path = import_robomimic(args.src, args.dest, args.obs_keys or DEFAULT_OBS_KEYS, filter_key=args.filter,
+        path = import_robomimic(args.src, args.dest, state_keys(args.obs_keys), filter_key=args.filter,
                                 env_id=args.env_id, overwrite=args.overwrite)
         print(describe(load_dataset(path)), file=sys.stderr, flush=True)
     elif args.action == "import":

@@ -86,6 +86,36 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+class ShippedPipeline:
+    """A shipped config composed as a user would (``include:`` it from a file in ``tmp_path``),
+    its stages run through the CLI with tiny budgets and an MLflow store in ``tmp_path``:
+    ``stage("collect")`` runs ``ncdpo collect <file> <tiny> --json``, asserts it succeeded and
+    returns its JSON summary; ``finetune(checkpoint)`` runs one training iteration from a
+    pre-trained checkpoint and returns its MLflow run, checked to be a logged fine-tuning run."""
+
+    def __init__(self, tmp_path: Path, config: str, tiny: list[str]):
+        shipped = Path(__file__).resolve().parent.parent / "configs" / config
+        self.cwd, self.file = tmp_path, tmp_path / "composed.yaml"
+        self.file.write_text(f"include: {shipped}\n")
+        self.tiny = [arg for pair in (("--set", item) for item in tiny) for arg in pair]
+        self.env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+
+    def stage(self, command: str, *overrides: str) -> dict:
+        extra = [arg for pair in (("--set", item) for item in overrides) for arg in pair]
+        proc = run_cli([command, self.file.name, *self.tiny, *extra, "--json"], self.cwd, self.env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return last_json(proc.stdout)
+
+    def finetune(self, checkpoint: str, *overrides: str):
+        from mlflow.tracking import MlflowClient
+
+        summary = self.stage("train", f"init_from={checkpoint}", "stop.iterations=1", "stop.env_steps=null",
+                             *overrides)
+        run = MlflowClient(self.env["MLFLOW_TRACKING_URI"]).get_run(summary["mlflow_run_id"])
+        assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics
+        return run
+
+
 def runner_and_learner(cfg, module_class=None):
     """A real SingleAgentEnvRunner and Learner built from an RLlib algorithm config, the runner
     holding the learner's weights. ``module_class``: a subclass of the config's module to build

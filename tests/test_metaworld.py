@@ -1,7 +1,6 @@
 """Meta-World tasks through the project's env factory: build, step, success, goal variants,
 and the success rate in training metrics, MLflow and ``ncdpo evaluate``."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.experiment.build import check_experiment
 from ncdpo_rllib.tasks.envs import make_env
 from ncdpo_rllib.tasks.metaworld import scripted_policy
-from tests.conftest import last_json, run_cli
+from tests.conftest import ShippedPipeline, last_json, run_cli
 
 
 def test_env_builds_steps_and_the_scripted_expert_succeeds():
@@ -105,26 +104,14 @@ def test_scripted_demonstrations_and_their_degraded_version():
 @pytest.mark.slow
 def test_collect_pretrain_finetune_end_to_end(tmp_path):
     """Scripted demos -> behaviour cloning -> NCDPO fine-tuning, tiny budgets, through the CLI."""
-    config = Path(__file__).resolve().parent.parent / "configs" / "metaworld_reach.yaml"
-    (tmp_path / "mw.yaml").write_text(f"include: {config}\n")  # the shipped file, composed as a user would
-    tiny = ["--set", "collect.steps_per_level=500", "--set", "pretrain.gradient_steps=200",
-            "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]",
-            "--set", "resources.env_runners=0"]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
-    collected = run_cli(["collect", "mw.yaml", *tiny, "--json"], tmp_path, env)
-    assert collected.returncode == 0, collected.stderr[-3000:]
-    data = last_json(collected.stdout)["datasets"]["scripted"]
+    pipeline = ShippedPipeline(tmp_path, "metaworld_reach.yaml", [
+        "collect.steps_per_level=500", "pretrain.gradient_steps=200", "pretrain.eval_episodes=2",
+        "diffusion.hidden=[64, 64]", "resources.env_runners=0"])
+    data = pipeline.stage("collect")["datasets"]["scripted"]
     assert data["episodes"] == 5 and 0.0 <= data["success_rate"] <= 1.0
-    pre = run_cli(["pretrain", "mw.yaml", *tiny, "--json"], tmp_path, env)
-    assert pre.returncode == 0, pre.stderr[-3000:]
-    pretrained = last_json(pre.stdout)
+    pretrained = pipeline.stage("pretrain")
     assert 0.0 <= pretrained["eval"]["success_rate"] <= 1.0
-    ft = run_cli(["train", "mw.yaml", *tiny, "--set", f"init_from={pretrained['checkpoint']}",
-                  "--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=200",
-                  "--set", "ppo.minibatch_size=100", "--json"], tmp_path, env)
-    assert ft.returncode == 0, ft.stderr[-3000:]
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
-    assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics
+    pipeline.finetune(pretrained["checkpoint"], "ppo.train_batch_size=200", "ppo.minibatch_size=100")
 
 
 def test_evaluation_metrics_only_on_iterations_that_evaluated():

@@ -1,18 +1,15 @@
 """robosuite tasks (robomimic's family) through the project's env factory: build, step, success,
-the scripted Lift expert, pixels, config errors, and collect -> pretrain -> fine-tune."""
-
-from pathlib import Path
+the scripted Lift and Can experts, pixels, config errors, and collect -> pretrain -> fine-tune."""
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from ncdpo_rllib.errors import ConfigError
 from ncdpo_rllib.experiment.build import check_experiment
 from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.tasks.envs import make_env, scripted_expert
 from ncdpo_rllib.tasks.config import EnvConfig
-from tests.conftest import last_json, run_cli
+from tests.conftest import ShippedPipeline, run_cli
 
 LIFT = {"kind": "robosuite", "id": "Lift", "max_episode_steps": 100}
 
@@ -44,6 +41,21 @@ def test_lift_builds_steps_and_the_scripted_expert_lifts_the_cube():
     # without a hard reset varies by ~1 mm from run to run
     assert np.allclose(again.reset(seed=3)[0][9:11], cubes[3][:2], atol=1e-5)
     again.close()
+
+
+def test_the_scripted_can_expert_drops_the_can_in_its_bin():
+    env, expert, source = scripted_expert(EnvConfig(kind="robosuite", id="PickPlaceCan", max_episode_steps=160))
+    assert "PickPlaceCan" in source
+    successes = []
+    for episode in range(3):
+        obs, _ = env.reset(seed=episode)
+        success = False
+        for _ in range(160):
+            obs, reward, terminated, truncated, info = env.step(expert(obs))
+            success = success or info["success"]
+        successes.append(success and info["success"])  # in the bin, and still there at the end
+    env.close()
+    assert sum(successes) >= 2, successes
 
 
 def test_obs_keys_select_and_order_the_observation_and_actions_chunk():
@@ -87,15 +99,10 @@ def test_bad_tasks_keys_and_settings_are_one_line_errors():
 @pytest.mark.slow
 def test_collect_pretrain_finetune_end_to_end(tmp_path):
     """Scripted Lift demos -> behaviour cloning -> NCDPO fine-tuning, tiny budgets, through the CLI."""
-    config = Path(__file__).resolve().parent.parent / "configs" / "robosuite_lift.yaml"
-    (tmp_path / "lift.yaml").write_text(f"include: {config}\n")  # the shipped file, composed as a user would
-    tiny = ["--set", "collect.steps_per_level=300", "--set", "pretrain.gradient_steps=100",
-            "--set", "pretrain.eval_episodes=2", "--set", "diffusion.hidden=[64, 64]",
-            "--set", "resources.env_runners=0", "--set", "env.max_episode_steps=60"]
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
-    collected = run_cli(["collect", "lift.yaml", *tiny, "--json"], tmp_path, env)
-    assert collected.returncode == 0, collected.stderr[-3000:]
-    data = last_json(collected.stdout)["datasets"]["scripted"]
+    pipeline = ShippedPipeline(tmp_path, "robosuite_lift.yaml", [
+        "collect.steps_per_level=300", "pretrain.gradient_steps=100", "pretrain.eval_episodes=2",
+        "diffusion.hidden=[64, 64]", "resources.env_runners=0", "env.max_episode_steps=60"])
+    data = pipeline.stage("collect")["datasets"]["scripted"]
     assert data["episodes"] == 5 and data["steps"] == 300 and 0.0 <= data["success_rate"] <= 1.0
     # the robomimic-layout copy the collector wrote imports to the same episodes
     from ncdpo_rllib.data import load_dataset
@@ -109,17 +116,10 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
         assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
         assert np.array_equal(a.rewards, b.rewards) and (a.terminated, a.truncated) == (b.terminated, b.truncated)
     # pre-training reads the robomimic file directly (the dataset directory is Meta-World's test's path)
-    pre = run_cli(["pretrain", "lift.yaml", *tiny, "--set", f"pretrain.dataset={data['robomimic_file']}", "--json"],
-                  tmp_path, env)
-    assert pre.returncode == 0, pre.stderr[-3000:]
-    pretrained = last_json(pre.stdout)
+    pretrained = pipeline.stage("pretrain", f"pretrain.dataset={data['robomimic_file']}")
     assert 0.0 <= pretrained["eval"]["success_rate"] <= 1.0
-    ft = run_cli(["train", "lift.yaml", *tiny, "--set", f"init_from={pretrained['checkpoint']}",
-                  "--set", "stop.iterations=1", "--set", "stop.env_steps=null", "--set", "ppo.train_batch_size=60",
-                  "--set", "ppo.minibatch_size=30", "--set", "eval.episodes=2", "--json"], tmp_path, env)
-    assert ft.returncode == 0, ft.stderr[-3000:]
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(last_json(ft.stdout)["mlflow_run_id"])
-    assert run.data.tags["stage"] == "finetune" and "success_rate" in run.data.metrics
+    pipeline.finetune(pretrained["checkpoint"], "ppo.train_batch_size=60", "ppo.minibatch_size=30",
+                      "eval.episodes=2")
 
 
 def _robomimic_file(path, demos=((5, True), (3, False)), drop=None, short=None, env_args=True, masks=True):

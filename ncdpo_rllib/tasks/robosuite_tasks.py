@@ -78,10 +78,16 @@ def check_task(name: str) -> None:
         raise ConfigError(unknown_name("env.id", name, "a single-arm robosuite task", names, listed=len(names)))
 
 
+def state_keys(obs_keys=None) -> list[str]:
+    """The low-dimensional observation keys: ``obs_keys`` (``env.obs_keys`` or ``--obs-keys``), or
+    ``DEFAULT_OBS_KEYS`` when none are given."""
+    return list(obs_keys or DEFAULT_OBS_KEYS)
+
+
 def robomimic_keys(cfg: EnvConfig) -> list[str]:
     """The robomimic observation keys of this env section, in order: ``env.obs_keys`` (default
     ``DEFAULT_OBS_KEYS``), then ``<camera>_image`` with pixels (the [state, image] layout)."""
-    return [*(cfg.obs_keys or DEFAULT_OBS_KEYS), *([f"{cfg.camera}_image"] if cfg.pixels else [])]
+    return [*state_keys(cfg.obs_keys), *([f"{cfg.camera}_image"] if cfg.pixels else [])]
 
 
 class RobosuiteEnv(gym.Env):
@@ -106,7 +112,7 @@ class RobosuiteEnv(gym.Env):
         except TypeError as e:
             raise ConfigError(f"env.kwargs for robosuite task {name!r} are not accepted: {one_line(e, 160)}") from None
         first, self.steps = self._env.reset(), 0
-        self.obs_keys = list(obs_keys or DEFAULT_OBS_KEYS)
+        self.obs_keys = state_keys(obs_keys)
         self.obs_slices, start = {}, 0
         for key in self.obs_keys:
             source = ROBOMIMIC_NAMES.get(key, key)
@@ -171,14 +177,16 @@ def make_robosuite_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
     return env
 
 
-class LiftExpert:
-    """A scripted Lift expert: waypoints for OSC_POSE's position delta (gripper pointing down, as
-    the arm starts): above the cube, down to it, close the gripper, lift. It reads the end
-    effector's and the cube's positions from robosuite's observation dict (``raw_observation``),
-    so it works whatever ``obs_keys`` the policy sees; its phase restarts with every episode."""
+class PickPlaceExpert:
+    """A scripted pick (and place) expert: waypoints for OSC_POSE's position delta, gripper
+    pointing down as the arm starts: above the object, down to it, close the gripper, lift; for a
+    place task, carry it above its target and open the gripper. It reads the end effector's and the
+    object's positions from robosuite's observation dict (``raw_observation``), so it works whatever
+    ``obs_keys`` the policy sees; its phase restarts with every episode."""
 
-    ABOVE, DESCEND, CLOSE, LIFT = range(4)
-    HOVER = 0.08  # m above the cube before descending
+    ABOVE, DESCEND, CLOSE, LIFT, CARRY, RELEASE = range(6)
+    OBJECT = "cube_pos"  # robosuite's observation of the object's position
+    HOVER = 0.08  # m above the object before descending
     REACHED = 0.01  # m: a waypoint counts as reached
     CLOSE_STEPS = 8
     LIFT_BY = 0.2  # m
@@ -188,34 +196,63 @@ class LiftExpert:
         self.env = env.unwrapped
         self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
 
+    def place_target(self) -> Optional[np.ndarray]:
+        """Where to carry the object after lifting it (None: lift only)."""
+        return None
+
     def get_action(self, obs=None) -> np.ndarray:
         raw = self.env.raw_observation
-        eef, cube = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw["cube_pos"])
+        eef, obj = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw[self.OBJECT])
         if self.env.steps == 0:
             self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
         gripper = -1.0
         if self.phase == self.ABOVE:
-            target = cube + [0.0, 0.0, self.HOVER]
+            target = obj + [0.0, 0.0, self.HOVER]
             if np.linalg.norm(target - eef) < self.REACHED:
                 self.phase = self.DESCEND
         if self.phase == self.DESCEND:
-            target = cube.copy()
+            target = obj.copy()
             if np.linalg.norm(target - eef) < self.REACHED:
                 self.phase = self.CLOSE
         if self.phase == self.CLOSE:
-            target, gripper = cube.copy(), 1.0
+            target, gripper = obj.copy(), 1.0
             self.closed_for += 1
             if self.closed_for >= self.CLOSE_STEPS:
-                self.phase, self.lift_to = self.LIFT, cube + [0.0, 0.0, self.LIFT_BY]
+                self.phase, self.lift_to = self.LIFT, obj + [0.0, 0.0, self.LIFT_BY]
         if self.phase == self.LIFT:
             target, gripper = self.lift_to, 1.0
+            place = self.place_target()
+            if place is not None and np.linalg.norm(target - eef) < 3 * self.REACHED:
+                self.phase, self.lift_to = self.CARRY, np.array([place[0], place[1], self.lift_to[2]])
+        if self.phase == self.CARRY:
+            target, gripper = self.lift_to, 1.0
+            # within 4 cm above the target: held at full reach, the arm stops 2-3 cm short of its goal
+            if np.linalg.norm((target - eef)[:2]) < 4 * self.REACHED:
+                self.phase = self.RELEASE
+        if self.phase == self.RELEASE:
+            target, gripper = self.lift_to, -1.0
         action = np.zeros(7)
         action[:3] = np.clip(self.GAIN * (target - eef), -1.0, 1.0)
         action[6] = gripper
         return action
 
 
-EXPERTS = {"Lift": LiftExpert}
+class LiftExpert(PickPlaceExpert):
+    """Lift: pick the cube and lift it 20 cm."""
+
+
+class CanExpert(PickPlaceExpert):
+    """PickPlaceCan: pick the can, carry it above its bin (robosuite's ``target_bin_placements``)
+    and drop it."""
+
+    OBJECT = "Can_pos"
+
+    def place_target(self) -> np.ndarray:
+        suite_env = self.env._env
+        return np.asarray(suite_env.target_bin_placements[suite_env.object_to_id["can"]])
+
+
+EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert}
 
 
 def scripted_policy(env: gym.Env):
