@@ -91,6 +91,40 @@ def test_write_accepts_a_dataset_and_unregistered_env(tmp_path):
     _assert_same(back.episodes, ds.episodes)
 
 
+def _pixel_episodes(size=16, state_dim=5, lengths=(6, 3), seed=0) -> list[Episode]:
+    """[state, image] observations as collect writes them: the image's 0..255 values as float32."""
+    rng = np.random.default_rng(seed)
+    return [Episode(np.concatenate([rng.normal(size=(t + 1, state_dim)),
+                                    rng.integers(0, 256, size=(t + 1, 3 * size * size))], axis=1),
+                    rng.normal(size=(t, 2)), rng.normal(size=t), False, True) for t in lengths]
+
+
+def test_pixel_datasets_store_the_image_as_uint8_and_read_back_exactly(tmp_path):
+    episodes = _pixel_episodes()
+    pixels = write_dataset(tmp_path / "pixels", episodes, "reach-v3", {"image_size": 16})
+    flat = write_dataset(tmp_path / "flat", episodes, "reach-v3", {})  # no image_size: one float32 Box
+    _assert_same(load_dataset(pixels).episodes, episodes)
+    _assert_same(load_dataset(flat).episodes, episodes)
+    with h5py.File(pixels / "data" / "main_data.hdf5") as f:
+        obs = f["episode_0/observations"]
+        assert (obs["state"].dtype, obs["state"].shape) == (np.float32, (7, 5))
+        assert (obs["image"].dtype, obs["image"].shape) == (np.uint8, (7, 16, 16, 3))
+        # the image as a camera gives it: row-major (H, W, 3), the layout the flat rows hold
+        np.testing.assert_array_equal(obs["image"][2].reshape(-1), episodes[0].observations[2, 5:])
+    with h5py.File(flat / "data" / "main_data.hdf5") as f:
+        assert f["episode_0/observations"].dtype == np.float32
+    # Minari itself reads the Dict space
+    m = minari.MinariDataset(pixels / "data")
+    assert m.observation_space["image"].dtype == np.uint8 and m[1].observations["image"].shape == (4, 16, 16, 3)
+    # images that are not whole numbers in 0..255 (e.g. normalised) stay float32: nothing is lost
+    scaled = [Episode(ep.observations / 255.0, ep.actions, ep.rewards, ep.terminated, ep.truncated)
+              for ep in episodes]
+    kept = write_dataset(tmp_path / "scaled", scaled, "reach-v3", {"image_size": 16})
+    _assert_same(load_dataset(kept).episodes, scaled)
+    with h5py.File(kept / "data" / "main_data.hdf5") as f:
+        assert f["episode_0/observations"].dtype == np.float32
+
+
 def test_write_is_atomic_and_refuses_overwrite(written, tmp_path, monkeypatch):
     parent = written.parent
     assert [p.name for p in parent.iterdir()] == ["medium"]  # no tmp leftovers

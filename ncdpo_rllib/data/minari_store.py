@@ -23,6 +23,8 @@ DATA_DIR = "data"
 METADATA_FILE = "metadata.json"
 MAIN_FILE = "main_data.hdf5"
 NCDPO_KEY = "ncdpo"
+STATE_KEY, IMAGE_KEY = "state", "image"
+"""A pixel dataset's observations on disk: a Dict of the float32 state and the uint8 RGB image."""
 _FOREIGN_META_KEYS = ("dataset_id", "algorithm_name", "description", "author", "minari_version",
                       "ref_min_score", "ref_max_score")
 
@@ -65,6 +67,38 @@ def _env_spec(env_id: str) -> Any:
         return None
 
 
+def _image_size(episodes: Sequence[Episode], metadata: Mapping[str, Any]) -> int | None:
+    """The side of the square RGB image at the end of each observation, for a pixel dataset
+    (``metadata["image_size"]``, as ``collect`` and the robomimic import write it) whose image
+    columns are whole numbers in 0..255, so uint8 stores them exactly; None otherwise."""
+    size = metadata.get("image_size")
+    if not isinstance(size, int) or size <= 0 or episodes[0].observations.shape[1] < 3 * size * size:
+        return None
+    cols = 3 * size * size
+    exact = all(np.array_equal(img, np.clip(np.rint(img), 0, 255)) for img in
+                (ep.observations[:, -cols:] for ep in episodes))
+    return size if exact else None
+
+
+def _observation_space(obs_dim: int, image_size: int | None) -> Any:
+    import gymnasium as gym
+
+    if image_size is None:
+        return gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+    state_dim = obs_dim - 3 * image_size * image_size
+    return gym.spaces.Dict({STATE_KEY: gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32),
+                            IMAGE_KEY: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)})
+
+
+def _stored_observations(obs: np.ndarray, image_size: int | None) -> Any:
+    """Observations as written: flat float32, or {state: float32, image: uint8 (T+1, H, W, 3)}."""
+    if image_size is None:
+        return obs
+    state_dim = obs.shape[1] - 3 * image_size * image_size
+    return {STATE_KEY: obs[:, :state_dim],
+            IMAGE_KEY: obs[:, state_dim:].astype(np.uint8).reshape(len(obs), image_size, image_size, 3)}
+
+
 def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata: dict[str, Any]) -> None:
     """Write a complete Minari (hdf5) dataset directory at root with Minari's own storage writer."""
     import gymnasium as gym
@@ -72,10 +106,11 @@ def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata
     from minari.dataset.minari_storage import MinariStorage
 
     obs_dim, act_dim = episodes[0].observations.shape[1], episodes[0].actions.shape[1]
+    image_size = _image_size(episodes, metadata)
     root.mkdir()
     storage = MinariStorage.new(
         root.absolute() / DATA_DIR,  # minari 0.5.4's get_size() breaks on relative paths
-        observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32),
+        observation_space=_observation_space(obs_dim, image_size),
         action_space=gym.spaces.Box(-np.inf, np.inf, (act_dim,), np.float32),
         env_spec=_env_spec(env_id),
         data_format="hdf5",
@@ -88,22 +123,24 @@ def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata
         "description": f"NCDPO demonstrations for {env_id} ({level})",
         NCDPO_KEY: {"env_id": env_id, "metadata": metadata},
     })
-    storage.update_episodes(_buffer(ep) for ep in episodes)
+    storage.update_episodes(_buffer(ep, image_size) for ep in episodes)
 
 
-def _buffer(ep: Episode) -> Any:
+def _buffer(ep: Episode, image_size: int | None = None) -> Any:
     """Minari's episode record: per-step termination/truncation flags, set on the last step only."""
     from minari.data_collector import EpisodeBuffer
 
     term, trunc = np.zeros(len(ep), dtype=bool), np.zeros(len(ep), dtype=bool)
     term[-1], trunc[-1] = ep.terminated, ep.truncated
-    return EpisodeBuffer(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
+    return EpisodeBuffer(observations=_stored_observations(ep.observations, image_size), actions=ep.actions,
+                         rewards=ep.rewards,
                          terminations=term, truncations=trunc, infos={})
 
 
 def _estimated_size(episodes: Sequence[Episode]) -> int:
-    """Bytes the Minari HDF5 file will take, with a margin: the arrays (rewards as float64, two
-    flag bytes per step), a few KiB of HDF5 structure per episode, 10% on top."""
+    """Bytes the Minari HDF5 file will take, with a margin: the arrays (observations as float32, an
+    upper bound for a pixel dataset's uint8 images; rewards as float64, two flag bytes per step), a
+    few KiB of HDF5 structure per episode, 10% on top."""
     steps = sum(len(ep.rewards) for ep in episodes)
     arrays = sum(ep.observations.nbytes + ep.actions.nbytes for ep in episodes) + 10 * steps
     return int(1.1 * (arrays + 8192 * len(episodes) + (1 << 16)))
@@ -149,17 +186,22 @@ def write_dataset(
     On disk (Minari 0.5 hdf5 layout, readable with ``minari.MinariDataset(path / "data")``)::
 
         <path>/data/metadata.json     Minari metadata: dataset_id ncdpo/<env>/<level>-v0, spaces
-                                      (unbounded float32 Boxes of the data's dims), env_spec when
-                                      env_id is registered, and ours under "ncdpo":
+                                      (unbounded float32 Boxes of the data's dims; for a pixel
+                                      dataset, a Dict of the state Box and a uint8 image Box),
+                                      env_spec when env_id is registered, and ours under "ncdpo":
                                       {"env_id": ..., "metadata": {...}}
-        <path>/data/main_data.hdf5    groups episode_<i> with observations (T+1, obs_dim),
+        <path>/data/main_data.hdf5    groups episode_<i> with observations (T+1, obs_dim) (a pixel
+                                      dataset: a group of state (T+1, state_dim) float32 and image
+                                      (T+1, H, W, 3) uint8),
                                       actions (T, act_dim), rewards (T,), terminations (T,),
                                       truncations (T,), an empty infos group; attrs id, total_steps
         <path>/ncdpo_manifest.json    the SHA-256 of both files, checked by load_dataset
 
     The dataset is built in a hidden sibling directory and renamed into place, so readers never
     see a half-written one. `env_id` and `metadata` default to those of a `Dataset` argument;
-    `metadata["level"]` (default: the directory name) names the Minari dataset_id.
+    `metadata["level"]` (default: the directory name) names the Minari dataset_id. With
+    `metadata["image_size"]` (a pixel dataset: [state, image] observations), the image is stored as
+    uint8 when its values are whole numbers in 0..255 (4x smaller; read back exactly).
     """
     dest = Path(path)
     if isinstance(data, Dataset):
@@ -259,11 +301,23 @@ def _read_h5_episode(group: Any, where: str) -> Episode:
             raise DatasetError(f"{where}: missing key '{key}' (an episode needs {', '.join(EPISODE_KEYS)}); "
                                f"{_LOAD_FIX}")
         node = group[key]
+        if key == "observations" and isinstance(node, h5py.Group) and set(node) == {STATE_KEY, IMAGE_KEY}:
+            arrays[key] = _flat_observations(node, where)
+            continue
         if not isinstance(node, h5py.Dataset):
             raise DatasetError(f"{where}: '{key}' is a group (Dict/Tuple space); only flat Box observations "
                                "and actions are supported - flatten them (FlattenObservation) and re-record")
         arrays[key] = node[()]
     return episode_from_arrays(arrays, where, _LOAD_FIX)
+
+
+def _flat_observations(group: Any, where: str) -> np.ndarray:
+    """A pixel dataset's {state, image} observations as the flat float32 [state, image] rows."""
+    state, image = group[STATE_KEY][()], group[IMAGE_KEY][()]
+    if state.ndim != 2 or image.ndim != 4 or len(state) != len(image):
+        raise DatasetError(f"{where}: observations/{STATE_KEY} {state.shape} and observations/{IMAGE_KEY} "
+                           f"{image.shape} do not line up (need (T+1, state_dim) and (T+1, H, W, C)); {_LOAD_FIX}")
+    return np.concatenate([state.astype(np.float32), image.reshape(len(image), -1).astype(np.float32)], axis=1)
 
 
 def _read_other_format(data_dir: Path, data_format: str) -> list[Episode]:
