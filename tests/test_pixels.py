@@ -62,6 +62,23 @@ def test_encoder_splits_state_and_stacked_frames():
         ObservationEncoder(100, image_size=SIZE, frames=1, use_state=False)
 
 
+def test_encoder_stacks_every_camera_of_every_frame_as_channels():
+    frames, cameras, state_dim = 2, 2, 3
+    state = torch.randn(1, frames, state_dim)
+    images = torch.randint(0, 256, (1, frames, cameras, SIZE, SIZE, 3)).float()
+    obs = torch.cat([state, images.reshape(1, frames, -1)], dim=-1).reshape(1, -1)
+    enc = ObservationEncoder(obs.shape[1], image_size=SIZE, frames=frames, cameras=cameras, use_state=True,
+                             feature_dim=8)
+    got_state, got_images = enc.split(obs)
+    assert enc.state_dim == state_dim and torch.equal(got_state, state.reshape(1, -1))
+    assert got_images.shape == (1, frames * cameras * 3, SIZE, SIZE)
+    for f in range(frames):
+        for c in range(cameras):
+            first = 3 * (cameras * f + c)  # frame-major, then camera, then RGB
+            assert torch.allclose(got_images[0, first:first + 3], images[0, f, c].permute(2, 0, 1) / 255)
+    assert enc(obs).shape == (1, 8 + frames * state_dim)
+
+
 def test_camera_frames_are_appended_to_the_state():
     env = make_env(pixel_exp().env)
     try:

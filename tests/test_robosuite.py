@@ -1,10 +1,12 @@
 """robosuite tasks (robomimic's family) through the project's env factory: build, step, success,
 the scripted Lift and Can experts, pixels, config errors, and collect -> pretrain -> fine-tune."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from ncdpo_rllib.errors import ConfigError
+from ncdpo_rllib.errors import ConfigError, DatasetError
 from ncdpo_rllib.experiment.build import check_experiment
 from ncdpo_rllib.experiment.config import parse_config
 from ncdpo_rllib.tasks.envs import make_env, scripted_expert
@@ -81,6 +83,27 @@ def test_pixels_are_the_agentview_camera_upright_after_the_state():
     env.close()
 
 
+def test_extra_cameras_append_their_images_in_order():
+    env = make_env({**LIFT, "observation": "pixels", "image_size": 32, "extra_cameras": ["robot0_eye_in_hand"]})
+    obs, _ = env.reset(seed=0)
+    side = 32 * 32 * 3
+    assert obs.shape == (19 + 2 * side,) and env.observation_space.shape == obs.shape
+    agentview, wrist = obs[19:19 + side], obs[19 + side:]
+    wrapper = env  # the same frames again, straight from the wrapper's renderers
+    while not hasattr(wrapper, "render_frames"):
+        wrapper = wrapper.env
+    frames = wrapper.render_frames()
+    assert np.array_equal(agentview, frames[0].reshape(-1)) and np.array_equal(wrist, frames[1].reshape(-1))
+    assert np.abs(agentview - wrist).mean() > 10  # two different views
+    env.close()
+    with pytest.raises(ConfigError, match="env.extra_cameras 'wrist' is not a camera of this task"):
+        check_experiment(parse_config({"env": {**LIFT, "observation": "pixels", "extra_cameras": ["wrist"]}}))
+    with pytest.raises(ConfigError, match="extra_cameras are for observation: pixels"):
+        parse_config({"env": {**LIFT, "extra_cameras": ["robot0_eye_in_hand"]}})
+    with pytest.raises(ConfigError, match="name a camera twice"):
+        parse_config({"env": {**LIFT, "observation": "pixels", "extra_cameras": ["agentview"]}})
+
+
 def test_bad_tasks_keys_and_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="'Lfit' is not a single-arm robosuite task; did you mean Lift"):
         check_experiment(parse_config({"env": {"kind": "robosuite", "id": "Lfit"}}))
@@ -122,9 +145,36 @@ def test_collect_pretrain_finetune_end_to_end(tmp_path):
                       "eval.episodes=2")
 
 
+@pytest.mark.slow
+def test_two_cameras_collect_pretrain_finetune(tmp_path):
+    """agentview + the wrist camera from pixels: the collected dataset (images uint8 on disk) and its
+    robomimic copy hold both views, behaviour cloning and one fine-tuning iteration run on them."""
+    import h5py
+
+    pipeline = ShippedPipeline(tmp_path, "robosuite_lift_pixels.yaml", [
+        "env.extra_cameras=[robot0_eye_in_hand]", "env.image_size=40", "env.max_episode_steps=20",
+        "collect.steps_per_level=40", "pretrain.gradient_steps=20", "pretrain.eval_episodes=1",
+        "diffusion.hidden=[32, 32]", "encoder.feature_dim=16", "resources.env_runners=0",
+        "pretrain.dataset=data/Lift/scripted-pixels40-robot0_eye_in_hand"])
+    data = pipeline.stage("collect")["datasets"]["scripted-pixels40-robot0_eye_in_hand"]
+    assert data["episodes"] == 2
+    with h5py.File(Path(data["path"]) / "data" / "main_data.hdf5") as f:
+        assert f["episode_0/observations/image"].shape == (21, 2, 40, 40, 3)
+        assert f["episode_0/observations/image"].dtype == np.uint8
+    with h5py.File(data["robomimic_file"]) as f:
+        assert {"agentview_image", "robot0_eye_in_hand_image"} <= set(f["data/demo_0/obs"])
+    pretrained = pipeline.stage("pretrain")
+    pipeline.finetune(pretrained["checkpoint"], "ppo.train_batch_size=10", "ppo.minibatch_size=5", "eval.episodes=1")
+    # a config with one camera does not take the two-camera checkpoint
+    one = run_cli(["train", pipeline.file.name, "--set", f"init_from={pretrained['checkpoint']}"], tmp_path,
+                  pipeline.env)
+    assert one.returncode != 0 and "env.extra_cameras" in one.stderr, one.stderr[-2000:]
+
+
 def _robomimic_file(path, demos=((5, True), (3, False)), drop=None, short=None, env_args=True, masks=True):
     """A small robomimic-layout file built here, independently of the project's writer: demo i has
-    n steps of robot0_eef_pos (3), object (2) and agentview_image (4x4x3 uint8), 7-D actions."""
+    n steps of robot0_eef_pos (3), object (2), agentview_image and robot0_eye_in_hand_image (4x4x3
+    uint8, the wrist one 255 - agentview's), 7-D actions."""
     import json
 
     import h5py
@@ -143,6 +193,7 @@ def _robomimic_file(path, demos=((5, True), (3, False)), drop=None, short=None, 
                 g[f"{group}/robot0_eef_pos"] = np.repeat(steps, 3, axis=1).astype(np.float64)
                 g[f"{group}/object"] = np.repeat(-steps, 2, axis=1).astype(np.float64)
                 g[f"{group}/agentview_image"] = np.broadcast_to((steps % 256)[:, :, None, None], (n, 4, 4, 3)).astype(np.uint8)
+                g[f"{group}/robot0_eye_in_hand_image"] = 255 - g[f"{group}/agentview_image"][()]
             if drop:
                 del g[drop]
             if short:
@@ -173,6 +224,14 @@ def test_robomimic_import_keeps_observations_actions_and_episode_boundaries(tmp_
     assert [len(ep) for ep in ds.episodes] == [3] and ds.obs_dim == 2 + 4 * 4 * 3
     assert np.all(ds.episodes[0].observations[1, 2:] == 101) and ds.metadata["camera"] == "agentview"
     assert ds.metadata["image_size"] == 4
+    # two cameras: both images after the state, in the order given; stored uint8, read back exactly
+    keys = ["object", "agentview_image", "robot0_eye_in_hand_image"]
+    ds = load_dataset(import_robomimic(tmp_path / "demo.hdf5", tmp_path / "two", keys))
+    assert ds.obs_dim == 2 + 2 * 48 and ds.metadata["cameras"] == ["agentview", "robot0_eye_in_hand"]
+    second = ds.episodes[1].observations
+    assert np.all(second[1, 2:50] == 101) and np.all(second[1, 50:] == 255 - 101)
+    with pytest.raises(DatasetError, match="image keys go after the low-dim ones"):
+        import_robomimic(tmp_path / "demo.hdf5", tmp_path / "bad", ["agentview_image", "object"])
 
 
 @pytest.mark.parametrize("variant, needle", [

@@ -67,36 +67,39 @@ def _env_spec(env_id: str) -> Any:
         return None
 
 
-def _image_size(episodes: Sequence[Episode], metadata: Mapping[str, Any]) -> int | None:
-    """The side of the square RGB image at the end of each observation, for a pixel dataset
-    (``metadata["image_size"]``, as ``collect`` and the robomimic import write it) whose image
-    columns are whole numbers in 0..255, so uint8 stores them exactly; None otherwise."""
-    size = metadata.get("image_size")
-    if not isinstance(size, int) or size <= 0 or episodes[0].observations.shape[1] < 3 * size * size:
+def _image_shape(episodes: Sequence[Episode], metadata: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The shape of a pixel dataset's images per step: (H, W, 3), or (cameras, H, W, 3) for several
+    cameras (``metadata["image_size"]`` and ``["cameras"]``, as ``collect`` and the robomimic import
+    write them), when the image columns at the end of each observation are whole numbers in 0..255,
+    so uint8 stores them exactly; None otherwise."""
+    size, cameras = metadata.get("image_size"), metadata.get("cameras") or [None]
+    if not isinstance(size, int) or size <= 0 or not isinstance(cameras, list):
         return None
-    cols = 3 * size * size
+    shape = (size, size, 3) if len(cameras) == 1 else (len(cameras), size, size, 3)
+    cols = int(np.prod(shape))
+    if episodes[0].observations.shape[1] < cols:
+        return None
     exact = all(np.array_equal(img, np.clip(np.rint(img), 0, 255)) for img in
                 (ep.observations[:, -cols:] for ep in episodes))
-    return size if exact else None
+    return shape if exact else None
 
 
-def _observation_space(obs_dim: int, image_size: int | None) -> Any:
+def _observation_space(obs_dim: int, image: tuple[int, ...] | None) -> Any:
     import gymnasium as gym
 
-    if image_size is None:
+    if image is None:
         return gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-    state_dim = obs_dim - 3 * image_size * image_size
+    state_dim = obs_dim - int(np.prod(image))
     return gym.spaces.Dict({STATE_KEY: gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32),
-                            IMAGE_KEY: gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)})
+                            IMAGE_KEY: gym.spaces.Box(0, 255, image, np.uint8)})
 
 
-def _stored_observations(obs: np.ndarray, image_size: int | None) -> Any:
-    """Observations as written: flat float32, or {state: float32, image: uint8 (T+1, H, W, 3)}."""
-    if image_size is None:
+def _stored_observations(obs: np.ndarray, image: tuple[int, ...] | None) -> Any:
+    """Observations as written: flat float32, or {state: float32, image: uint8 (T+1, *image)}."""
+    if image is None:
         return obs
-    state_dim = obs.shape[1] - 3 * image_size * image_size
-    return {STATE_KEY: obs[:, :state_dim],
-            IMAGE_KEY: obs[:, state_dim:].astype(np.uint8).reshape(len(obs), image_size, image_size, 3)}
+    state_dim = obs.shape[1] - int(np.prod(image))
+    return {STATE_KEY: obs[:, :state_dim], IMAGE_KEY: obs[:, state_dim:].astype(np.uint8).reshape(len(obs), *image)}
 
 
 def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata: dict[str, Any]) -> None:
@@ -106,11 +109,11 @@ def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata
     from minari.dataset.minari_storage import MinariStorage
 
     obs_dim, act_dim = episodes[0].observations.shape[1], episodes[0].actions.shape[1]
-    image_size = _image_size(episodes, metadata)
+    image = _image_shape(episodes, metadata)
     root.mkdir()
     storage = MinariStorage.new(
         root.absolute() / DATA_DIR,  # minari 0.5.4's get_size() breaks on relative paths
-        observation_space=_observation_space(obs_dim, image_size),
+        observation_space=_observation_space(obs_dim, image),
         action_space=gym.spaces.Box(-np.inf, np.inf, (act_dim,), np.float32),
         env_spec=_env_spec(env_id),
         data_format="hdf5",
@@ -123,16 +126,16 @@ def _write_minari(root: Path, episodes: Sequence[Episode], env_id: str, metadata
         "description": f"NCDPO demonstrations for {env_id} ({level})",
         NCDPO_KEY: {"env_id": env_id, "metadata": metadata},
     })
-    storage.update_episodes(_buffer(ep, image_size) for ep in episodes)
+    storage.update_episodes(_buffer(ep, image) for ep in episodes)
 
 
-def _buffer(ep: Episode, image_size: int | None = None) -> Any:
+def _buffer(ep: Episode, image: tuple[int, ...] | None = None) -> Any:
     """Minari's episode record: per-step termination/truncation flags, set on the last step only."""
     from minari.data_collector import EpisodeBuffer
 
     term, trunc = np.zeros(len(ep), dtype=bool), np.zeros(len(ep), dtype=bool)
     term[-1], trunc[-1] = ep.terminated, ep.truncated
-    return EpisodeBuffer(observations=_stored_observations(ep.observations, image_size), actions=ep.actions,
+    return EpisodeBuffer(observations=_stored_observations(ep.observations, image), actions=ep.actions,
                          rewards=ep.rewards,
                          terminations=term, truncations=trunc, infos={})
 
@@ -192,7 +195,7 @@ def write_dataset(
                                       {"env_id": ..., "metadata": {...}}
         <path>/data/main_data.hdf5    groups episode_<i> with observations (T+1, obs_dim) (a pixel
                                       dataset: a group of state (T+1, state_dim) float32 and image
-                                      (T+1, H, W, 3) uint8),
+                                      (T+1, H, W, 3) uint8, (T+1, cameras, H, W, 3) for several),
                                       actions (T, act_dim), rewards (T,), terminations (T,),
                                       truncations (T,), an empty infos group; attrs id, total_steps
         <path>/ncdpo_manifest.json    the SHA-256 of both files, checked by load_dataset
@@ -314,9 +317,10 @@ def _read_h5_episode(group: Any, where: str) -> Episode:
 def _flat_observations(group: Any, where: str) -> np.ndarray:
     """A pixel dataset's {state, image} observations as the flat float32 [state, image] rows."""
     state, image = group[STATE_KEY][()], group[IMAGE_KEY][()]
-    if state.ndim != 2 or image.ndim != 4 or len(state) != len(image):
+    if state.ndim != 2 or image.ndim not in (4, 5) or len(state) != len(image):
         raise DatasetError(f"{where}: observations/{STATE_KEY} {state.shape} and observations/{IMAGE_KEY} "
-                           f"{image.shape} do not line up (need (T+1, state_dim) and (T+1, H, W, C)); {_LOAD_FIX}")
+                           f"{image.shape} do not line up (need (T+1, state_dim) and (T+1, [cameras,] H, W, C)); "
+                           f"{_LOAD_FIX}")
     return np.concatenate([state.astype(np.float32), image.reshape(len(image), -1).astype(np.float32)], axis=1)
 
 

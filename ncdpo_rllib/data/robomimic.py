@@ -12,9 +12,9 @@ The layout (robomimic's ``docs/datasets/overview``)::
     mask/<filter>            demo names (bytes) of a split, e.g. train, valid
 
 Imported observations are the selected keys, flattened and concatenated in the order given;
-an image key (at most one, last) is appended as the project's pixel layout does it
-(``[state, image]``, row-major H, W, C), so a robosuite config with ``env.observation: pixels_state``
-and that camera reads it. Each episode's final observation is ``next_obs`` of its last step when
+image keys (after the low-dim ones, all of one size) are appended as the project's pixel layout
+does it (``[state, image per camera]``, row-major H, W, C), so a robosuite config with
+``env.observation: pixels_state`` and those cameras (``env.camera``, ``env.extra_cameras``) reads it. Each episode's final observation is ``next_obs`` of its last step when
 the file has it, else a repeat of the last observation.
 """
 
@@ -47,16 +47,16 @@ def _demo_names(data: h5py.Group) -> list[str]:
 def read_robomimic(src: str | os.PathLike, obs_keys: Sequence[str], filter_key: Optional[str] = None
                    ) -> tuple[list[Episode], dict[str, Any]]:
     """(episodes, info) from a robomimic file: info has ``env_name``, ``env_args``, ``obs_keys``,
-    ``image`` ({key, size} or None) and ``demos`` (the demo names read, in order)."""
+    ``image`` ({keys, size} or None) and ``demos`` (the demo names read, in order)."""
     path = Path(src)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file; check the path")
     if not obs_keys:
         raise DatasetError(f"{path}: no observation keys selected; pass --obs-keys (e.g. robot0_eef_pos object)")
     images = [k for k in obs_keys if k.endswith(IMAGE_SUFFIX)]
-    if len(images) > 1 or (images and obs_keys[-1] != images[0]):
-        raise DatasetError(f"{path}: at most one image key, given last (the pixel layout is [state, image]); got "
-                           f"{', '.join(obs_keys)}")
+    if images and list(obs_keys[-len(images):]) != images:
+        raise DatasetError(f"{path}: image keys go after the low-dim ones (the pixel layout is [state, images]); "
+                           f"got {', '.join(obs_keys)}")
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # noqa: BLE001 - h5py raises OSError and others on a damaged file
@@ -92,7 +92,7 @@ def read_robomimic(src: str | os.PathLike, obs_keys: Sequence[str], filter_key: 
             episodes.append(episode)
             image = image or size
     info = {"env_name": env_name, "env_args": env_args, "obs_keys": list(obs_keys), "demos": demos,
-            "image": {"key": images[0], "size": image} if images else None}
+            "image": {"keys": images, "size": image} if images else None}
     return episodes, info
 
 
@@ -115,6 +115,9 @@ def _read_demo(path: Path, name: str, g: h5py.Group, obs_keys: Sequence[str]) ->
         if key.endswith(IMAGE_SUFFIX):
             if value.ndim != 4 or value.shape[1] != value.shape[2] or value.shape[3] != 3:
                 raise DatasetError(f"{where}/obs/{key} has shape {value.shape}, expected (N, H, H, 3) RGB")
+            if size is not None and value.shape[1] != size:
+                raise DatasetError(f"{where}/obs/{key} is {value.shape[1]}x{value.shape[1]}, the image before it "
+                                   f"{size}x{size}; the cameras' images must be one size")
             size = int(value.shape[1])
         columns.append(np.asarray(value, np.float32).reshape(n, -1))
     observations = np.concatenate(columns, axis=1)
@@ -144,8 +147,8 @@ def load_robomimic(src: str | os.PathLike, obs_keys: Sequence[str], filter_key: 
                             "robomimic_env_args": info["env_args"], "obs_keys": info["obs_keys"],
                             "filter_key": filter_key, "demos": len(info["demos"])}
     if info["image"]:
-        meta.update(observation="pixels_state", camera=info["image"]["key"][: -len(IMAGE_SUFFIX)],
-                    image_size=info["image"]["size"])
+        cameras = [key[: -len(IMAGE_SUFFIX)] for key in info["image"]["keys"]]
+        meta.update(observation="pixels_state", camera=cameras[0], cameras=cameras, image_size=info["image"]["size"])
     return Dataset(env_id=info["env_name"], episodes=episodes, metadata=meta, path=Path(src))
 
 
@@ -162,9 +165,10 @@ def import_robomimic(src: str | os.PathLike, dest: str | os.PathLike, obs_keys: 
 
 def write_robomimic(path: str | os.PathLike, episodes: Sequence[Episode], env_name: str,
                     key_slices: Mapping[str, slice], env_kwargs: Mapping[str, Any], *,
-                    image: Optional[tuple[str, int]] = None, valid_fraction: float = 0.1) -> Path:
+                    image: Optional[tuple[Sequence[str], int]] = None, valid_fraction: float = 0.1) -> Path:
     """Episodes (flat observations) in robomimic's layout: ``key_slices`` cut each observation into
-    its keys; ``image`` = (key, size) for the [state, image] layout's image (stored uint8). Masks
+    its keys; ``image`` = (keys, size) for the [state, images] layout's images, one key per camera
+    (stored uint8). Masks
     ``train`` and ``valid`` (the last ``valid_fraction`` of the demos). Written whole: a temporary
     name, then a rename."""
     dest = Path(path)
@@ -199,9 +203,10 @@ def _write(tmp: Path, episodes, env_name, key_slices, env_kwargs, image, valid_f
                 for key, cut in key_slices.items():
                     og.create_dataset(key, data=rows[:, cut])
                 if image:
-                    key, size = image
-                    frames = rows[:, state_dim:].reshape(len(rows), size, size, 3)
-                    og.create_dataset(key, data=np.clip(np.rint(frames), 0, 255).astype(np.uint8))
+                    keys, size = image
+                    frames = rows[:, state_dim:].reshape(len(rows), len(keys), size, size, 3)
+                    for i, key in enumerate(keys):
+                        og.create_dataset(key, data=np.clip(np.rint(frames[:, i]), 0, 255).astype(np.uint8))
         n_valid = int(round(valid_fraction * len(names))) if len(names) > 1 else 0
         mask = f.create_group("mask")
         mask.create_dataset("train", data=np.array(names[: len(names) - n_valid], dtype="S"))

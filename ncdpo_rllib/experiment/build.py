@@ -94,7 +94,7 @@ def pixel_model_config(exp: ExperimentConfig) -> Optional[dict]:
     """The module's model_config["pixels"] (None for state observations)."""
     if not exp.env.pixels:
         return None
-    return {"image_size": exp.env.image_size, "frames": exp.env.obs_history,
+    return {"image_size": exp.env.image_size, "frames": exp.env.obs_history, "cameras": len(exp.env.cameras),
             "use_state": exp.env.observation == "pixels_state", **dataclasses.asdict(exp.encoder)}
 
 

@@ -281,8 +281,11 @@ def scripted_episodes(exp: ExperimentConfig, rng: np.random.Generator, log):
 
 
 def scripted_level(exp: ExperimentConfig) -> str:
-    """scripted, or scripted-pixels<size> (observations [state, image]: for pixels and pixels_state)."""
-    return f"{SCRIPTED}-pixels{exp.env.image_size}" if exp.env.pixels else SCRIPTED
+    """scripted, or scripted-pixels<size>[-<extra camera>...] (observations [state, images]: for
+    pixels and pixels_state)."""
+    if not exp.env.pixels:
+        return SCRIPTED
+    return "-".join([f"{SCRIPTED}-pixels{exp.env.image_size}", *exp.env.extra_cameras])
 
 
 def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
@@ -309,13 +312,14 @@ def collect_scripted(exp: ExperimentConfig, *, log) -> dict:
         meta = {"source": source,
                 "observation": exp.env.observation, "image_size": exp.env.image_size if exp.env.pixels else None,
                 "camera": exp.env.camera if exp.env.pixels else None,
+                "cameras": exp.env.cameras if exp.env.pixels else None,
                 "action_noise": c.action_noise, "failed_fraction": c.failed_fraction,
                 "success_rate": float(np.mean(successes)), "episode_success": successes}
         if layout is not None:
             from ncdpo_rllib.data.robomimic import write_robomimic
             from ncdpo_rllib.tasks.robosuite_tasks import CONTROLLER
 
-            image = (f"{exp.env.camera}_image", exp.env.image_size) if exp.env.pixels else None
+            image = ([f"{c}_image" for c in exp.env.cameras], exp.env.image_size) if exp.env.pixels else None
             write_robomimic(robomimic_file, episodes, exp.env.id, layout,
                             {"robots": exp.env.robots, "controller": CONTROLLER, **exp.env.kwargs}, image=image)
         try:

@@ -107,13 +107,15 @@ def _check_dataset(dataset, exp: ExperimentConfig):
     if exp.env.pixels and dataset.obs_dim != obs_dim:
         raise ConfigError(
             f"dataset {dataset.path}: observations have {dataset.obs_dim} values per step, {exp.env.id} with "
-            f"env.observation: {exp.env.observation} and env.image_size: {exp.env.image_size} has {obs_dim}; "
-            "record the dataset with the same image_size (ncdpo collect with this env section)"
+            f"env.observation: {exp.env.observation}, env.image_size: {exp.env.image_size} and "
+            f"{len(exp.env.cameras)} camera(s) has {obs_dim}; record the dataset with the same image_size and "
+            "cameras (ncdpo collect with this env section)"
         )
     camera = dataset.metadata.get("camera")
-    if exp.env.pixels and camera and camera != exp.env.camera:
-        raise ConfigError(f"dataset {dataset.path} was rendered from camera {camera!r}, the config's env.camera is "
-                          f"{exp.env.camera!r}; make them equal")
+    cameras = dataset.metadata.get("cameras") or ([camera] if camera else None)
+    if exp.env.pixels and cameras and list(cameras) != exp.env.cameras:
+        raise ConfigError(f"dataset {dataset.path} was rendered from camera(s) {', '.join(cameras)}, the config's "
+                          f"env.camera and env.extra_cameras are {', '.join(exp.env.cameras)}; make them equal")
     if dataset.obs_dim != obs_dim or dataset.action_dim != int(np.prod(act_space.shape)):
         raise ConfigError(
             f"dataset {dataset.path}: observation/action dims {dataset.obs_dim}/{dataset.action_dim} "

@@ -37,7 +37,7 @@ WEIGHTS = "weights.pt"
 
 ARCH_KEYS = (
     "env.id", "env.action_chunk", "env.obs_history", "env.observation", "env.image_size", "env.camera",
-    "env.robots", "env.obs_keys", "encoder.type", "encoder.feature_dim",
+    "env.extra_cameras", "env.robots", "env.obs_keys", "encoder.type", "encoder.feature_dim",
     "diffusion.denoising_steps", "diffusion.prediction", "diffusion.schedule", "diffusion.beta_min",
     "diffusion.beta_max", "diffusion.cosine_beta_clip", "diffusion.hidden", "diffusion.residual",
     "diffusion.activation", "diffusion.step_embed_dim",

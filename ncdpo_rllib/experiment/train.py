@@ -83,7 +83,8 @@ def _done(exp: ExperimentConfig, state: RunState) -> bool:
 
 MODEL_KEYS = (
     "algorithm", "env.kind", "env.id", "env.kwargs", "env.normalize_observations", "env.action_chunk",
-    "env.obs_history", "env.observation", "env.image_size", "env.camera", "env.robots", "env.obs_keys",
+    "env.obs_history", "env.observation", "env.image_size", "env.camera", "env.extra_cameras",
+    "env.robots", "env.obs_keys",
     "multi_agent",
     "encoder.type", "encoder.feature_dim",
     "diffusion", "ppo.critic_hidden", "init_from",

@@ -69,30 +69,32 @@ class SmallViT(nn.Module):
 
 
 class ObservationEncoder(nn.Module):
-    """Flat [state, pixels] x To observations -> (B, out_dim) features."""
+    """Flat [state, pixels of each camera] x To observations -> (B, out_dim) features; all frames
+    of all cameras go into one trunk, stacked as channels."""
 
     def __init__(self, obs_dim: int, *, image_size: int, frames: int, use_state: bool, type: str = "cnn",
-                 feature_dim: int = 64, random_shift: int = 0):
+                 feature_dim: int = 64, random_shift: int = 0, cameras: int = 1):
         super().__init__()
-        pixels = image_size * image_size * CHANNELS
+        pixels = cameras * image_size * image_size * CHANNELS
         if obs_dim % frames or obs_dim // frames < pixels:
-            raise ValueError(f"observation of {obs_dim} values does not hold {frames} frame(s) of "
-                             f"{image_size}x{image_size}x{CHANNELS} pixels")
-        self.image_size, self.frames, self.use_state = image_size, frames, use_state
+            raise ValueError(f"observation of {obs_dim} values does not hold {frames} frame(s) of {cameras} "
+                             f"camera(s) of {image_size}x{image_size}x{CHANNELS} pixels")
+        self.image_size, self.frames, self.cameras, self.use_state = image_size, frames, cameras, use_state
         self.state_dim = obs_dim // frames - pixels
         self.shift_pad = random_shift
         self.shifting = False
         trunk = {"cnn": ConvTrunk, "vit": SmallViT}[type]
-        self.trunk = trunk(frames * CHANNELS, image_size, feature_dim)
+        self.trunk = trunk(frames * cameras * CHANNELS, image_size, feature_dim)
         self.out_dim = feature_dim + (frames * self.state_dim if use_state else 0)
 
     def split(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(state (B, To*k), images (B, To*3, H, W) in [0, 1])."""
-        B, S = obs.shape[0], self.image_size
+        """(state (B, To*k), images (B, To*cameras*3, H, W) in [0, 1]; channels frame-major, then
+        camera, then RGB)."""
+        B, S, views = obs.shape[0], self.image_size, self.frames * self.cameras
         steps = obs.reshape(B, self.frames, -1)
         state = steps[..., : self.state_dim].reshape(B, -1)
-        images = steps[..., self.state_dim :].reshape(B, self.frames, S, S, CHANNELS)
-        images = images.permute(0, 1, 4, 2, 3).reshape(B, self.frames * CHANNELS, S, S) / 255.0
+        images = steps[..., self.state_dim :].reshape(B, views, S, S, CHANNELS)
+        images = images.permute(0, 1, 4, 2, 3).reshape(B, views * CHANNELS, S, S) / 255.0
         return state, images
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ PIXEL_KEYS = ("image_size", "frames", "use_state", "type", "feature_dim", "rando
 class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
     """model_config: ``diffusion`` (a ``DiffusionConfig`` as a dict), ``critic_hidden`` (list of ints),
     ``reference_policy`` (bool), ``actor_obs_dim`` (int or None: the centralised critic) and
-    ``pixels`` (None, or a dict: image_size, frames, use_state, type, feature_dim,
+    ``pixels`` (None, or a dict: image_size, frames, cameras, use_state, type, feature_dim,
     random_shift, shift_in_finetune)."""
 
     def setup(self):
@@ -124,7 +124,8 @@ class DiffusionPolicyModule(TorchRLModule, ValueFunctionAPI):
             return None
         from .encoders import ObservationEncoder
 
-        return ObservationEncoder(obs_dim, **{k: self.pixels[k] for k in PIXEL_KEYS})
+        return ObservationEncoder(obs_dim, **{k: self.pixels[k] for k in PIXEL_KEYS},
+                                  cameras=self.pixels.get("cameras", 1))  # older checkpoints: one camera
 
     @property
     def encoders(self) -> list[nn.Module]:

@@ -59,6 +59,10 @@ class EnvConfig:
     (Meta-World: corner, corner2, corner3, corner4, topview, behindGripper, gripperPOV; robosuite:
     agentview, robot0_eye_in_hand, frontview, birdview, sideview). null = the family's
     (``DEFAULT_CAMERAS``): corner2 for Meta-World, agentview for robosuite."""
+    extra_cameras: list[str] = field(default_factory=list)
+    """Pixels: more cameras, each rendered at ``image_size`` and appended after ``camera``'s image
+    (e.g. ``[robot0_eye_in_hand]``, robomimic's wrist camera, with ``camera: agentview``). The
+    encoder stacks all views as channels, like the frames of ``obs_history``; videos show ``camera``."""
 
     def __post_init__(self):
         if self.action_chunk < 1 or self.obs_history < 1:
@@ -78,12 +82,21 @@ class EnvConfig:
             raise ValueError("env: image_size and camera are for observation: pixels or pixels_state")
         if self.camera is None:
             self.camera = default_camera
+        if self.extra_cameras and self.observation == "state":
+            raise ValueError("env: extra_cameras are for observation: pixels or pixels_state")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"env: camera and extra_cameras name a camera twice ({', '.join(self.cameras)})")
         if self.max_episode_steps is not None and "max_episode_steps" in self.kwargs:
             raise ValueError("env: max_episode_steps is set twice (also in env.kwargs); keep env.max_episode_steps")
 
     @property
     def pixels(self) -> bool:
         return self.observation != "state"
+
+    @property
+    def cameras(self) -> list[str]:
+        """Every camera whose image the observation holds, in order: ``camera``, then ``extra_cameras``."""
+        return [self.camera, *self.extra_cameras]
 
 
 @dataclass

@@ -155,7 +155,7 @@ def make_env(env_config: Union[EnvConfig, Mapping]):
     if pixels_on_top:
         from .pixels import PixelObservations
 
-        env = PixelObservations(env, cfg.image_size, cfg.camera)
+        env = PixelObservations(env, cfg.image_size, cfg.cameras)
     return env
 
 

@@ -87,7 +87,7 @@ def make_metaworld_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
     if pixels and cfg.pixels:
         from .pixels import PixelObservations
 
-        env = PixelObservations(env, cfg.image_size, cfg.camera)
+        env = PixelObservations(env, cfg.image_size, cfg.cameras)
     return env
 
 

@@ -1,7 +1,8 @@
-"""Pixel observations: a MuJoCo camera image appended to the state vector.
+"""Pixel observations: MuJoCo camera images appended to the state vector.
 
 ``env.observation: pixels | pixels_state`` makes every observation the flat float32 vector
-``[state (k), image (H*W*3, uint8 values 0..255, row-major H, W, C)]``: one Box, so RLlib's
+``[state (k), image (H*W*3, uint8 values 0..255, row-major H, W, C)]`` (one image per camera,
+``env.camera`` then ``env.extra_cameras``, in that order): one Box, so RLlib's
 episodes, the action-chunk / observation-history wrapper, recorded datasets and
 ``make_windows`` handle it unchanged, and the policy's encoder
 (``ncdpo_rllib.rl.encoders.ObservationEncoder``) splits it again. ``pixels`` means the
@@ -80,34 +81,40 @@ class CameraRenderer:
 
 
 class PixelObservations(gym.ObservationWrapper):
-    """Appends a rendered (image_size x image_size x 3) camera frame to the state observation.
+    """Appends a rendered (image_size x image_size x 3) frame per camera (``cameras``, in order) to
+    the state observation.
 
-    The renderer is created at the first observation (building the env for its spaces opens
+    The renderers are created at the first observation (building the env for its spaces opens
     no GL context) and closed with the env.
     """
 
-    def __init__(self, env: gym.Env, image_size: int, camera: str):
+    def __init__(self, env: gym.Env, image_size: int, cameras):
         super().__init__(env)
         model = env.unwrapped.model
         names = [model.camera(i).name for i in range(model.ncam)]
-        if camera not in names:
-            raise ConfigError(f"env.camera {camera!r} is not a camera of this task; choose one of {', '.join(names)}")
-        self.image_size, self.camera = image_size, camera
+        self.cameras = [cameras] if isinstance(cameras, str) else list(cameras)
+        for i, camera in enumerate(self.cameras):
+            if camera not in names:
+                key = "env.camera" if i == 0 else "env.extra_cameras"
+                raise ConfigError(f"{key} {camera!r} is not a camera of this task; choose one of {', '.join(names)}")
+        self.image_size, self.camera = image_size, self.cameras[0]
         state = env.observation_space
         self.state_dim = int(np.prod(state.shape))
-        low = np.concatenate([np.full(self.state_dim, -np.inf), np.zeros(pixel_dim(image_size))]).astype(np.float32)
-        high = np.concatenate([np.full(self.state_dim, np.inf), np.full(pixel_dim(image_size), 255.0)]).astype(np.float32)
+        pixels = pixel_dim(image_size) * len(self.cameras)
+        low = np.concatenate([np.full(self.state_dim, -np.inf), np.zeros(pixels)]).astype(np.float32)
+        high = np.concatenate([np.full(self.state_dim, np.inf), np.full(pixels, 255.0)]).astype(np.float32)
         self.observation_space = gym.spaces.Box(low, high, dtype=np.float32)
-        self._renderer = CameraRenderer(env.unwrapped.model, image_size, camera, flip=flips(env))
+        self._renderers = [CameraRenderer(model, image_size, camera, flip=flips(env)) for camera in self.cameras]
 
-    def render_frame(self) -> np.ndarray:
-        """(H, W, 3) uint8 from the configured camera."""
-        return self._renderer.render(self.env.unwrapped.data)
+    def render_frames(self) -> list[np.ndarray]:
+        """(H, W, 3) uint8 per camera."""
+        return [renderer.render(self.env.unwrapped.data) for renderer in self._renderers]
 
     def observation(self, observation):
-        frame = self.render_frame().reshape(-1).astype(np.float32)
-        return np.concatenate([np.asarray(observation, dtype=np.float32).reshape(-1), frame])
+        frames = [frame.reshape(-1).astype(np.float32) for frame in self.render_frames()]
+        return np.concatenate([np.asarray(observation, dtype=np.float32).reshape(-1), *frames])
 
     def close(self):
-        self._renderer.close()
+        for renderer in self._renderers:
+            renderer.close()
         super().close()

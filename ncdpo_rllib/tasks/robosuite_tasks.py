@@ -86,8 +86,8 @@ def state_keys(obs_keys=None) -> list[str]:
 
 def robomimic_keys(cfg: EnvConfig) -> list[str]:
     """The robomimic observation keys of this env section, in order: ``env.obs_keys`` (default
-    ``DEFAULT_OBS_KEYS``), then ``<camera>_image`` with pixels (the [state, image] layout)."""
-    return [*state_keys(cfg.obs_keys), *([f"{cfg.camera}_image"] if cfg.pixels else [])]
+    ``DEFAULT_OBS_KEYS``), then ``<camera>_image`` per camera with pixels (the [state, images] layout)."""
+    return [*state_keys(cfg.obs_keys), *([f"{camera}_image" for camera in cfg.cameras] if cfg.pixels else [])]
 
 
 class RobosuiteEnv(gym.Env):
@@ -173,7 +173,7 @@ def make_robosuite_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
     if pixels and cfg.pixels:
         from .pixels import PixelObservations
 
-        env = PixelObservations(env, cfg.image_size, cfg.camera)
+        env = PixelObservations(env, cfg.image_size, cfg.cameras)
     return env
 
 
