@@ -246,7 +246,7 @@ def test_pixels_collect_pretrain_finetune_end_to_end(tmp_path):
     bad = run_cli(["pretrain", "pix.yaml", "--set", "env.image_size=48"], tmp_path, env)
     assert bad.returncode == 2 and "record the dataset with the same image_size" in bad.stderr, bad.stderr
     bad = run_cli(["pretrain", "pix.yaml", "--set", "env.camera=corner3"], tmp_path, env)
-    assert bad.returncode == 2 and "rendered from camera 'corner2'" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "rendered from camera(s) corner2, the config's env.camera and env.extra_cameras are corner3" in bad.stderr, bad.stderr
     bad = run_cli(["train", "pix.yaml", "--set", f"init_from={ckpt}", "--set", "env.camera=corner3"], tmp_path, env)
     assert bad.returncode == 2 and "env.camera: 'corner2' there, 'corner3' here" in bad.stderr, bad.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs

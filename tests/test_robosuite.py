@@ -153,7 +153,7 @@ def test_two_cameras_collect_pretrain_finetune(tmp_path):
 
     pipeline = ShippedPipeline(tmp_path, "robosuite_lift_pixels.yaml", [
         "env.extra_cameras=[robot0_eye_in_hand]", "env.image_size=40", "env.max_episode_steps=20",
-        "collect.steps_per_level=40", "pretrain.gradient_steps=20", "pretrain.eval_episodes=1",
+        "collect.steps_per_level=40", "pretrain.gradient_steps=20", "pretrain.eval_episodes=0",
         "diffusion.hidden=[32, 32]", "encoder.feature_dim=16", "resources.env_runners=0",
         "pretrain.dataset=data/Lift/scripted-pixels40-robot0_eye_in_hand"])
     data = pipeline.stage("collect")["datasets"]["scripted-pixels40-robot0_eye_in_hand"]
@@ -164,7 +164,7 @@ def test_two_cameras_collect_pretrain_finetune(tmp_path):
     with h5py.File(data["robomimic_file"]) as f:
         assert {"agentview_image", "robot0_eye_in_hand_image"} <= set(f["data/demo_0/obs"])
     pretrained = pipeline.stage("pretrain")
-    pipeline.finetune(pretrained["checkpoint"], "ppo.train_batch_size=10", "ppo.minibatch_size=5", "eval.episodes=1")
+    pipeline.finetune(pretrained["checkpoint"], "ppo.train_batch_size=10", "ppo.minibatch_size=5", "eval.every=0")
     # a config with one camera does not take the two-camera checkpoint
     one = run_cli(["train", pipeline.file.name, "--set", f"init_from={pretrained['checkpoint']}"], tmp_path,
                   pipeline.env)
