@@ -97,12 +97,12 @@ class ShippedPipeline:
         shipped = Path(__file__).resolve().parent.parent / "configs" / config
         self.cwd, self.file = tmp_path, tmp_path / "composed.yaml"
         self.file.write_text(f"include: {shipped}\n")
-        self.tiny = [arg for pair in (("--set", item) for item in tiny) for arg in pair]
+        self.tiny = list(tiny)
         self.env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
 
     def stage(self, command: str, *overrides: str) -> dict:
-        extra = [arg for pair in (("--set", item) for item in overrides) for arg in pair]
-        proc = run_cli([command, self.file.name, *self.tiny, *extra, "--json"], self.cwd, self.env)
+        sets = [arg for item in (*self.tiny, *overrides) for arg in ("--set", item)]
+        proc = run_cli([command, self.file.name, *sets, "--json"], self.cwd, self.env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return last_json(proc.stdout)
 

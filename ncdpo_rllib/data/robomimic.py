@@ -14,8 +14,9 @@ The layout (robomimic's ``docs/datasets/overview``)::
 Imported observations are the selected keys, flattened and concatenated in the order given;
 image keys (after the low-dim ones, all of one size) are appended as the project's pixel layout
 does it (``[state, image per camera]``, row-major H, W, C), so a robosuite config with
-``env.observation: pixels_state`` and those cameras (``env.camera``, ``env.extra_cameras``) reads it. Each episode's final observation is ``next_obs`` of its last step when
-the file has it, else a repeat of the last observation.
+``env.observation: pixels_state`` and those cameras (``env.camera``, ``env.extra_cameras``) reads
+it. Each episode's final observation is ``next_obs`` of its last step when the file has it, else
+a repeat of the last observation.
 """
 
 from __future__ import annotations
@@ -168,9 +169,8 @@ def write_robomimic(path: str | os.PathLike, episodes: Sequence[Episode], env_na
                     image: Optional[tuple[Sequence[str], int]] = None, valid_fraction: float = 0.1) -> Path:
     """Episodes (flat observations) in robomimic's layout: ``key_slices`` cut each observation into
     its keys; ``image`` = (keys, size) for the [state, images] layout's images, one key per camera
-    (stored uint8). Masks
-    ``train`` and ``valid`` (the last ``valid_fraction`` of the demos). Written whole: a temporary
-    name, then a rename."""
+    (stored uint8). Masks ``train`` and ``valid`` (the last ``valid_fraction`` of the demos).
+    Written whole: a temporary name, then a rename."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")

@@ -88,11 +88,11 @@ class PixelObservations(gym.ObservationWrapper):
     no GL context) and closed with the env.
     """
 
-    def __init__(self, env: gym.Env, image_size: int, cameras):
+    def __init__(self, env: gym.Env, image_size: int, cameras: list[str]):
         super().__init__(env)
         model = env.unwrapped.model
         names = [model.camera(i).name for i in range(model.ncam)]
-        self.cameras = [cameras] if isinstance(cameras, str) else list(cameras)
+        self.cameras = list(cameras)
         for i, camera in enumerate(self.cameras):
             if camera not in names:
                 key = "env.camera" if i == 0 else "env.extra_cameras"
