@@ -350,7 +350,7 @@ class CollectConfig:
     scripted: bool = False
     """env.kind metaworld or robosuite: record the task's scripted expert (no PPO training) into
     one dataset, <out>/<task>/scripted; ``steps_per_level`` env steps of whole episodes.
-    robosuite has scripted experts for Lift."""
+    robosuite has scripted experts for Lift, PickPlaceCan and NutAssemblySquare."""
     action_noise: float = 0.0
     """scripted: std of Gaussian noise added to the expert's actions (clipped to [-1, 1])."""
     failed_fraction: float = 0.0

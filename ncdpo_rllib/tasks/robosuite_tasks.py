@@ -252,7 +252,91 @@ class CanExpert(PickPlaceExpert):
         return np.asarray(suite_env.target_bin_placements[suite_env.object_to_id["can"]])
 
 
-EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert}
+def _yaw(quat_xyzw) -> float:
+    """The heading (rotation about the world's z axis) of a robosuite quaternion (x, y, z, w)."""
+    x, y, z, w = np.asarray(quat_xyzw, dtype=float)
+    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
+
+
+def _wrap(angle: float, period: float) -> float:
+    """``angle`` wrapped to [-period/2, period/2)."""
+    return float((angle + period / 2) % period - period / 2)
+
+
+class SquareExpert:
+    """NutAssemblySquare: grasp the square nut by its handle (fingers across it), lift it, turn it
+    square to the peg (the nut's heading is random; a square fits every quarter turn), carry its
+    centre above the peg, lower it over the peg and let go. Position and heading are closed loops
+    on the nut's observed pose, so a grasp that slips a little is corrected on the way."""
+
+    ALIGN, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE = range(7)
+    HOVER = 0.06  # m above the handle before descending
+    REACHED = 0.006  # m
+    TURNED = np.radians(3.0)  # a heading counts as reached
+    CLOSE_STEPS = OPEN_STEPS = 10
+    CARRY_Z = 1.05  # m: the handle's height while carrying (the peg's top is at 0.95)
+    DROP_Z = 0.87  # m: the nut's height at which the gripper opens (success needs < table + 0.05)
+    GAIN, TURN_GAIN = 10.0, 2.0  # action per m of position error / per radian of heading error
+
+    def __init__(self, env: gym.Env):
+        self.env = env.unwrapped
+        self.phase, self.closed_for, self.open_for = self.ALIGN, 0, 0
+
+    def get_action(self, obs=None) -> np.ndarray:
+        suite_env = self.env._env
+        raw = self.env.raw_observation
+        if self.env.steps == 0:
+            self.phase, self.closed_for, self.open_for = self.ALIGN, 0, 0
+        eef, nut = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw["SquareNut_pos"])
+        handle = np.array(suite_env.sim.data.site_xpos[suite_env.object_site_ids[0]])
+        peg = np.array(suite_env.sim.data.body_xpos[suite_env.peg1_body_id])
+        fingers = _yaw(raw["robot0_eef_quat"]) + np.pi / 2  # the fingers close along the hand's y axis
+        nut_heading = _yaw(raw["SquareNut_quat"])  # the handle points along the nut's x axis
+        gripper, turn = -1.0, 0.0
+        if self.phase in (self.ALIGN, self.DESCEND):
+            # fingers across the handle: their axis perpendicular to it (either way round)
+            turn = _wrap(nut_heading + np.pi / 2 - fingers, np.pi)
+        if self.phase == self.ALIGN:
+            target = handle + [0.0, 0.0, self.HOVER]
+            if np.linalg.norm(target - eef) < self.REACHED and abs(turn) < self.TURNED:
+                self.phase = self.DESCEND
+        if self.phase == self.DESCEND:
+            target = handle.copy()
+            if np.linalg.norm(target - eef) < self.REACHED:
+                self.phase = self.CLOSE
+        if self.phase == self.CLOSE:
+            target, gripper = eef.copy(), 1.0
+            self.closed_for += 1
+            if self.closed_for >= self.CLOSE_STEPS:
+                self.phase = self.LIFT
+        if self.phase == self.LIFT:
+            target, gripper = np.array([eef[0], eef[1], self.CARRY_Z]), 1.0
+            if abs(self.CARRY_Z - eef[2]) < 3 * self.REACHED:
+                self.phase = self.CARRY
+        if self.phase in (self.CARRY, self.LOWER):
+            gripper = 1.0
+            turn = -_wrap(nut_heading, np.pi / 2)  # the peg is square to the world's axes
+            offset = peg[:2] - nut[:2]
+            target = eef + [offset[0], offset[1], 0.0]
+            if self.phase == self.CARRY:
+                target[2] = self.CARRY_Z
+                if np.linalg.norm(offset) < self.REACHED and abs(turn) < self.TURNED:
+                    self.phase = self.LOWER
+            else:
+                target[2] = eef[2] - 0.05
+                if nut[2] < self.DROP_Z:
+                    self.phase = self.RELEASE
+        if self.phase == self.RELEASE:  # open in place, then rise clear of the nut
+            self.open_for += 1
+            target = eef if self.open_for < self.OPEN_STEPS else np.array([eef[0], eef[1], self.CARRY_Z])
+        action = np.zeros(7)
+        action[:3] = np.clip(self.GAIN * (target - eef), -1.0, 1.0)
+        action[5] = np.clip(self.TURN_GAIN * turn, -1.0, 1.0)  # about the world z axis: + turns counter-clockwise
+        action[6] = gripper
+        return action
+
+
+EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert, "NutAssemblySquare": SquareExpert}
 
 
 def scripted_policy(env: gym.Env):
