@@ -68,3 +68,22 @@ def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_pa
     assert not (tmp_path / "videos").exists()
     proc = run_cli(["evaluate", tmp_path / "nowhere", "--video", "5", "--episodes", "2"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_mujoco_camera_video_is_written_and_its_renderer_closed_with_the_env(tmp_path):
+    from ncdpo_rllib.tasks.config import EnvConfig
+    from ncdpo_rllib.tasks.envs import env_context, make_env
+    from ncdpo_rllib.tasks.video import EpisodeVideo
+
+    video = {"dir": str(tmp_path / "videos"), "episodes": 1}
+    env = make_env(env_context(EnvConfig(kind="metaworld", id="reach-v3", max_episode_steps=3), video=video))
+    recorder = env
+    while not isinstance(recorder, EpisodeVideo):
+        recorder = recorder.env
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(env.action_space.sample())
+    assert recorder.frame.renderer._renderer is not None  # frames came from the camera's GL context
+    env.close()
+    assert recorder.frame.renderer._renderer is None
+    assert [p.name for p in (tmp_path / "videos").glob("*.mp4")] == ["episode-000.mp4"]

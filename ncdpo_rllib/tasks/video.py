@@ -81,6 +81,12 @@ class EpisodeVideo(gym.Wrapper):
             self.video.add(self.frame(), out[2] or out[3])
         return out
 
+    def close(self):
+        close = getattr(self.frame, "close", None)
+        if close is not None:  # the camera's GL context goes before the env (no "Exception ignored" at exit)
+            close()
+        super().close()
+
 
 def parallel_episode_video(env, out_dir: str, episodes: int, prefix: str = "episode"):
     """The same for a PettingZoo ParallelEnv made with ``render_mode="rgb_array"``: one frame per
@@ -106,13 +112,27 @@ def parallel_episode_video(env, out_dir: str, episodes: int, prefix: str = "epis
     return ParallelEpisodeVideo(env)
 
 
+class CameraFrames:
+    """A MuJoCo camera's frames of ``env`` for its video (Meta-World, robosuite), with ``close``
+    for the renderer's GL context."""
+
+    def __init__(self, env: gym.Env, camera: str):
+        from .pixels import CameraRenderer, flips
+
+        self.env = env.unwrapped
+        self.renderer = CameraRenderer(self.env.model, VIDEO_SIZE, camera, flip=flips(env))
+
+    def __call__(self) -> np.ndarray:
+        return self.renderer.render(self.env.data)
+
+    def close(self) -> None:
+        self.renderer.close()
+
+
 def video_frames(env: gym.Env, kind: str, camera: str) -> Callable[[], np.ndarray]:
     """How to render a frame of ``env`` (made with ``render=True``), for the video."""
     if kind in ("metaworld", "robosuite"):
-        from .pixels import CameraRenderer, flips
-
-        renderer = CameraRenderer(env.unwrapped.model, VIDEO_SIZE, camera, flip=flips(env))
-        return lambda: renderer.render(env.unwrapped.data)
+        return CameraFrames(env, camera)
     return env.render
 
 
