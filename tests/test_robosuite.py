@@ -61,19 +61,19 @@ def test_the_scripted_can_expert_drops_the_can_in_its_bin():
 
 
 def test_the_scripted_square_expert_puts_the_nut_on_its_peg():
-    env, expert, source = scripted_expert(EnvConfig(kind="robosuite", id="NutAssemblySquare", max_episode_steps=300))
+    env, expert, source = scripted_expert(EnvConfig(kind="robosuite", id="NutAssemblySquare", max_episode_steps=400))
     assert "NutAssemblySquare" in source
     successes, headings = [], []
     for episode in range(3):
         obs, _ = env.reset(seed=episode)
         headings.append(env.unwrapped.raw_observation["SquareNut_quat"].copy())
         since = None  # steps since the nut first counted as on its peg
-        for _ in range(300):
+        for _ in range(400):
             obs, reward, terminated, truncated, info = env.step(expert(obs))
             since = since + 1 if since is not None else (0 if info["success"] else None)
             if since == 20:  # the gripper has let go and risen clear: done
                 break
-        successes.append(since is not None and info["success"])  # on the peg, and still there
+        successes.append(since == 20 and info["success"])  # on the peg, let go, and still there
     env.close()
     assert len({tuple(np.round(h, 3)) for h in headings}) == 3  # the nut's heading is random
     assert sum(successes) >= 2, successes

@@ -1,6 +1,9 @@
 """``ncdpo evaluate --video N``: one playable MP4 per episode, one frame per env step, logged with
 the evaluation's MLflow run; an env that cannot render is a one-line error and writes nothing."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -71,19 +74,26 @@ def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_pa
 
 
 def test_a_mujoco_camera_video_is_written_and_its_renderer_closed_with_the_env(tmp_path):
-    from ncdpo_rllib.tasks.config import EnvConfig
-    from ncdpo_rllib.tasks.envs import env_context, make_env
-    from ncdpo_rllib.tasks.video import EpisodeVideo
-
-    video = {"dir": str(tmp_path / "videos"), "episodes": 1}
-    env = make_env(env_context(EnvConfig(kind="metaworld", id="reach-v3", max_episode_steps=3), video=video))
-    recorder = env
-    while not isinstance(recorder, EpisodeVideo):
-        recorder = recorder.env
-    env.reset(seed=0)
-    for _ in range(3):
-        env.step(env.action_space.sample())
-    assert recorder.frame.renderer._renderer is not None  # frames came from the camera's GL context
-    env.close()
-    assert recorder.frame.renderer._renderer is None
+    """In a process of its own: the Meta-World env with a video, 3 steps, closed; the process exits
+    without EGL's "Exception ignored" traceback (the renderer's GL context outliving the env)."""
+    script = tmp_path / "video.py"
+    script.write_text(
+        "from ncdpo_rllib.tasks.config import EnvConfig\n"
+        "from ncdpo_rllib.tasks.envs import env_context, make_env\n"
+        "from ncdpo_rllib.tasks.video import EpisodeVideo\n"
+        f"video = {{'dir': {str(tmp_path / 'videos')!r}, 'episodes': 1}}\n"
+        "env = make_env(env_context(EnvConfig(kind='metaworld', id='reach-v3', max_episode_steps=3), video=video))\n"
+        "recorder = env\n"
+        "while not isinstance(recorder, EpisodeVideo):\n"
+        "    recorder = recorder.env\n"
+        "env.reset(seed=0)\n"
+        "for _ in range(3):\n"
+        "    env.step(env.action_space.sample())\n"
+        "env.close()\n"
+        "print('closed:', recorder.frame.renderer._renderer is None)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "closed: True" in proc.stdout
+    assert "Exception ignored" not in proc.stderr and "EGLError" not in proc.stderr, proc.stderr[-2000:]
     assert [p.name for p in (tmp_path / "videos").glob("*.mp4")] == ["episode-000.mp4"]

@@ -31,7 +31,8 @@ from ncdpo_rllib.errors import ConfigError, one_line, unknown_name
 from .config import EnvConfig
 
 HORIZON = 400
-"""Default episode length in env steps (robomimic's evaluation horizon for Lift and PickPlaceCan)."""
+"""Default episode length in env steps (robomimic's evaluation horizon for Lift, PickPlaceCan and
+NutAssemblySquare)."""
 DEFAULT_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 """robomimic's low-dimensional observation keys."""
 ROBOMIMIC_NAMES = {"object": "object-state"}
@@ -177,12 +178,44 @@ def make_robosuite_env(cfg: EnvConfig, pixels: bool = True) -> gym.Env:
     return env
 
 
-class PickPlaceExpert:
+class ScriptedExpert:
+    """What the scripted experts share: a phase machine restarted with every episode (robosuite's
+    observation dict, ``raw_observation``, gives the positions, whatever ``obs_keys`` the policy
+    sees) and the OSC_POSE action towards a target position."""
+
+    GAIN = 10.0  # action per m of position error (OSC_POSE: an action of 1 moves the goal 5 cm)
+    TURN_GAIN = 2.0  # action per radian of heading error (an action of 1 turns the goal 0.5 rad)
+
+    def __init__(self, env: gym.Env):
+        self.env = env.unwrapped
+        self.restart()
+
+    def restart(self) -> None:
+        """The first phase of an episode."""
+        raise NotImplementedError
+
+    def get_action(self, obs=None) -> np.ndarray:
+        if self.env.steps == 0:
+            self.restart()
+        return self.act(self.env.raw_observation)
+
+    def act(self, raw: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def action(self, target, eef, gripper: float, turn: float = 0.0) -> np.ndarray:
+        """Towards ``target`` (m), turning by ``turn`` (radians about the world's z axis; +:
+        counter-clockwise), the gripper closing (1) or opening (-1)."""
+        action = np.zeros(7)
+        action[:3] = np.clip(self.GAIN * (np.asarray(target) - eef), -1.0, 1.0)
+        action[5] = np.clip(self.TURN_GAIN * turn, -1.0, 1.0)
+        action[6] = gripper
+        return action
+
+
+class PickPlaceExpert(ScriptedExpert):
     """A scripted pick (and place) expert: waypoints for OSC_POSE's position delta, gripper
     pointing down as the arm starts: above the object, down to it, close the gripper, lift; for a
-    place task, carry it above its target and open the gripper. It reads the end effector's and the
-    object's positions from robosuite's observation dict (``raw_observation``), so it works whatever
-    ``obs_keys`` the policy sees; its phase restarts with every episode."""
+    place task, carry it above its target and open the gripper."""
 
     ABOVE, DESCEND, CLOSE, LIFT, CARRY, RELEASE = range(6)
     OBJECT = "cube_pos"  # robosuite's observation of the object's position
@@ -190,21 +223,16 @@ class PickPlaceExpert:
     REACHED = 0.01  # m: a waypoint counts as reached
     CLOSE_STEPS = 8
     LIFT_BY = 0.2  # m
-    GAIN = 10.0  # action per m of error (OSC_POSE: an action of 1 moves the goal 5 cm)
 
-    def __init__(self, env: gym.Env):
-        self.env = env.unwrapped
+    def restart(self) -> None:
         self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
 
     def place_target(self) -> Optional[np.ndarray]:
         """Where to carry the object after lifting it (None: lift only)."""
         return None
 
-    def get_action(self, obs=None) -> np.ndarray:
-        raw = self.env.raw_observation
+    def act(self, raw: dict) -> np.ndarray:
         eef, obj = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw[self.OBJECT])
-        if self.env.steps == 0:
-            self.phase, self.closed_for, self.lift_to = self.ABOVE, 0, None
         gripper = -1.0
         if self.phase == self.ABOVE:
             target = obj + [0.0, 0.0, self.HOVER]
@@ -231,10 +259,7 @@ class PickPlaceExpert:
                 self.phase = self.RELEASE
         if self.phase == self.RELEASE:
             target, gripper = self.lift_to, -1.0
-        action = np.zeros(7)
-        action[:3] = np.clip(self.GAIN * (target - eef), -1.0, 1.0)
-        action[6] = gripper
-        return action
+        return self.action(target, eef, gripper)
 
 
 class LiftExpert(PickPlaceExpert):
@@ -263,11 +288,12 @@ def _wrap(angle: float, period: float) -> float:
     return float((angle + period / 2) % period - period / 2)
 
 
-class SquareExpert:
+class SquareExpert(ScriptedExpert):
     """NutAssemblySquare: grasp the square nut by its handle (fingers across it), lift it, turn it
     square to the peg (the nut's heading is random; a square fits every quarter turn), carry its
     centre above the peg, lower it over the peg and let go. Position and heading are closed loops
-    on the nut's observed pose, so a grasp that slips a little is corrected on the way."""
+    on the nut's observed pose; a nut that did not come up with the hand is grasped again, and one
+    that sticks on the peg's top is lifted and lowered again."""
 
     ALIGN, DESCEND, CLOSE, LIFT, CARRY, LOWER, RELEASE = range(7)
     HOVER = 0.06  # m above the handle before descending
@@ -275,44 +301,44 @@ class SquareExpert:
     TURNED = np.radians(3.0)  # a heading counts as reached
     CLOSE_STEPS = OPEN_STEPS = 10
     CARRY_Z = 1.05  # m: the handle's height while carrying (the peg's top is at 0.95)
-    DROP_Z = 0.87  # m: the nut's height at which the gripper opens (success needs < table + 0.05)
-    GAIN, TURN_GAIN = 10.0, 2.0  # action per m of position error / per radian of heading error
+    HELD_Z = 0.92  # m: a nut below this once the hand is up was not picked up (it rests at ~0.83)
+    ON_PEG_Z = 0.90  # m: a nut centre below this, over the peg, is around it (the peg's top: 0.95)
+    LOWER_STEPS = 40  # then the nut is stuck on the peg's top: back up and line it up again
 
-    def __init__(self, env: gym.Env):
-        self.env = env.unwrapped
-        self.phase, self.closed_for, self.open_for = self.ALIGN, 0, 0
+    def restart(self) -> None:
+        self.phase, self.counter = self.ALIGN, 0
 
-    def get_action(self, obs=None) -> np.ndarray:
+    def _to(self, phase: int) -> None:
+        self.phase, self.counter = phase, 0
+
+    def act(self, raw: dict) -> np.ndarray:
         suite_env = self.env._env
-        raw = self.env.raw_observation
-        if self.env.steps == 0:
-            self.phase, self.closed_for, self.open_for = self.ALIGN, 0, 0
         eef, nut = np.asarray(raw["robot0_eef_pos"]), np.asarray(raw["SquareNut_pos"])
         handle = np.array(suite_env.sim.data.site_xpos[suite_env.object_site_ids[0]])
         peg = np.array(suite_env.sim.data.body_xpos[suite_env.peg1_body_id])
-        fingers = _yaw(raw["robot0_eef_quat"]) + np.pi / 2  # the fingers close along the hand's y axis
+        hand = _yaw(raw["robot0_eef_quat"])  # the fingers close along the hand's y axis
         nut_heading = _yaw(raw["SquareNut_quat"])  # the handle points along the nut's x axis
+        self.counter += 1
         gripper, turn = -1.0, 0.0
         if self.phase in (self.ALIGN, self.DESCEND):
-            # fingers across the handle: their axis perpendicular to it (either way round)
-            turn = _wrap(nut_heading + np.pi / 2 - fingers, np.pi)
+            # fingers across the handle (either way round): the hand's x axis along the handle
+            turn = _wrap(nut_heading - hand, np.pi)
         if self.phase == self.ALIGN:
             target = handle + [0.0, 0.0, self.HOVER]
             if np.linalg.norm(target - eef) < self.REACHED and abs(turn) < self.TURNED:
-                self.phase = self.DESCEND
+                self._to(self.DESCEND)
         if self.phase == self.DESCEND:
             target = handle.copy()
             if np.linalg.norm(target - eef) < self.REACHED:
-                self.phase = self.CLOSE
+                self._to(self.CLOSE)
         if self.phase == self.CLOSE:
             target, gripper = eef.copy(), 1.0
-            self.closed_for += 1
-            if self.closed_for >= self.CLOSE_STEPS:
-                self.phase = self.LIFT
+            if self.counter >= self.CLOSE_STEPS:
+                self._to(self.LIFT)
         if self.phase == self.LIFT:
             target, gripper = np.array([eef[0], eef[1], self.CARRY_Z]), 1.0
             if abs(self.CARRY_Z - eef[2]) < 3 * self.REACHED:
-                self.phase = self.CARRY
+                self._to(self.CARRY if nut[2] > self.HELD_Z else self.ALIGN)  # not held: grasp again
         if self.phase in (self.CARRY, self.LOWER):
             gripper = 1.0
             turn = -_wrap(nut_heading, np.pi / 2)  # the peg is square to the world's axes
@@ -320,20 +346,19 @@ class SquareExpert:
             target = eef + [offset[0], offset[1], 0.0]
             if self.phase == self.CARRY:
                 target[2] = self.CARRY_Z
-                if np.linalg.norm(offset) < self.REACHED and abs(turn) < self.TURNED:
-                    self.phase = self.LOWER
+                if nut[2] < self.ON_PEG_Z:  # dropped on the way: grasp again
+                    self._to(self.ALIGN)
+                elif np.linalg.norm(offset) < self.REACHED and abs(turn) < self.TURNED:
+                    self._to(self.LOWER)
             else:
                 target[2] = eef[2] - 0.05
-                if nut[2] < self.DROP_Z:
-                    self.phase = self.RELEASE
+                if nut[2] < self.ON_PEG_Z:  # let it slide down the peg
+                    self._to(self.RELEASE)
+                elif self.counter > self.LOWER_STEPS:
+                    self._to(self.CARRY)
         if self.phase == self.RELEASE:  # open in place, then rise clear of the nut
-            self.open_for += 1
-            target = eef if self.open_for < self.OPEN_STEPS else np.array([eef[0], eef[1], self.CARRY_Z])
-        action = np.zeros(7)
-        action[:3] = np.clip(self.GAIN * (target - eef), -1.0, 1.0)
-        action[5] = np.clip(self.TURN_GAIN * turn, -1.0, 1.0)  # about the world z axis: + turns counter-clockwise
-        action[6] = gripper
-        return action
+            target = eef if self.counter < self.OPEN_STEPS else np.array([eef[0], eef[1], self.CARRY_Z])
+        return self.action(target, eef, gripper, turn)
 
 
 EXPERTS = {"Lift": LiftExpert, "PickPlaceCan": CanExpert, "NutAssemblySquare": SquareExpert}
