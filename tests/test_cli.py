@@ -280,6 +280,28 @@ def test_evaluate_the_stochastic_policy_on_request():
     assert build_algo_config(exp).evaluation_config["explore"] is True
 
 
+def test_a_checkpoint_whose_learner_part_was_not_finished_is_never_used(tmp_path, tiny_run):
+    """A remote Learner writes its own part of a checkpoint and RLlib 2.60 does not check that it
+    finished (one killed while saving); ``save_checkpoint`` refuses such a checkpoint, and a reader
+    skips one written before that check (its manifest, made from what was on disk, agrees)."""
+    from ncdpo_rllib.experiment.checkpoints import unfinished_components
+    from ncdpo_rllib.integrity import write_manifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)  # checkpoints iter_000001 and final
+    final = run_dir / "checkpoints" / "final"
+    assert unfinished_components(final) == []
+    (final / "learner_group" / "learner" / "state.pkl").unlink()
+    (final / "learner_group" / "learner" / "rl_module" / "default_policy" / "module_state.pkl").unlink()
+    write_manifest(final)
+    assert unfinished_components(final) == ["learner_group/learner", "learner_group/learner/rl_module/default_policy"]
+    ev = run_cli(["evaluate", run_dir, "--episodes", "1", "--no-track", "--json"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert last_json(ev.stdout)["checkpoint"].endswith("iter_000001")
+    assert (f"checkpoint {final} is incomplete: RLlib did not finish writing learner_group/learner" in ev.stderr
+            and "using the newest intact one" in ev.stderr), ev.stderr[-2000:]
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny_run):
     """Every checkpoint carries the SHA-256 of its files: a truncated file in the newest one is
     detected when it is read; a run directory then uses the newest intact checkpoint and says so,

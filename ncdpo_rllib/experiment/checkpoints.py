@@ -56,6 +56,10 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     try:
         with staged(tmp):
             algo.save_to_path(str(tmp.resolve()))
+            unfinished = unfinished_components(tmp)
+            if unfinished:  # not a user error: train() turns a dead learner into its one line
+                raise RuntimeError(f"RLlib did not finish writing {', '.join(unfinished)} of checkpoint {ckpt_dir} "
+                                   "(the process that holds it stopped answering)")
             (tmp / CONFIG_FILE).write_text(exp.to_yaml())
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             write_manifest(tmp)
@@ -73,6 +77,25 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
     os.replace(tmp, ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
     return ckpt_dir
+
+
+def unfinished_components(path: Path) -> list[str]:
+    """The parts of an RLlib checkpoint at ``path`` whose writing did not finish. RLlib writes each
+    component's ``metadata.json`` first and its state file (``state.*``; an RLModule's
+    ``module_state.*``) last; a remote Learner writes its
+    own part, and RLlib 2.60 does not check that it did (a Learner killed while saving leaves a
+    checkpoint that fails to restore)."""
+    path = Path(path)
+    return [str(meta.parent.relative_to(path)) or "." for meta in sorted(path.rglob("metadata.json"))
+            if not any(meta.parent.glob("state.*")) and not any(meta.parent.glob("module_state.*"))]
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint directory (its manifest's verdict, or an RLlib part whose
+    writing did not finish: a checkpoint from before that check), or None."""
+    problem = manifest_problem(path)
+    unfinished = unfinished_components(path) if problem is None else []
+    return f"incomplete: RLlib did not finish writing {', '.join(unfinished)}" if unfinished else problem
 
 
 _REPORTED: set[str] = set()
@@ -129,7 +152,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} not found")
     if (p / STATE_FILE).is_file() or (p / MANIFEST).is_file():
-        problem = manifest_problem(p)
+        problem = checkpoint_problem(p)
         if problem:
             raise CheckpointError(f"checkpoint {str(p)!r} is {problem}")
         return p
@@ -137,7 +160,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for candidate in [p / "checkpoints" / FINAL, *reversed(periodic_checkpoints(p))]:
         if not (candidate / STATE_FILE).is_file() and not (candidate / MANIFEST).is_file():
             continue
-        problem = manifest_problem(candidate)
+        problem = checkpoint_problem(candidate)
         if problem is None and (candidate / STATE_FILE).is_file():
             for bad, why in skipped:
                 if bad not in _REPORTED:
