@@ -1,7 +1,6 @@
 """``ncdpo evaluate --video N``: one playable MP4 per episode, one frame per env step, logged with
 the evaluation's MLflow run; an env that cannot render is a one-line error and writes nothing."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +75,7 @@ def test_an_env_that_cannot_render_is_a_one_line_error_and_writes_nothing(tmp_pa
 def test_a_mujoco_camera_video_is_written_and_its_renderer_closed_with_the_env(tmp_path):
     """In a process of its own: the Meta-World env with a video, 3 steps, closed; the process exits
     without EGL's "Exception ignored" traceback (the renderer's GL context outliving the env)."""
-    script = tmp_path / "video.py"
-    script.write_text(
+    script = (
         "from ncdpo_rllib.tasks.config import EnvConfig\n"
         "from ncdpo_rllib.tasks.envs import env_context, make_env\n"
         "from ncdpo_rllib.tasks.video import EpisodeVideo\n"
@@ -91,8 +89,7 @@ def test_a_mujoco_camera_video_is_written_and_its_renderer_closed_with_the_env(t
         "    env.step(env.action_space.sample())\n"
         "env.close()\n"
         "print('closed:', recorder.frame.renderer._renderer is None)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "closed: True" in proc.stdout
     assert "Exception ignored" not in proc.stderr and "EGLError" not in proc.stderr, proc.stderr[-2000:]

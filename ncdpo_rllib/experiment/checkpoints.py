@@ -82,9 +82,8 @@ def save_checkpoint(algo, ckpt_dir: Path, exp: ExperimentConfig, state: RunState
 def unfinished_components(path: Path) -> list[str]:
     """The parts of an RLlib checkpoint at ``path`` whose writing did not finish. RLlib writes each
     component's ``metadata.json`` first and its state file (``state.*``; an RLModule's
-    ``module_state.*``) last; a remote Learner writes its
-    own part, and RLlib 2.60 does not check that it did (a Learner killed while saving leaves a
-    checkpoint that fails to restore)."""
+    ``module_state.*``) last; a remote Learner writes its own part, and RLlib 2.60 does not check
+    that it did (a Learner killed while saving leaves a checkpoint that fails to restore)."""
     path = Path(path)
     return [str(meta.parent.relative_to(path)) or "." for meta in sorted(path.rglob("metadata.json"))
             if not any(meta.parent.glob("state.*")) and not any(meta.parent.glob("module_state.*"))]
